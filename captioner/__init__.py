@@ -1,0 +1,18 @@
+"""captioner: a pretrained CNN encoder feeding an LSTM decoder, and every way to decode from it."""
+
+from captioner.config import DecoderConfig, EncoderConfig, ModelConfig
+from captioner.decoding import DecodingOptions
+from captioner.model import Caption, CaptionResult, Captioner
+from captioner.vocab import Vocabulary
+
+__all__ = [
+    "Caption",
+    "CaptionResult",
+    "Captioner",
+    "DecoderConfig",
+    "DecodingOptions",
+    "EncoderConfig",
+    "ModelConfig",
+    "Vocabulary",
+]
+__version__ = "0.1.0"

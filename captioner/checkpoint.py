@@ -1,0 +1,81 @@
+"""One self-contained checkpoint file, loadable with ``torch.load(weights_only=True)``.
+
+Layout (plain dicts, lists, strings, numbers and tensors only)::
+
+    format, format_version, config, vocab (token list), preprocess, encoder (identity),
+    decoder_state, encoder_state (when the encoder cannot be re-created from an installed package
+    or was fine-tuned, else None), metadata (training data, metrics, ...), training (optional
+    optimizer / scheduler / scaler / step / RNG state for resuming).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "captioner-checkpoint"
+FORMAT_VERSION = 1
+_REQUIRED = ("config", "vocab", "preprocess", "encoder", "decoder_state")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is missing, unreadable, of another format, or of another version."""
+
+
+def clean_state_dict(state: dict[str, torch.Tensor], *, half: bool = False) -> dict[str, torch.Tensor]:
+    """Strip ``torch.compile``/DDP prefixes and optionally store floating tensors as fp16."""
+    out = {}
+    for key, value in state.items():
+        key = key.replace("_orig_mod.", "").removeprefix("module.")
+        value = value.detach().cpu()
+        if half and value.is_floating_point():
+            value = value.half()
+        out[key] = value
+    return out
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """Write ``payload`` atomically: a crash mid-write never leaves a truncated file at ``path``."""
+    missing = [k for k in _REQUIRED if k not in payload]
+    assert not missing, f"checkpoint payload lacks {missing}"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(data, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read and validate a checkpoint; every failure is a one-line :class:`CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or not a torch file: {reason})") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a captioner checkpoint (no '{FORMAT}' marker)")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {version!r} is not supported (this captioner reads version "
+            f"{FORMAT_VERSION}); use the captioner release that wrote it"
+        )
+    missing = [k for k in _REQUIRED if k not in data]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint is incomplete (missing {', '.join(missing)})")
+    return data

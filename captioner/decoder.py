@@ -1,0 +1,152 @@
+"""Show-and-Tell recurrent decoder (LSTM / GRU / vanilla RNN), optionally with soft attention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from captioner.config import DecoderConfig
+
+_CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+
+
+@dataclass(frozen=True)
+class DecoderState:
+    """Recurrent state for a batch of rows, batch-first everywhere.
+
+    ``hidden`` changes every step; ``memory``/``keys`` (the attention grid and its projection) are fixed
+    per image. ``reorder`` therefore only gathers ``hidden``: beam search only ever permutes rows
+    among the beams of the same image, whose memories are identical.
+    """
+
+    hidden: tuple[torch.Tensor, ...]  # (B, L, H) each: (h,) or (h, c) for the LSTM
+    memory: torch.Tensor | None = None  # (B, N, C) attention values
+    keys: torch.Tensor | None = None  # (B, N, A) projected attention keys
+
+    def reorder(self, index: torch.Tensor) -> DecoderState:
+        return replace(self, hidden=tuple(h.index_select(0, index) for h in self.hidden))
+
+    def repeat_interleave(self, n: int) -> DecoderState:
+        rep = (lambda t: None if t is None else t.repeat_interleave(n, dim=0))
+        return DecoderState(tuple(rep(h) for h in self.hidden), rep(self.memory), rep(self.keys))
+
+
+class CaptionDecoder(nn.Module):
+    """Recurrent language model conditioned on an image feature grid ``(B, C, h, w)``.
+
+    ``forward(grid, captions)`` is teacher-forced training; decoding calls ``init_state`` once and
+    then ``step`` one word at a time (see ``captioner.decoding``).
+    """
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.feature_norm = nn.LayerNorm(c.feature_dim)
+        self.embed = nn.Embedding(c.vocab_size, c.embed_dim, padding_idx=0)
+        self.dropout = nn.Dropout(c.dropout)
+        if c.image_input == "init":
+            n_states = 2 if c.cell == "lstm" else 1
+            self.init_state_proj = nn.Linear(c.feature_dim, n_states * c.num_layers * c.hidden_dim)
+        else:
+            self.image_embed = nn.Linear(c.feature_dim, c.embed_dim)
+        input_size = c.embed_dim + (c.feature_dim if c.attention else 0)
+        rnn_kwargs = {"nonlinearity": "tanh"} if c.cell == "rnn" else {}
+        self.rnn = _CELLS[c.cell](
+            input_size,
+            c.hidden_dim,
+            num_layers=c.num_layers,
+            batch_first=True,
+            dropout=c.dropout if c.num_layers > 1 else 0.0,
+            **rnn_kwargs,
+        )
+        if c.attention:
+            self.att_keys = nn.Linear(c.feature_dim, c.attention_dim)
+            self.att_query = nn.Linear(c.hidden_dim, c.attention_dim)
+            self.att_score = nn.Linear(c.attention_dim, 1)
+            self.att_gate = nn.Linear(c.hidden_dim, c.feature_dim)  # SAT's β gate
+            self.context_out = nn.Linear(c.feature_dim, c.hidden_dim)
+        self.head = nn.Linear(c.hidden_dim, c.vocab_size)
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def _prepare(self, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        memory = self.feature_norm(grid.flatten(2).transpose(1, 2).float())  # (B, N, C)
+        return memory, memory.mean(dim=1)  # (B, N, C), (B, C)
+
+    def init_state(self, grid: torch.Tensor) -> DecoderState:
+        """State before the ``<start>`` token: the image initialises it or is fed as the first input."""
+        c = self.config
+        memory, pooled = self._prepare(grid)
+        batch = grid.shape[0]
+        keys = self.att_keys(memory) if c.attention else None  # (B, N, A)
+        if c.image_input == "init":
+            flat = torch.tanh(self.init_state_proj(pooled))  # (B, S*L*H)
+            hidden = tuple(flat.view(batch, -1, c.num_layers, c.hidden_dim).unbind(1))  # S x (B, L, H)
+            return DecoderState(hidden, memory if c.attention else None, keys)
+        n_states = 2 if c.cell == "lstm" else 1
+        zeros = pooled.new_zeros(batch, c.num_layers, c.hidden_dim)
+        state = DecoderState((zeros,) * n_states, memory if c.attention else None, keys)
+        image_emb = self.dropout(self.image_embed(pooled))  # (B, E)
+        _, state, _ = self._advance(image_emb, state)
+        return state
+
+    # -- one step ---------------------------------------------------------------------------------
+
+    def _attend(self, state: DecoderState) -> tuple[torch.Tensor, torch.Tensor]:
+        h_top = state.hidden[0][:, -1]  # (B, H)
+        query = self.att_query(h_top).unsqueeze(1)  # (B, 1, A)
+        scores = self.att_score(torch.tanh(state.keys + query)).squeeze(-1)  # (B, N)
+        alpha = scores.softmax(dim=-1)  # (B, N)
+        context = torch.bmm(alpha.unsqueeze(1), state.memory).squeeze(1)  # (B, C)
+        context = torch.sigmoid(self.att_gate(h_top)) * context  # (B, C)
+        return context, alpha
+
+    def _advance(
+        self, x: torch.Tensor, state: DecoderState
+    ) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
+        """Feed one input vector ``x (B, E)``; returns the output features ``(B, H)`` and new state."""
+        alpha = context = None
+        if self.config.attention:
+            context, alpha = self._attend(state)
+            x = torch.cat([x, context], dim=-1)  # (B, E + C)
+        hx = tuple(h.transpose(0, 1).contiguous() for h in state.hidden)  # (L, B, H) each
+        out, new = self.rnn(x.unsqueeze(1), hx if len(hx) == 2 else hx[0])  # out: (B, 1, H)
+        new = new if isinstance(new, tuple) else (new,)
+        out = out.squeeze(1)  # (B, H)
+        if context is not None:
+            out = out + self.context_out(context)
+        return out, replace(state, hidden=tuple(h.transpose(0, 1) for h in new)), alpha
+
+    def step(
+        self, tokens: torch.Tensor, state: DecoderState
+    ) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
+        """Feed ``tokens (B,)``; returns next-word logits ``(B, V)``, the new state, attention ``(B, N)``."""
+        x = self.dropout(self.embed(tokens))  # (B, E)
+        out, state, alpha = self._advance(x, state)
+        return self.head(self.dropout(out)), state, alpha  # (B, V)
+
+    # -- teacher forcing --------------------------------------------------------------------------
+
+    def forward(self, grid: torch.Tensor, captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher-forced logits for ``captions (B, T)`` (``<start> w1 .. <end> <pad>..``).
+
+        Returns logits ``(B, T-1, V)`` predicting ``captions[:, 1:]`` and, with attention, the
+        attention weights ``(B, T-1, N)``.
+        """
+        state = self.init_state(grid)
+        inputs = self.dropout(self.embed(captions[:, :-1]))  # (B, T-1, E)
+        if not self.config.attention:
+            # No attention: the whole sequence goes through the fused (cuDNN) kernel in one call.
+            hx = tuple(h.transpose(0, 1).contiguous() for h in state.hidden)
+            out, _ = self.rnn(inputs, hx if len(hx) == 2 else hx[0])  # (B, T-1, H)
+            return self.head(self.dropout(out)), None  # (B, T-1, V)
+        outs, alphas = [], []
+        for t in range(inputs.shape[1]):
+            out, state, alpha = self._advance(inputs[:, t], state)
+            outs.append(out)
+            alphas.append(alpha)
+        out = torch.stack(outs, dim=1)  # (B, T-1, H)
+        return self.head(self.dropout(out)), torch.stack(alphas, dim=1)  # (B, T-1, V), (B, T-1, N)

