@@ -2,7 +2,7 @@
 
 from captioner.config import DecoderConfig, EncoderConfig, ModelConfig
 from captioner.decoding import DecodingOptions
-from captioner.model import Caption, CaptionResult, Captioner
+from captioner.model import Caption, Captioner, CaptionResult
 from captioner.vocab import Vocabulary
 
 __all__ = [

@@ -29,7 +29,9 @@ class DecoderState:
         return replace(self, hidden=tuple(h.index_select(0, index) for h in self.hidden))
 
     def repeat_interleave(self, n: int) -> DecoderState:
-        rep = (lambda t: None if t is None else t.repeat_interleave(n, dim=0))
+        def rep(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.repeat_interleave(n, dim=0)
+
         return DecoderState(tuple(rep(h) for h in self.hidden), rep(self.memory), rep(self.keys))
 
 

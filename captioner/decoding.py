@@ -53,7 +53,9 @@ class DecodingOptions:
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if self.method == "greedy" and self.num_captions != 1:
-            raise ValueError("greedy decoding gives one caption per image; use method sample or beam for more")
+            raise ValueError(
+                "greedy decoding gives one caption per image; use method sample or beam for more"
+            )
         if self.method == "beam" and self.num_captions > self.beam_size:
             raise ValueError(f"num_captions must be <= beam_size ({self.beam_size}) for beam search")
 
@@ -112,7 +114,9 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # keep up to and including the word crossing top_p
+        drop_sorted = (
+            cum - sorted_logits.softmax(-1) >= top_p
+        )  # keep up to and including the word crossing top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -138,10 +142,8 @@ def _rollout(decoder: CaptionDecoder, grid: torch.Tensor, max_length: int, choos
     words, alphas = [], []
     for t in range(max_length + 1):
         logits, state, alpha = _step(decoder, tokens, state)  # (B, V)
-        if t == max_length:  # out of room: the caption ends here
-            tokens = torch.full_like(tokens, eos)
-        else:
-            tokens = choose(logits)
+        # Out of room at max_length: the caption ends there.
+        tokens = torch.full_like(tokens, eos) if t == max_length else choose(logits)
         step_logp = logits.log_softmax(-1).gather(1, tokens.unsqueeze(1)).squeeze(1)  # (B,)
         log_prob += step_logp.masked_fill(finished, 0.0)
         tokens = tokens.masked_fill(finished, eos)
@@ -168,7 +170,9 @@ def _until_eos(ids: list[int]) -> list[int]:
 
 
 @torch.inference_mode()
-def beam_search(decoder: CaptionDecoder, grid: torch.Tensor, options: DecodingOptions) -> list[list[Hypothesis]]:
+def beam_search(
+    decoder: CaptionDecoder, grid: torch.Tensor, options: DecodingOptions
+) -> list[list[Hypothesis]]:
     """Beam search over all images x beams at once, in one ``(B * K, ...)`` batch.
 
     A beam that has produced ``<end>`` stays in the beam with a frozen score (its only continuation is
@@ -207,8 +211,10 @@ def beam_search(decoder: CaptionDecoder, grid: torch.Tensor, options: DecodingOp
         history = torch.cat([history.index_select(0, source), tokens.unsqueeze(1)], dim=1)  # (B*K, t+1)
         if alpha is not None:
             step_att = alpha.float().index_select(0, source).unsqueeze(1)  # (B*K, 1, N)
-            att_history = step_att if att_history is None else torch.cat(
-                [att_history.index_select(0, source), step_att], dim=1
+            att_history = (
+                step_att
+                if att_history is None
+                else torch.cat([att_history.index_select(0, source), step_att], dim=1)
             )
         finished = was_finished | (tokens == eos)
         if bool(finished.all()):

@@ -90,7 +90,9 @@ def _load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file; all mean the same to the user
-        raise EncoderWeightsError(f"cannot load encoder weights from {path}: {exc.__class__.__name__}") from exc
+        raise EncoderWeightsError(
+            f"cannot load encoder weights from {path}: {exc.__class__.__name__}"
+        ) from exc
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -186,7 +188,9 @@ def _efficientnet_lite(name: str, config: EncoderConfig) -> ImageEncoder:
         state = _load_state_dict_file(path)
         missing, unexpected = net.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise EncoderWeightsError(f"{path} is not a {name} state dict (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise EncoderWeightsError(
+                f"{path} is not a {name} state dict (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         sha, from_package = file_sha256(path), weights == PACKAGE_WEIGHTS
     net._fc = nn.Identity()  # the classifier is never used; keep it out of state dicts' parameters
     last_repeat = net._blocks_args[-1].num_repeat

@@ -16,7 +16,7 @@ from captioner.checkpoint import CheckpointError, clean_state_dict, load_checkpo
 from captioner.config import DecoderConfig, EncoderConfig, ModelConfig
 from captioner.decoder import CaptionDecoder
 from captioner.decoding import DecodingOptions, Hypothesis, decode
-from captioner.encoders import ImageEncoder, build_encoder, encoder_feature_dim
+from captioner.encoders import ImageEncoder, build_encoder
 from captioner.transforms import DEFAULT_MAX_PIXELS, ImageSource, Preprocess, build_transform, load_image
 from captioner.vocab import Vocabulary
 
@@ -60,9 +60,13 @@ class Captioner(nn.Module):
     ) -> None:
         super().__init__()
         if decoder.config.vocab_size != len(vocab):
-            raise ValueError(f"decoder vocab_size {decoder.config.vocab_size} != vocabulary size {len(vocab)}")
+            raise ValueError(
+                f"decoder vocab_size {decoder.config.vocab_size} != vocabulary size {len(vocab)}"
+            )
         if decoder.config.feature_dim != encoder.feature_dim:
-            raise ValueError(f"decoder feature_dim {decoder.config.feature_dim} != encoder's {encoder.feature_dim}")
+            raise ValueError(
+                f"decoder feature_dim {decoder.config.feature_dim} != encoder's {encoder.feature_dim}"
+            )
         self.encoder = encoder
         self.decoder = decoder
         self.vocab = vocab
@@ -72,12 +76,12 @@ class Captioner(nn.Module):
     # -- construction -----------------------------------------------------------------------------
 
     @classmethod
-    def build(
-        cls, encoder: EncoderConfig, vocab: Vocabulary, **decoder_kwargs: Any
-    ) -> Captioner:
+    def build(cls, encoder: EncoderConfig, vocab: Vocabulary, **decoder_kwargs: Any) -> Captioner:
         """A new (untrained) model: ``decoder_kwargs`` are :class:`DecoderConfig` fields."""
         enc = build_encoder(encoder)
-        dec = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), feature_dim=enc.feature_dim, **decoder_kwargs))
+        dec = CaptionDecoder(
+            DecoderConfig(vocab_size=len(vocab), feature_dim=enc.feature_dim, **decoder_kwargs)
+        )
         return cls(enc, dec, vocab)
 
     @property
@@ -119,7 +123,10 @@ class Captioner(nn.Module):
             encoder = build_encoder(enc_config)
             if encoder_state is not None:
                 encoder.load_state_dict({k: v.float() for k, v in encoder_state.items()})
-                encoder.weights, encoder.weights_sha256 = identity.get("weights"), identity.get("weights_sha256")
+                encoder.weights, encoder.weights_sha256 = (
+                    identity.get("weights"),
+                    identity.get("weights_sha256"),
+                )
             elif identity.get("weights_sha256") and identity["weights_sha256"] != encoder.weights_sha256:
                 raise CheckpointError(
                     f"{source}: the installed {encoder.name} weights (sha256 {str(encoder.weights_sha256)[:12]}…) "
@@ -146,16 +153,22 @@ class Captioner(nn.Module):
             "preprocess": self.encoder.preprocess.to_dict(),
             "encoder": self.encoder.identity(),
             "decoder_state": clean_state_dict(self.decoder.state_dict(), half=half),
-            "encoder_state": clean_state_dict(self.encoder.state_dict(), half=half) if store_encoder else None,
+            "encoder_state": clean_state_dict(self.encoder.state_dict(), half=half)
+            if store_encoder
+            else None,
             "metadata": {**self.metadata, **(metadata or {})},
         }
 
-    def save(self, path: str | os.PathLike, *, half: bool = False, metadata: dict[str, Any] | None = None) -> None:
+    def save(
+        self, path: str | os.PathLike, *, half: bool = False, metadata: dict[str, Any] | None = None
+    ) -> None:
         save_checkpoint(path, self.state_payload(half=half, metadata=metadata))
 
     # -- inference --------------------------------------------------------------------------------
 
-    def preprocess(self, images: Sequence[ImageSource], *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    def preprocess(
+        self, images: Sequence[ImageSource], *, max_pixels: int | None = DEFAULT_MAX_PIXELS
+    ) -> torch.Tensor:
         """Images -> pixel batch ``(B, 3, S, S)`` exactly as the model was trained on."""
         return torch.stack([self._transform(load_image(im, max_pixels=max_pixels)) for im in images])
 
@@ -174,10 +187,16 @@ class Captioner(nn.Module):
         """Caption encoder feature grids ``(B, C, h, w)`` (e.g. from a feature cache)."""
         grid = grid.to(self.device)
         shape = tuple(grid.shape[2:]) if self.decoder.config.attention else None
-        return [CaptionResult([self._to_caption(h) for h in hyps], shape) for hyps in decode(self.decoder, grid, options)]
+        return [
+            CaptionResult([self._to_caption(h) for h in hyps], shape)
+            for hyps in decode(self.decoder, grid, options)
+        ]
 
     def caption(
-        self, images: Sequence[ImageSource] | ImageSource, options: DecodingOptions | None = None, **kwargs: Any
+        self,
+        images: Sequence[ImageSource] | ImageSource,
+        options: DecodingOptions | None = None,
+        **kwargs: Any,
     ) -> list[CaptionResult]:
         """Caption images; pass a :class:`DecodingOptions` or its fields (``method="beam", beam_size=5``)."""
         if options is None:

@@ -1,0 +1,114 @@
+"""``captioner`` command line: caption images with a trained checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from captioner.checkpoint import CheckpointError
+from captioner.decoding import DecodingOptions
+from captioner.encoders import EncoderWeightsError
+from captioner.transforms import ImageError, load_image
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="captioner", description="Caption images with a CNN+LSTM model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cap = sub.add_parser("caption", help="caption one or more images")
+    cap.add_argument("images", nargs="+", metavar="IMG", help="image files (JPEG, PNG, GIF, WebP, ...)")
+    cap.add_argument(
+        "--checkpoint", default=None, help="model checkpoint (default: the bundled default model)"
+    )
+    cap.add_argument("--method", default="beam", choices=["greedy", "sample", "beam"])
+    cap.add_argument("--beam-size", type=int, default=3)
+    cap.add_argument("--length-penalty", type=float, default=0.0)
+    cap.add_argument("--temperature", type=float, default=1.0)
+    cap.add_argument("--top-k", type=int, default=0)
+    cap.add_argument("--top-p", type=float, default=1.0)
+    cap.add_argument("--num-captions", type=int, default=1)
+    cap.add_argument("--seed", type=int, default=None)
+    cap.add_argument("--max-length", type=int, default=20)
+    cap.add_argument("--batch-size", type=int, default=32, help="images run through the model together")
+    cap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    cap.add_argument("--json", action="store_true", help="print one JSON document instead of text lines")
+    info = sub.add_parser("info", help="describe a checkpoint")
+    info.add_argument("checkpoint", nargs="?", default=None)
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"captioner: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    from captioner.model import Captioner  # imported late so that --help stays fast
+
+    try:
+        if args.command == "info":
+            model = Captioner.from_checkpoint(args.checkpoint)
+            print(json.dumps(_describe(model), indent=2))
+            return 0
+        options = DecodingOptions(
+            method=args.method,
+            max_length=args.max_length,
+            beam_size=args.beam_size,
+            length_penalty=args.length_penalty,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            num_captions=args.num_captions,
+            seed=args.seed,
+        )
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        model = Captioner.from_checkpoint(args.checkpoint, device=args.device)
+    except (ValueError, CheckpointError, EncoderWeightsError) as exc:
+        return _fail(str(exc))
+
+    failed = 0
+    results: list[dict] = []
+    readable: list[tuple[str, object]] = []
+    for path in args.images:
+        try:
+            readable.append((path, load_image(path)))
+        except ImageError as exc:
+            failed += 1
+            print(f"captioner: {path}: {exc}", file=sys.stderr)
+            results.append({"image": path, "error": str(exc)})
+    for start in range(0, len(readable), args.batch_size):
+        chunk = readable[start : start + args.batch_size]
+        for (path, _), result in zip(chunk, model.caption([im for _, im in chunk], options), strict=True):
+            entry = {"image": path, "captions": [_caption_dict(c) for c in result.captions]}
+            results.append(entry)
+            if not args.json:
+                texts = " | ".join(c.text for c in result.captions)
+                print(f"{path}\t{texts}")
+    if args.json:
+        order = {p: i for i, p in enumerate(args.images)}
+        results.sort(key=lambda r: order[r["image"]])
+        print(json.dumps({"options": options.to_dict(), "results": results}, indent=2))
+    return 1 if failed else 0
+
+
+def _caption_dict(caption) -> dict:
+    data = asdict(caption)
+    data.pop("attention")
+    return data
+
+
+def _describe(model) -> dict:
+    return {
+        "encoder": model.encoder.identity(),
+        "decoder": asdict(model.decoder.config),
+        "vocab_size": len(model.vocab),
+        "preprocess": model.encoder.preprocess.to_dict(),
+        "metadata": model.metadata,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+import pytest
+import torch
+
+from captioner.decoding import DecodingOptions, beam_search, decode, filter_logits, greedy, sample
+from tests.helpers import tiny_captioner
+
+ATTENTION = [False, True]
+
+
+def _grid(batch=4, seed=1):
+    torch.manual_seed(seed)
+    return torch.randn(batch, 512, 2, 2)
+
+
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_beam_size_one_equals_greedy(attention):
+    model = tiny_captioner(attention=attention)
+    grid = _grid()
+    g = greedy(model.decoder, grid, DecodingOptions(method="greedy", max_length=12))
+    b = beam_search(model.decoder, grid, DecodingOptions(method="beam", beam_size=1, max_length=12))
+    for gh, bh in zip(g, b, strict=True):
+        assert gh[0].tokens == bh[0].tokens
+        assert gh[0].log_prob == pytest.approx(bh[0].log_prob, abs=1e-4)
+
+
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_batched_beam_search_equals_one_image_at_a_time(attention):
+    model = tiny_captioner(attention=attention)
+    grid = _grid(5)
+    options = DecodingOptions(method="beam", beam_size=4, num_captions=3, max_length=10, length_penalty=0.7)
+    batched = beam_search(model.decoder, grid, options)
+    for i in range(5):
+        single = beam_search(model.decoder, grid[i : i + 1], options)[0]
+        assert [h.tokens for h in single] == [h.tokens for h in batched[i]]
+        assert [h.score for h in single] == pytest.approx([h.score for h in batched[i]], abs=1e-4)
+        if attention:
+            assert torch.allclose(single[0].attention, batched[i][0].attention, atol=1e-5)
+
+
+def test_beam_search_beats_or_matches_greedy_log_prob():
+    model = tiny_captioner()
+    grid = _grid(6)
+    g = greedy(model.decoder, grid, DecodingOptions(method="greedy", max_length=8))
+    b = beam_search(model.decoder, grid, DecodingOptions(method="beam", beam_size=5, max_length=8))
+    assert all(bh[0].log_prob >= gh[0].log_prob - 1e-4 for gh, bh in zip(g, b, strict=True))
+    assert any(bh[0].log_prob > gh[0].log_prob + 1e-3 for gh, bh in zip(g, b, strict=True))
+
+
+def test_log_prob_is_the_models_probability_of_the_caption():
+    model = tiny_captioner()
+    grid = _grid(2)
+    hyp = greedy(model.decoder, grid, DecodingOptions(method="greedy", max_length=6))[0][0]
+    tokens = torch.tensor([[1, *hyp.tokens, 2]])
+    with torch.no_grad():
+        logits, _ = model.decoder(grid[:1], tokens)
+    logits[..., :2] = float("-inf")  # decoding never produces <pad>/<start>
+    expected = logits.log_softmax(-1).gather(2, tokens[:, 1:, None]).sum()
+    assert hyp.log_prob == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_seeded_sampling_repeats_and_seeds_differ():
+    model = tiny_captioner()
+    grid = _grid(3)
+    options = DecodingOptions(method="sample", num_captions=4, seed=7, max_length=10)
+    first = [[h.tokens for h in hyps] for hyps in sample(model.decoder, grid, options)]
+    again = [[h.tokens for h in hyps] for hyps in sample(model.decoder, grid, options)]
+    other = [
+        [h.tokens for h in hyps]
+        for hyps in sample(
+            model.decoder, grid, DecodingOptions(method="sample", num_captions=4, seed=8, max_length=10)
+        )
+    ]
+    assert first == again
+    assert first != other
+    assert all(len(per_image) == 4 for per_image in first)
+
+
+def test_top_k_one_sampling_is_greedy():
+    model = tiny_captioner()
+    grid = _grid(3)
+    g = greedy(model.decoder, grid, DecodingOptions(method="greedy", max_length=10))
+    s = sample(model.decoder, grid, DecodingOptions(method="sample", top_k=1, seed=0, max_length=10))
+    assert [h[0].tokens for h in g] == [h[0].tokens for h in s]
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, 2, 1.0)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, 0, 0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, 0, 0.5)).tolist() == [[False, True, True, True]]
+
+
+def _biased(model, token: int):
+    """Make ``token`` overwhelmingly likely at every step."""
+    with torch.no_grad():
+        model.decoder.head.weight.zero_()
+        model.decoder.head.bias.zero_()
+        model.decoder.head.bias[token] = 50.0
+    return model
+
+
+@pytest.mark.parametrize("method", ["greedy", "sample", "beam"])
+def test_decoding_stops_at_end_token(method):
+    model = _biased(tiny_captioner(), 2)  # <end> first
+    for hyps in decode(model.decoder, _grid(2), DecodingOptions(method=method, max_length=10)):
+        assert hyps[0].tokens == []
+
+
+@pytest.mark.parametrize("method", ["greedy", "sample", "beam"])
+@pytest.mark.parametrize("max_length", [1, 5])
+def test_decoding_respects_max_length(method, max_length):
+    model = _biased(tiny_captioner(), 5)  # never says <end>
+    for hyps in decode(model.decoder, _grid(2), DecodingOptions(method=method, max_length=max_length)):
+        assert hyps[0].tokens == [5] * max_length
+
+
+def test_attention_weights_come_with_each_word():
+    model = tiny_captioner(attention=True)
+    results = model.caption_features(_grid(2), DecodingOptions(method="beam", max_length=6))
+    for result in results:
+        caption = result.captions[0]
+        assert result.attention_shape == (2, 2)
+        assert len(caption.attention) == len(caption.tokens)
+        assert all(sum(row) == pytest.approx(1.0, abs=1e-5) for row in caption.attention)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"method": "nucleus"}, "expected one of greedy, sample, beam"),
+        ({"temperature": 0}, r"temperature must be in \(0, 10.0\]"),
+        ({"top_p": 0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"beam_size": 0}, r"beam_size must be an integer in \[1, 20\]"),
+        ({"max_length": 0}, r"max_length must be an integer in \[1, 100\]"),
+        ({"top_k": -1}, "top_k must be >= 0"),
+        ({"num_captions": 4, "beam_size": 3}, "num_captions must be <= beam_size"),
+        ({"method": "greedy", "num_captions": 2}, "greedy decoding gives one caption"),
+        ({"length_penalty": -1}, r"length_penalty must be in \[0.0, 5.0\]"),
+    ],
+)
+def test_invalid_options_name_the_valid_range(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DecodingOptions(**kwargs)
+
+
+def test_runs_on_cuda_when_available():
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA not available")
+    model = tiny_captioner().to("cuda")
+    for method in ("greedy", "sample", "beam"):
+        cpu = decode(tiny_captioner().decoder, _grid(2), DecodingOptions(method=method, seed=0))
+        gpu = decode(model.decoder, _grid(2).cuda(), DecodingOptions(method=method, seed=0))
+        if method != "sample":
+            assert [h[0].tokens for h in cpu] == [h[0].tokens for h in gpu]

@@ -1,0 +1,131 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captioner.transforms import ImageError, Preprocess, build_transform, load_image, preprocess_images
+
+PRE = Preprocess(resize=40, crop=32)
+
+
+def _bytes(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def _gradient(w=60, h=40) -> Image.Image:
+    x = np.linspace(0, 255, w, dtype=np.uint8)
+    arr = np.stack([np.tile(x, (h, 1)), np.tile(x[::-1], (h, 1)), np.full((h, w), 128, np.uint8)], -1)
+    return Image.fromarray(arr, "RGB")
+
+
+def _odd_images() -> dict[str, bytes | Image.Image]:
+    rgb = _gradient()
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(128)
+    palette_t = rgb.convert("P", palette=Image.Palette.ADAPTIVE)
+    palette_t.info["transparency"] = 0
+    frames = [Image.new("RGB", (30, 20), c) for c in ("red", "blue")]
+    gif = io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    exif = rgb.getexif()
+    exif[0x0112] = 6  # rotate 90° on display
+    return {
+        "rgb-jpeg": _bytes(rgb, "JPEG"),
+        "grayscale": _bytes(rgb.convert("L"), "PNG"),
+        "bilevel": _bytes(rgb.convert("1"), "PNG"),
+        "palette": _bytes(rgb.convert("P"), "PNG"),
+        "palette-transparency": _bytes(palette_t, "PNG"),
+        "rgba": _bytes(rgba, "PNG"),
+        "la": _bytes(rgb.convert("LA"), "PNG"),
+        "cmyk-jpeg": _bytes(rgb.convert("CMYK"), "JPEG"),
+        "gray16": _bytes(Image.fromarray((np.arange(2400).reshape(40, 60) * 27).astype(np.uint16)), "PNG"),
+        "int32": Image.fromarray(np.full((40, 60), 40000, np.int32), "I"),
+        "float": Image.fromarray(np.full((40, 60), 0.5, np.float32), "F"),
+        "animated-gif": gif.getvalue(),
+        "exif-rotated": _bytes(rgb, "JPEG", exif=exif),
+        "webp": _bytes(rgb, "WEBP"),
+        "bmp": _bytes(rgb, "BMP"),
+        "tiff": _bytes(rgb, "TIFF"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_odd_images()))
+def test_every_mode_preprocesses_to_the_same_shape(name):
+    image = load_image(_odd_images()[name])
+    assert image.mode == "RGB"
+    tensor = build_transform(PRE)(image)
+    assert tensor.shape == (3, 32, 32)
+    assert tensor.dtype == torch.float32
+    assert torch.isfinite(tensor).all()
+
+
+def test_sixteen_bit_keeps_its_levels():
+    mid = Image.fromarray(np.full((8, 8), 32768, np.uint16))
+    assert np.asarray(load_image(_bytes(mid, "PNG")))[0, 0].tolist() == [128, 128, 128]
+
+
+def test_transparent_pixels_become_white():
+    clear = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    assert np.asarray(load_image(_bytes(clear, "PNG")))[0, 0].tolist() == [255, 255, 255]
+    half = Image.new("RGBA", (8, 8), (0, 0, 0, 128))
+    assert np.asarray(load_image(_bytes(half, "PNG")))[0, 0].tolist() == [127, 127, 127]
+
+
+def test_exif_orientation_is_applied():
+    image = load_image(_odd_images()["exif-rotated"])
+    assert image.size == (40, 60)  # stored 60x40, displayed rotated
+
+
+def test_animated_gif_gives_first_frame():
+    assert np.asarray(load_image(_odd_images()["animated-gif"]))[0, 0].tolist() == [255, 0, 0]
+
+
+def test_cmyk_colours_survive():
+    red = Image.new("RGB", (8, 8), (255, 0, 0)).convert("CMYK")
+    r, g, b = np.asarray(load_image(_bytes(red, "JPEG")))[4, 4].tolist()
+    assert r > 200 and g < 60 and b < 60
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "zero bytes"),
+        (b"just some text, not an image\n", "not a recognised image"),
+        (b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n", "not a recognised image"),
+    ],
+)
+def test_non_images_are_refused_clearly(data, message):
+    with pytest.raises(ImageError, match=message):
+        load_image(data)
+
+
+def test_truncated_files_are_refused():
+    for fmt in ("JPEG", "PNG"):
+        data = _bytes(_gradient(200, 200), fmt)
+        with pytest.raises(ImageError, match="truncated|cannot read"):
+            load_image(data[: len(data) // 2])
+
+
+def test_pixel_limit_and_missing_file(tmp_path):
+    with pytest.raises(ImageError, match="limit is 100"):
+        load_image(_bytes(_gradient(), "PNG"), max_pixels=100)
+    with pytest.raises(ImageError, match="no such file"):
+        load_image(tmp_path / "missing.jpg")
+
+
+def test_decompression_bomb_is_refused():
+    bomb = _bytes(Image.new("L", (10_000, 10_000)), "PNG")  # 100 MP of zeros compresses to ~100 kB
+    with pytest.raises(ImageError, match="decompression bomb|limit"):
+        load_image(bomb, max_pixels=None)
+
+
+def test_batch_helper_and_normalisation():
+    batch = preprocess_images(
+        [_gradient(), _gradient()], Preprocess(resize=32, crop=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    )
+    assert batch.shape == (2, 3, 32, 32)
+    assert batch.min() >= -1.0 and batch.max() <= 1.0

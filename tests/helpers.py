@@ -1,0 +1,51 @@
+"""Shared test helpers: tiny models and the location of the real data sets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from captioner import Captioner, EncoderConfig, Vocabulary
+from captioner.config import DecoderConfig
+from captioner.decoder import CaptionDecoder
+from captioner.encoders import build_encoder
+from captioner.transforms import Preprocess
+
+CAPTIONS = [
+    "a dog runs on the grass",
+    "a black dog jumps over a log",
+    "two children play in the water",
+    "a man rides a bike down the street",
+    "a girl in a pink dress sits on a bench",
+]
+
+
+def data_root() -> Path:
+    return Path(
+        os.environ.get("CAPTIONER_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data")
+    )
+
+
+def require_data(*parts: str) -> Path:
+    path = data_root().joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not available at {path} (set CAPTIONER_DATA_DIR)")
+    return path
+
+
+def tiny_vocab() -> Vocabulary:
+    return Vocabulary.build(CAPTIONS, min_count=1)
+
+
+def tiny_captioner(*, seed: int = 0, size: int = 64, **decoder_kwargs) -> Captioner:
+    """resnet18 (random weights) + a 16-unit decoder on 64x64 images: builds and runs in well under a second."""
+    torch.manual_seed(seed)
+    vocab = tiny_vocab()
+    encoder = build_encoder(EncoderConfig("resnet18", weights=None))
+    encoder.preprocess = Preprocess(resize=size, crop=size)
+    kwargs = {"embed_dim": 16, "hidden_dim": 16, "attention_dim": 8, "dropout": 0.1, **decoder_kwargs}
+    decoder = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), feature_dim=encoder.feature_dim, **kwargs))
+    return Captioner(encoder, decoder, vocab).eval()
