@@ -52,6 +52,8 @@ class ImageEncoder(nn.Module):
         self.from_package = from_package  # weights re-creatable offline from an installed package
         self.trainable = trainable
         self._last_stage = nn.ModuleList(last_stage)
+        # channels-last is the fast layout for convolutions on both CPU (oneDNN) and CUDA tensor cores.
+        self.body.to(memory_format=torch.channels_last)
         self.body.requires_grad_(False)
         if trainable:
             self._last_stage.requires_grad_(True)
@@ -65,7 +67,7 @@ class ImageEncoder(nn.Module):
         return self
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        return self._features(images)  # (B, C, h, w)
+        return self._features(images.contiguous(memory_format=torch.channels_last))  # (B, C, h, w)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         grid = self.forward_features(images)  # (B, C, h, w)

@@ -49,3 +49,35 @@ def tiny_captioner(*, seed: int = 0, size: int = 64, **decoder_kwargs) -> Captio
     kwargs = {"embed_dim": 16, "hidden_dim": 16, "attention_dim": 8, "dropout": 0.1, **decoder_kwargs}
     decoder = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), feature_dim=encoder.feature_dim, **kwargs))
     return Captioner(encoder, decoder, vocab).eval()
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220), "yellow": (230, 210, 40)}
+SHAPES = ("square", "circle")
+
+
+def make_flickr_folder(root: Path, *, per_split: tuple[int, int, int] = (24, 8, 8)) -> Path:
+    """A small data set in Flickr8k's distributed layout whose captions really describe the images."""
+    from PIL import Image, ImageDraw
+
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "splits").mkdir(exist_ok=True)
+    rows, names = ["image,caption"], {"train": [], "dev": [], "test": []}
+    combos = [(c, s) for c in COLOURS for s in SHAPES]
+    index = 0
+    for split, count in zip(("train", "dev", "test"), per_split, strict=True):
+        for _ in range(count):
+            colour, shape = combos[index % len(combos)]
+            name = f"{index:04d}_{colour}_{shape}.jpg"
+            image = Image.new("RGB", (96, 96), (245, 245, 245))
+            draw = ImageDraw.Draw(image)
+            box = (20 + index % 7, 20, 76, 76 - index % 5)
+            (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=COLOURS[colour])
+            image.save(root / "images" / name)
+            names[split].append(name)
+            for template in ("a {c} {s}", "a {c} {s} on white", "the {s} is {c}", "one {c} {s}", "a {s} that is {c}"):
+                rows.append(f"{name},{template.format(c=colour, s=shape)} .")
+            index += 1
+    (root / "captions.txt").write_text("\n".join(rows) + "\n")
+    for split, files in names.items():
+        (root / "splits" / f"Flickr_8k.{split}Images.txt").write_text("\n".join(files) + "\n")
+    return root

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Everything the test suite needs on a fresh Debian machine, then the tests. Extra args go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# System packages: Chromium for the browser test, Java for METEOR (both skipped cleanly when absent).
+if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    missing=()
+    command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+    command -v java >/dev/null 2>&1 || missing+=(default-jre-headless)
+    if [ ${#missing[@]} -gt 0 ]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+fi
+scripts/setup.sh dev
+.venv/bin/ruff check .
+exec .venv/bin/python -m pytest -q "$@"

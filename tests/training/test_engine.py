@@ -1,0 +1,179 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from captioner import Captioner
+from tests.helpers import make_flickr_folder, require_data
+from training.cli import eval_main, parse_train_config, train_main
+from training.engine import TrainConfig, epoch_order, train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_flickr_folder(tmp_path_factory.mktemp("shapes"))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def _config(data, out, cache, **overrides) -> TrainConfig:
+    base = dict(
+        data=str(data), output_dir=str(out), cache_dir=str(cache), encoder="efficientnet_lite0",
+        embed_dim=32, hidden_dim=32, attention_dim=16, min_word_count=1, batch_size=16, lr=3e-3,
+        warmup_steps=2, epochs=3, num_workers=0, progress=False, dropout=0.1, device="cpu",
+    )
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_and_the_checkpoint_captions(shapes, cache_dir, tmp_path):
+    summary = train(_config(shapes, tmp_path, cache_dir, epochs=6))
+    epochs = [r for r in _log(tmp_path) if "epoch" in r]
+    assert len(epochs) == 6
+    assert epochs[-1]["train_loss"] < 0.6 * epochs[0]["train_loss"]
+    assert epochs[-1]["val_loss"] < epochs[0]["val_loss"]
+    assert summary["best_metrics"]["CIDEr"] > 0.5  # the shapes data set is easy once trained
+    for name in ("config.json", "vocab.txt", "last.pt", "best.pt"):
+        assert (tmp_path / name).is_file()
+    model = Captioner.from_checkpoint(tmp_path / "best.pt")
+    assert model.metadata["training"]["splits"] == {"train": 24, "val": 8, "test": 8}
+    red_square = next((shapes / "images").glob("*_red_square.jpg"))
+    caption = model.caption([red_square], method="beam")[0].captions[0].text
+    assert "red" in caption.split() or "square" in caption.split()
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(shapes, cache_dir, tmp_path):
+    whole = tmp_path / "whole"
+    train(_config(shapes, whole, cache_dir, epochs=2, attention=True))
+    parts = tmp_path / "parts"
+    steps_per_epoch = -(-len(epoch_order(24 * 5, 0, 0, 0, 1)) // 16)
+    first = train(_config(shapes, parts, cache_dir, epochs=2, max_steps=steps_per_epoch + 3))  # killed mid-epoch 2
+    assert first["stopped"] == "max_steps" and first["global_step"] == steps_per_epoch + 3
+    second = train(_config(shapes, parts, cache_dir, epochs=2, resume=True))
+    assert second["global_step"] == 2 * steps_per_epoch
+    a = torch.load(whole / "last.pt", weights_only=True)
+    b = torch.load(parts / "last.pt", weights_only=True)
+    for key, value in a["decoder_state"].items():
+        assert torch.equal(value, b["decoder_state"][key]), key
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(a["training"]["optimizer"]["state"][0][key], b["training"]["optimizer"]["state"][0][key])
+    assert a["training"]["scheduler"]["last_epoch"] == b["training"]["scheduler"]["last_epoch"]
+
+
+def test_vanilla_rnn_and_gru_cells_train(shapes, cache_dir, tmp_path):
+    for cell in ("rnn", "gru"):
+        summary = train(_config(shapes, tmp_path / cell, cache_dir, epochs=2, cell=cell, attention=False))
+        assert summary["epoch"] == 2
+        assert Captioner.from_checkpoint(tmp_path / cell / "best.pt").config.decoder.cell == cell
+
+
+def test_encoder_finetuning_phase_reads_images(shapes, cache_dir, tmp_path):
+    summary = train(_config(shapes, tmp_path, cache_dir, epochs=2, finetune_after=1, attention=False))
+    assert summary["epoch"] == 2
+    data = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert data["encoder_state"] is not None  # fine-tuned weights must travel with the model
+    tuned = Captioner.from_checkpoint(tmp_path / "last.pt")
+    from captioner.encoders import EncoderConfig, build_encoder
+
+    original = build_encoder(EncoderConfig("efficientnet_lite0"))
+    head = "body._conv_head.weight"
+    assert not torch.equal(tuned.encoder.state_dict()[head], original.state_dict()[head])
+    stem = "body._conv_stem.weight"
+    assert torch.equal(tuned.encoder.state_dict()[stem], original.state_dict()[stem])
+
+
+def test_early_stopping_with_patience(shapes, cache_dir, tmp_path):
+    summary = train(_config(shapes, tmp_path, cache_dir, epochs=10, lr=1e-9, warmup_steps=1, patience=1))
+    assert summary["stopped"] == "early_stopping" and summary["epoch"] < 10
+
+
+def test_train_and_eval_clis(shapes, cache_dir, tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text("encoder: efficientnet_lite0\nembed_dim: 16\nhidden_dim: 16\nattention_dim: 8\nepochs: 1\n")
+    argv = ["--config", str(config), "--data", str(shapes), "--output-dir", str(tmp_path / "run"), "--cache-dir",
+            str(cache_dir), "--min-word-count", "1", "--num-workers", "0", "--no-progress", "--device", "cpu"]
+    resolved = parse_train_config([*argv, "--epochs", "2"])
+    assert resolved.embed_dim == 16 and resolved.epochs == 2  # file sets, flags override
+    assert train_main(argv) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["hidden_dim"] == 16
+    out = tmp_path / "eval"
+    code = eval_main(["--checkpoint", str(tmp_path / "run" / "best.pt"), "--data", str(shapes), "--split", "test",
+                      "--method", "beam", "--beam-size", "3", "--out", str(out), "--cache-dir", str(cache_dir),
+                      "--no-progress", "--no-java", "--device", "cpu"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "CIDEr" in printed and "BLEU-4" in printed
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["images"] == 8 and set(report["metrics"]) >= {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"}
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert len(predictions) == 8 and set(predictions[0]) == {"image_id", "caption"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "--data is required"),
+        (["--data", "/nonexistent/flickr"], "/nonexistent/flickr"),
+        (["--data", "x", "--schedule", "linear"], "unknown schedule 'linear'"),
+        (["--data", "x", "--encoder", "vgg"], "unknown encoder 'vgg'"),
+    ],
+)
+def test_train_cli_errors_are_one_line(argv, message, tmp_path, capsys):
+    assert train_main([*argv, "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_unknown_config_keys_are_refused(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"data": "x", "learning_rate": 1}))
+    with pytest.raises(ValueError, match=r"unknown config keys \['learning_rate'\]"):
+        parse_train_config(["--config", str(config)])
+
+
+def test_real_flickr8k_subset_trains(cache_dir, tmp_path):
+    flickr = require_data("flickr8k")
+    summary = train(_config(flickr, tmp_path, cache_dir, limit_images=48, epochs=3, attention=True))
+    epochs = [r for r in _log(tmp_path) if "epoch" in r]
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    assert summary["epoch"] == 3
+    model = Captioner.from_checkpoint(tmp_path / "best.pt")
+    image = next(iter(sorted((flickr / "images").glob("*.jpg"))))
+    assert model.caption([image], method="greedy")[0].captions[0].tokens
+
+
+def test_real_coco_mini_trains(cache_dir, tmp_path):
+    coco = require_data("coco-mini", "annotations", "captions_train2017.json")
+    summary = train(_config(coco, tmp_path, cache_dir, val_data=str(coco), val_max_images=16, epochs=2))
+    assert summary["epoch"] == 2 and (tmp_path / "best.pt").is_file()
+
+
+def test_ddp_two_processes_on_gloo_agree(shapes, cache_dir, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", "-m", "training",
+           "--data", str(shapes), "--output-dir", str(out), "--cache-dir", str(cache_dir), "--encoder",
+           "efficientnet_lite0", "--embed-dim", "16", "--hidden-dim", "16", "--attention-dim", "8", "--epochs", "2",
+           "--batch-size", "8", "--min-word-count", "1", "--num-workers", "0", "--no-progress", "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = _log(out)
+    agree = [r for r in records if "ranks_agree" in r]
+    assert agree and agree[0]["ranks_agree"] is True and agree[0]["ddp_ranks"] == 2
+    epochs = [r for r in records if "epoch" in r]
+    assert len(epochs) == 2  # only rank 0 writes
+    # each rank took half of the 120 captions per epoch: 60 / 8 = 8 steps per epoch
+    assert epochs[-1]["step"] == 16

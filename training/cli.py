@@ -1,0 +1,254 @@
+"""``captioner-train`` and ``captioner-eval`` (also ``python -m training`` / ``torchrun -m training``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import logging
+import re
+import sys
+import time
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from captioner.checkpoint import CheckpointError
+from captioner.encoders import EncoderWeightsError
+
+log = logging.getLogger("training")
+_FIELD_COMMENT = re.compile(r"^\s+(\w+):[^#\n]*#\s*(.+)$", re.MULTILINE)
+
+
+def _field_help(cls: type) -> dict[str, str]:
+    """Each TrainConfig field's inline comment doubles as its --help text: one source of truth."""
+    return dict(_FIELD_COMMENT.findall(inspect.getsource(cls)))
+
+
+def _optional(parse):
+    def convert(text: str):
+        return None if text.lower() in ("none", "null", "") else parse(text)
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    from training.engine import TrainConfig
+
+    parser = argparse.ArgumentParser(
+        prog="captioner-train",
+        description="Train a CNN+LSTM captioner. Flags override values from --config (YAML or JSON).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", default=None, help="YAML or JSON file of TrainConfig fields")
+    helps = _field_help(TrainConfig)
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        args = typing.get_args(kind)
+        optional = isinstance(kind, types.UnionType) and type(None) in args
+        base = next((a for a in args if a is not type(None)), kind) if optional else kind
+        default = None if f.default is dataclasses.MISSING else f.default
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helps.get(f.name))
+        else:
+            parser.add_argument(
+                flag, type=_optional(base) if optional else base, default=default, help=helps.get(f.name)
+            )
+    return parser
+
+
+def _load_config_file(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"config file not found: {path}")
+    text = file.read_text()
+    try:
+        if file.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # yaml and json raise their own error types
+        raise ValueError(f"{path}: cannot parse config ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must hold a mapping of TrainConfig fields")
+    return data
+
+
+def parse_train_config(argv: list[str] | None = None):
+    from training.engine import TrainConfig
+
+    parser = get_args_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        values = _load_config_file(pre.config)
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{pre.config}: unknown config keys {unknown}; valid keys: {', '.join(sorted(known))}")
+        parser.set_defaults(**values)
+    args = vars(parser.parse_args(argv))
+    args.pop("config")
+    if not args.get("data"):
+        raise ValueError("--data is required (a Flickr8k folder, a COCO captions JSON, or a Karpathy split JSON)")
+    return TrainConfig(**args)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from training.data import DataError
+
+    return (ValueError, DataError, CheckpointError, EncoderWeightsError, FileNotFoundError)
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    _setup_logging()
+    try:
+        config = parse_train_config(argv)
+        from training.engine import train
+
+        summary = train(config)
+    except _user_errors() as exc:
+        print(f"captioner-train: error: {str(exc).splitlines()[0] if str(exc) else exc!r}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("captioner-train: interrupted; resume with --resume (last.pt holds the last saved step)", file=sys.stderr)
+        return 130
+    log.info("finished: %s", json.dumps(summary))
+    return 0
+
+
+# -- evaluation -------------------------------------------------------------------------------------
+
+
+def get_eval_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="captioner-eval", description="Score a checkpoint on a data split.")
+    parser.add_argument("--checkpoint", default=None, help="model checkpoint (default: the bundled default model)")
+    parser.add_argument("--data", required=True, help="Flickr8k folder, COCO captions JSON, or Karpathy split JSON")
+    parser.add_argument("--format", default="auto", choices=["auto", "coco", "karpathy", "flickr8k"])
+    parser.add_argument("--images-dir", default=None)
+    parser.add_argument("--split", default="test", help="train | val | test (a COCO file is its own split)")
+    parser.add_argument("--method", default="beam", choices=["greedy", "sample", "beam"])
+    parser.add_argument("--beam-size", type=int, default=3)
+    parser.add_argument("--length-penalty", type=float, default=0.0)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-length", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--cache-dir", default=".cache/features", help="feature cache folder")
+    parser.add_argument("--out", default=None, help="folder for metrics.json and predictions.json")
+    parser.add_argument(
+        "--java",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="METEOR needs Java; default: use it when found",
+    )
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from captioner import Captioner, DecodingOptions
+    from captioner.decoding import decode
+    from training.data import load_corpus
+    from training.features import _progress, build_feature_cache
+    from training.metrics import compute_metrics
+
+    options = DecodingOptions(
+        method=args.method,
+        beam_size=args.beam_size,
+        length_penalty=args.length_penalty,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        max_length=args.max_length,
+    )
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    model = Captioner.from_checkpoint(args.checkpoint, device=args.device)
+    corpus = load_corpus(args.data, format=args.format, images_dir=args.images_dir)
+    records = corpus.split(args.split, restval_as_train=False)
+    if not records:
+        raise ValueError(f"{args.data}: split {args.split!r} is empty (splits: {corpus.split_sizes()})")
+    records = records[: args.limit] if args.limit else records
+    store = build_feature_cache(
+        model.encoder,
+        [str(r.path) for r in records],
+        args.cache_dir,
+        device=model.device,
+        progress=not args.no_progress,
+    )
+    predictions: dict[str, str] = {}
+    bar = _progress(len(records), f"captioning ({args.method})", not args.no_progress)
+    start = time.perf_counter()
+    for first in range(0, len(records), args.batch_size):
+        rows = [
+            i
+            for i in range(first, min(first + args.batch_size, len(records)))
+            if str(records[i].path) not in store.failed
+        ]
+        if rows:
+            grid = store.get(rows).to(model.device).float()
+            for row, hyps in zip(rows, decode(model.decoder, grid, options), strict=True):
+                predictions[records[row].image_id] = model.vocab.decode(hyps[0].tokens)
+        bar.update(args.batch_size)
+    bar.close()
+    seconds = time.perf_counter() - start
+    references = {r.image_id: list(r.captions) for r in records if r.image_id in predictions}
+    metrics = compute_metrics(predictions, references, java=args.java)
+    report = {
+        "checkpoint": str(args.checkpoint or "default"),
+        "data": str(args.data),
+        "split": args.split,
+        "images": len(predictions),
+        "skipped_unreadable": len(records) - len(predictions),
+        "options": options.to_dict(),
+        "decode_seconds": round(seconds, 2),
+        "metrics": metrics,
+    }
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(report, indent=2))
+        results = [{"image_id": _coco_id(k), "caption": v} for k, v in predictions.items()]
+        (out / "predictions.json").write_text(json.dumps(results, indent=1))
+    return report
+
+
+def _coco_id(image_id: str) -> int | str:
+    return int(image_id) if image_id.isdigit() else image_id
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    _setup_logging()
+    args = get_eval_args_parser().parse_args(argv)
+    try:
+        report = evaluate(args)
+    except _user_errors() as exc:
+        print(f"captioner-eval: error: {str(exc).splitlines()[0] if str(exc) else exc!r}", file=sys.stderr)
+        return 2
+    from training.metrics import format_metrics
+
+    print(f"{report['images']} images of {report['data']} ({report['split']}), {report['options']['method']}")
+    print(format_metrics(report["metrics"]))
+    if args.out:
+        print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'predictions.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())

@@ -1,0 +1,699 @@
+"""Training loop: teacher-forced cross-entropy on cached features, validation, checkpoints, resume, DDP."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+
+from captioner import Captioner, DecodingOptions, EncoderConfig, Vocabulary
+from captioner.checkpoint import load_checkpoint, save_checkpoint
+from captioner.decoding import decode
+from captioner.model import resolve_device
+from captioner.transforms import ImageError, build_transform, load_image
+from training.data import CaptionCorpus, ImageRecord, load_corpus
+from training.features import FeatureStore, _progress, build_feature_cache
+from training.metrics import compute_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str  # data set: Flickr8k folder, COCO captions JSON (or folder), or Karpathy split JSON
+    data_format: str = "auto"  # auto | coco | karpathy | flickr8k
+    images_dir: str | None = None  # override where the images are
+    val_data: str | None = None  # separate validation set (e.g. COCO captions_val2017.json); default: data's val split
+    output_dir: str = "runs/captioner"  # run directory: config, log.jsonl, last.pt, best.pt
+    cache_dir: str = ".cache/features"  # feature cache (fp16 grids keyed by encoder fingerprint)
+    # model
+    encoder: str = "resnet50"  # see captioner.encoders.ENCODERS; offline: efficientnet_lite2
+    encoder_weights: str | None = "imagenet"  # "imagenet", a local state-dict file, or None (random)
+    cell: str = "lstm"  # lstm | gru | rnn
+    attention: bool = True  # soft attention over the feature grid
+    embed_dim: int = 512
+    hidden_dim: int = 512
+    attention_dim: int = 512
+    num_layers: int = 1
+    dropout: float = 0.5
+    image_input: str = "init"  # init | first_word
+    min_word_count: int = 5  # vocabulary: words seen at least this often in training captions
+    max_caption_words: int = 30  # longer training captions are truncated
+    # optimisation
+    epochs: int = 20
+    batch_size: int = 128  # captions per step (per process under DDP)
+    lr: float = 4e-4  # AdamW peak learning rate for the decoder
+    weight_decay: float = 1e-4
+    warmup_steps: int = 500
+    schedule: str = "cosine"  # cosine | step | constant (after warm-up)
+    step_epochs: int = 5  # step schedule: decay every this many epochs
+    step_gamma: float = 0.5  # step schedule: decay factor
+    grad_clip: float = 5.0  # clip the global gradient norm (0 disables)
+    label_smoothing: float = 0.0
+    attention_reg: float = 1.0  # Show-Attend-Tell doubly stochastic regulariser weight
+    finetune_after: int | None = None  # epoch from which the encoder's last stage trains too (reads images)
+    encoder_lr: float = 1e-5
+    # run control
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # mixed precision on CUDA: bf16 where supported, else fp16 with a grad scaler
+    compile: bool = False  # torch.compile the decoder
+    num_workers: int = 2
+    val_method: str = "greedy"  # decoding for validation metrics: greedy | beam
+    val_beam_size: int = 3
+    val_max_images: int | None = None  # cap validation images per epoch (None: all)
+    patience: int = 5  # early stopping: epochs without a better val CIDEr
+    checkpoint_every: int = 1000  # also save last.pt every this many steps
+    max_steps: int | None = None  # stop (and save last.pt) after this many optimizer steps in total
+    resume: bool = False  # continue from output_dir/last.pt
+    half_checkpoint: bool = False  # store best.pt's weights in fp16
+    limit_images: int | None = None  # use at most this many images per split (quick runs, tests)
+    progress: bool = True  # progress bars
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "step", "constant"):
+            raise ValueError(f"unknown schedule {self.schedule!r}; expected one of cosine, step, constant")
+        if self.val_method not in ("greedy", "beam"):
+            raise ValueError(f"unknown val_method {self.val_method!r}; expected greedy or beam")
+        for name in ("epochs", "batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+    def decoder_kwargs(self) -> dict[str, Any]:
+        names = (
+            "embed_dim",
+            "hidden_dim",
+            "num_layers",
+            "dropout",
+            "cell",
+            "attention",
+            "attention_dim",
+            "image_input",
+        )
+        return {n: getattr(self, n) for n in names}
+
+
+# -- distributed ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def setup_distributed(device: str) -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    backend = "nccl" if device != "cpu" and torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    info = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    if backend == "nccl":
+        torch.cuda.set_device(info.local_rank)
+    return info
+
+
+# -- data -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Split:
+    """Captions of one split as (feature row, token ids) pairs, plus the images they belong to."""
+
+    records: list[ImageRecord]
+    pairs: list[tuple[int, list[int]]] = field(default_factory=list)
+    features: FeatureStore | None = None
+
+    @property
+    def paths(self) -> list[str]:
+        return [str(r.path) for r in self.records]
+
+
+def _make_pairs(records: Sequence[ImageRecord], vocab: Vocabulary, max_words: int, skip: set[str]) -> list:
+    pairs = []
+    for row, record in enumerate(records):
+        if str(record.path) in skip:
+            continue
+        for caption in record.captions:
+            ids = vocab.encode(caption, add_special=False)[:max_words]
+            if ids:
+                pairs.append((row, [vocab.bos_id, *ids, vocab.eos_id]))
+    return pairs
+
+
+def _pad(captions: Sequence[Sequence[int]]) -> torch.Tensor:
+    out = torch.zeros(len(captions), max(len(c) for c in captions), dtype=torch.long)
+    for i, c in enumerate(captions):
+        out[i, : len(c)] = torch.tensor(c)
+    return out  # (B, T), <pad> = 0
+
+
+class _ImagePairs(Dataset):
+    """(pixels, caption) pairs read from image files, for encoder fine-tuning."""
+
+    def __init__(self, split: Split, order: Sequence[int], preprocess) -> None:
+        self.split, self.order = split, list(order)
+        self.transform = build_transform(preprocess)
+        self.size = preprocess.crop
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int):
+        row, ids = self.split.pairs[self.order[i]]
+        try:
+            pixels = self.transform(load_image(self.split.records[row].path))
+        except ImageError:  # already reported by the feature cache; keep the batch shape
+            pixels = torch.zeros(3, self.size, self.size)
+        return pixels, ids
+
+
+def _collate_pixels(items):
+    return torch.stack([p for p, _ in items]), _pad([ids for _, ids in items])
+
+
+def epoch_order(num_pairs: int, seed: int, epoch: int, rank: int, world: int) -> list[int]:
+    """The pairs this process visits in ``epoch``: a seeded permutation, sharded across processes."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(num_pairs, generator=generator).tolist()
+    per_rank = len(order) // world  # equal shards keep DDP's collective calls in step
+    return order[rank * per_rank : (rank + 1) * per_rank]
+
+
+def _batches(order: Sequence[int], batch_size: int) -> list[list[int]]:
+    return [list(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
+
+
+# -- model wrapper for DDP ----------------------------------------------------------------------------
+
+
+class _TrainModule(nn.Module):
+    def __init__(self, model: Captioner) -> None:
+        super().__init__()
+        self.encoder, self.decoder = model.encoder, model.decoder
+
+    def forward(self, inputs: torch.Tensor, captions: torch.Tensor, from_pixels: bool):
+        grid = self.encoder.forward_features(inputs) if from_pixels else inputs  # (B, C, h, w)
+        return self.decoder(grid, captions)
+
+
+def caption_loss(
+    logits: torch.Tensor, alphas: torch.Tensor | None, captions: torch.Tensor, config: TrainConfig
+) -> torch.Tensor:
+    targets = captions[:, 1:]  # (B, T-1)
+    loss = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        targets.reshape(-1),
+        ignore_index=Vocabulary.pad_id,
+        label_smoothing=config.label_smoothing,
+    )
+    if alphas is not None and config.attention_reg > 0:
+        mask = (targets != Vocabulary.pad_id).unsqueeze(-1).to(alphas.dtype)  # (B, T-1, 1)
+        coverage = (alphas * mask).sum(dim=1)  # (B, N): attention each location got over the caption
+        loss = loss + config.attention_reg * ((1.0 - coverage) ** 2).mean()
+    return loss
+
+
+# -- the trainer --------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Owns the model, optimiser, schedule and state; ``fit()`` runs the epochs."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.dist = setup_distributed(config.device)
+        device = resolve_device(config.device)
+        if device.type == "cuda" and self.dist.world > 1:
+            device = torch.device("cuda", self.dist.local_rank)
+        self.device = device
+        self.out = Path(config.output_dir)
+        self._seed(config.seed)
+        self.corpus, self.val_corpus = self._load_data()
+        resume_state = self._resume_state()
+        if resume_state is not None:
+            self.model = Captioner.from_state(resume_state, source=str(self.out / "last.pt"))
+        else:
+            vocab = Vocabulary.build(self.corpus.train_captions(), min_count=config.min_word_count)
+            encoder = EncoderConfig(config.encoder, config.encoder_weights, trainable=False)
+            self.model = Captioner.build(encoder, vocab, **config.decoder_kwargs())
+        self.model.to(self.device)
+        self.vocab = self.model.vocab
+        self.train_split = Split(self.corpus.split("train"))
+        val_records = self.val_corpus.split("val") if self.val_corpus is not self.corpus else self.corpus.split("val")
+        if config.val_max_images is not None:
+            val_records = val_records[: config.val_max_images]
+        self.val_split = Split(val_records)
+        if not self.train_split.records:
+            raise ValueError(f"{config.data}: no training images (split sizes {self.corpus.split_sizes()})")
+        if not self.val_split.records:
+            raise ValueError(f"{config.data}: no validation images; pass --val-data or use a data set with a val split")
+        self._cache_features()
+        self.optimizer = self._make_optimizer()
+        self.steps_per_epoch = max(
+            1,
+            math.ceil(
+                len(epoch_order(len(self.train_split.pairs), 0, 0, self.dist.rank, self.dist.world)) / config.batch_size
+            ),
+        )
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.amp_dtype = None
+        if config.amp and self.device.type == "cuda":
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.best_score, self.bad_epochs, self.best_metrics = -math.inf, 0, {}
+        if resume_state is not None:
+            self._restore(resume_state["training"])
+        self.module = self._wrap()
+        self.writer = self._tensorboard()
+
+    # -- setup helpers ----------------------------------------------------------------------------
+
+    def _seed(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed + self.dist.rank)
+
+    def _load_data(self) -> tuple[CaptionCorpus, CaptionCorpus]:
+        c = self.config
+        corpus = load_corpus(c.data, format=c.data_format, images_dir=c.images_dir)
+        if c.limit_images is not None:
+            corpus = corpus.subset(c.limit_images)
+        val = corpus
+        if c.val_data:
+            val = load_corpus(c.val_data, split="val") if str(c.val_data).endswith(".json") else load_corpus(c.val_data)
+            if c.limit_images is not None:
+                val = val.subset(c.limit_images)
+        if self.dist.main:
+            log.info("data: %s %s", corpus.source, corpus.split_sizes())
+        return corpus, val
+
+    def _resume_state(self) -> dict[str, Any] | None:
+        last = self.out / "last.pt"
+        if not self.config.resume:
+            return None
+        if not last.is_file():
+            log.warning("--resume: %s does not exist; starting a new run", last)
+            return None
+        state = load_checkpoint(last)
+        if not state.get("training"):
+            raise ValueError(f"{last} holds no training state to resume from")
+        return state
+
+    def _cache_features(self) -> None:
+        c = self.config
+        for split in (self.train_split, self.val_split):
+            # Rank 0 encodes; the others wait, then open the finished cache.
+            if self.dist.main:
+                split.features = build_feature_cache(
+                    self.model.encoder,
+                    split.paths,
+                    c.cache_dir,
+                    device=self.device,
+                    num_workers=c.num_workers,
+                    progress=c.progress,
+                )
+            self.dist.barrier()
+            if not self.dist.main:
+                split.features = build_feature_cache(
+                    self.model.encoder, split.paths, c.cache_dir, device=self.device, num_workers=0, progress=False
+                )
+            skip = set(split.features.failed)
+            split.pairs = _make_pairs(split.records, self.vocab, c.max_caption_words, skip)
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        decoder_params = [p for p in self.model.decoder.parameters()]
+        last_stage = [p for p in self.model.encoder._last_stage.parameters()]
+        return torch.optim.AdamW(
+            [
+                {"params": decoder_params, "lr": c.lr, "weight_decay": c.weight_decay},
+                {"params": last_stage, "lr": c.encoder_lr, "weight_decay": c.weight_decay},
+            ]
+        )
+
+    def _lr_factor(self, step: int) -> float:
+        c = self.config
+        if step < c.warmup_steps:
+            return (step + 1) / c.warmup_steps
+        if c.schedule == "constant":
+            return 1.0
+        if c.schedule == "step":
+            return c.step_gamma ** (step // (c.step_epochs * self.steps_per_epoch))
+        progress = (step - c.warmup_steps) / max(1, self.total_steps - c.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    def _wrap(self) -> nn.Module:
+        module: nn.Module = _TrainModule(self.model)
+        if self.config.compile:
+            module = torch.compile(module)
+        if self.dist.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            module = DistributedDataParallel(module, device_ids=ids)
+        return module
+
+    def _tensorboard(self):
+        if not self.dist.main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        return SummaryWriter(str(self.out / "tensorboard"))
+
+    # -- state --------------------------------------------------------------------------------------
+
+    def _finetuning(self, epoch: int) -> bool:
+        return self.config.finetune_after is not None and epoch >= self.config.finetune_after
+
+    def _training_state(self) -> dict[str, Any]:
+        return {
+            "config": dataclasses.asdict(self.config),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "best_score": self.best_score,
+            "bad_epochs": self.bad_epochs,
+            "best_metrics": self.best_metrics,
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step = state["global_step"]
+        self.best_score, self.bad_epochs = state["best_score"], state["bad_epochs"]
+        self.best_metrics = state.get("best_metrics", {})
+        torch.set_rng_state(state["rng_cpu"])
+        if state.get("rng_cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        if self._finetuning(self.epoch):
+            self._start_finetuning()
+        log.info("resumed from epoch %d step %d (global step %d)", self.epoch, self.step_in_epoch, self.global_step)
+
+    def _metadata(self) -> dict[str, Any]:
+        return {
+            "training": {
+                "data": str(self.config.data),
+                "format": self.corpus.source,
+                "splits": self.corpus.split_sizes(),
+                "epochs_completed": self.epoch,
+                "steps": self.global_step,
+                "config": dataclasses.asdict(self.config),
+            },
+            "metrics": {"val": self.best_metrics},
+        }
+
+    def save_last(self) -> None:
+        if self.dist.main:
+            payload = self.model.state_payload(metadata=self._metadata())
+            payload["training"] = self._training_state()
+            save_checkpoint(self.out / "last.pt", payload)
+
+    def _save_best(self) -> None:
+        if self.dist.main:
+            self.model.save(self.out / "best.pt", half=self.config.half_checkpoint, metadata=self._metadata())
+
+    # -- loop ---------------------------------------------------------------------------------------
+
+    def _start_finetuning(self) -> None:
+        encoder = self.model.encoder
+        if not encoder.trainable:
+            encoder.trainable = True
+            encoder._last_stage.requires_grad_(True)
+            self.module = self._wrap() if hasattr(self, "module") else None
+            log.info("fine-tuning the encoder's last stage from epoch %d", self.epoch)
+
+    def _train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, bool]]:
+        c = self.config
+        split = self.train_split
+        order = epoch_order(len(split.pairs), c.seed, epoch, self.dist.rank, self.dist.world)
+        batches = _batches(order, c.batch_size)[self.step_in_epoch :]
+        if self._finetuning(epoch):
+            flat = [i for b in batches for i in b]
+            loader = DataLoader(
+                _ImagePairs(split, flat, self.model.encoder.preprocess),
+                batch_size=c.batch_size,
+                num_workers=c.num_workers,
+                collate_fn=_collate_pixels,
+                pin_memory=self.device.type == "cuda",
+            )
+            for pixels, captions in loader:
+                yield pixels, captions, True
+            return
+        for batch in batches:
+            rows = [split.pairs[i][0] for i in batch]
+            yield split.features.get(rows), _pad([split.pairs[i][1] for i in batch]), False
+
+    def train_step(self, inputs: torch.Tensor, captions: torch.Tensor, from_pixels: bool) -> float:
+        inputs = inputs.to(self.device, non_blocking=True)
+        captions = captions.to(self.device, non_blocking=True)
+        with torch.autocast(
+            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+        ):
+            logits, alphas = self.module(inputs if from_pixels else inputs.float(), captions, from_pixels)
+            loss = caption_loss(logits, alphas, captions, self.config)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        if self.config.grad_clip > 0:
+            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return float(loss.detach())
+
+    def fit(self) -> dict[str, Any]:
+        c = self.config
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(c), indent=2))
+            (self.out / "vocab.txt").write_text("\n".join(self.vocab.tokens) + "\n")
+        log.info(
+            "%d training captions over %d images, vocabulary %d, %d steps/epoch",
+            len(self.train_split.pairs),
+            len(self.train_split.records),
+            len(self.vocab),
+            self.steps_per_epoch,
+        )
+        stopped = "epochs"
+        while self.epoch < c.epochs:
+            if self._finetuning(self.epoch):
+                self._start_finetuning()
+            result = self._run_epoch()
+            if result == "max_steps":
+                stopped = "max_steps"
+                break
+            if self._end_epoch():
+                stopped = "early_stopping"
+                break
+        self._check_ranks_agree()
+        if self.writer is not None:
+            self.writer.close()
+        return {
+            "stopped": stopped,
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "best_score": self.best_score,
+            "best_metrics": self.best_metrics,
+        }
+
+    def _run_epoch(self) -> str:
+        c = self.config
+        self.module.train()
+        bar = _progress(self.steps_per_epoch, f"epoch {self.epoch + 1}/{c.epochs}", c.progress and self.dist.main)
+        bar.update(self.step_in_epoch)
+        start, seen, losses = time.perf_counter(), 0, []
+        for inputs, captions, from_pixels in self._train_batches(self.epoch):
+            loss = self.train_step(inputs, captions, from_pixels)
+            losses.append(loss)
+            seen += len(captions)
+            self.step_in_epoch += 1
+            self.global_step += 1
+            rate = seen * self.dist.world / (time.perf_counter() - start)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", captions_per_s=f"{rate:.0f}")
+            if self.global_step % 50 == 0:
+                self._log(
+                    {
+                        "step": self.global_step,
+                        "train_loss": loss,
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "captions_per_s": rate,
+                    }
+                )
+            if c.max_steps is not None and self.global_step >= c.max_steps:
+                bar.close()
+                self.save_last()
+                return "max_steps"
+            if self.global_step % c.checkpoint_every == 0:
+                self.save_last()
+        bar.close()
+        self.last_train_loss = float(np.mean(losses)) if losses else float("nan")
+        self.last_rate = seen * self.dist.world / max(time.perf_counter() - start, 1e-9)
+        return "done"
+
+    def _end_epoch(self) -> bool:
+        """Validate, log, checkpoint; returns True when early stopping says stop."""
+        c = self.config
+        metrics: dict[str, float] = {}
+        if self.dist.main:
+            metrics = self.evaluate_val()
+        stop = False
+        self.epoch += 1
+        self.step_in_epoch = 0
+        if self.dist.main:
+            score = metrics.get("CIDEr", -math.inf)
+            improved = score > self.best_score
+            if improved:
+                self.best_score, self.bad_epochs, self.best_metrics = score, 0, metrics
+            else:
+                self.bad_epochs += 1
+            stop = self.bad_epochs >= c.patience
+            self._log(
+                {
+                    "epoch": self.epoch,
+                    "step": self.global_step,
+                    "train_loss": self.last_train_loss,
+                    "captions_per_s": self.last_rate,
+                    **{f"val_{k}": v for k, v in metrics.items()},
+                    "best_CIDEr": self.best_score,
+                }
+            )
+            if improved:
+                self._save_best()
+            self.save_last()
+        if self.dist.world > 1:
+            flag = torch.tensor([int(stop)], device=self.device if self.device.type == "cuda" else "cpu")
+            dist.broadcast(flag, 0)
+            stop = bool(flag.item())
+        return stop
+
+    @torch.no_grad()
+    def evaluate_val(self) -> dict[str, float]:
+        """Validation loss (teacher forced) and caption metrics on the validation split."""
+        c = self.config
+        model = self.model.eval()
+        split = self.val_split
+        from_pixels = self.model.encoder.trainable
+        grids = self._val_grids(from_pixels)
+        total, count = 0.0, 0
+        by_row: dict[int, list[list[int]]] = {}
+        for row, ids in split.pairs:
+            by_row.setdefault(row, []).append(ids)
+        predictions: dict[str, str] = {}
+        options = DecodingOptions(
+            method="beam" if c.val_method == "beam" else "greedy",
+            beam_size=c.val_beam_size,
+            max_length=c.max_caption_words,
+        )
+        for rows, grid in grids:
+            grid = grid.to(self.device).float()
+            pairs = [(i, ids) for i, r in enumerate(rows) for ids in by_row.get(r, [])]
+            if pairs:
+                captions = _pad([ids for _, ids in pairs]).to(self.device)
+                logits, alphas = model.decoder(grid[[i for i, _ in pairs]], captions)
+                total += float(caption_loss(logits, alphas, captions, c)) * len(pairs)
+                count += len(pairs)
+            for r, hyps in zip(rows, decode(model.decoder, grid, options), strict=True):
+                if r in by_row:
+                    predictions[split.records[r].image_id] = self.vocab.decode(hyps[0].tokens)
+        references = {k: v for k, v in self.val_corpus_references().items() if k in predictions}
+        metrics = compute_metrics(predictions, references, java=False) if predictions else {}
+        metrics["loss"] = total / max(count, 1)
+        self.module.train()
+        return metrics
+
+    def val_corpus_references(self) -> dict[str, list[str]]:
+        return {r.image_id: list(r.captions) for r in self.val_split.records}
+
+    def _val_grids(self, from_pixels: bool) -> Iterator[tuple[list[int], torch.Tensor]]:
+        split, size = self.val_split, 256
+        if not from_pixels:
+            for start in range(0, len(split.records), size):
+                rows = list(range(start, min(start + size, len(split.records))))
+                yield rows, split.features.get(rows)
+            return
+        transform = build_transform(self.model.encoder.preprocess)
+        for start in range(0, len(split.records), 64):
+            rows = list(range(start, min(start + 64, len(split.records))))
+            pixels = []
+            for r in rows:
+                try:
+                    pixels.append(transform(load_image(split.records[r].path)))
+                except ImageError:
+                    pixels.append(
+                        torch.zeros(3, self.model.encoder.preprocess.crop, self.model.encoder.preprocess.crop)
+                    )
+            yield rows, self.model.encoder.forward_features(torch.stack(pixels).to(self.device))
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.dist.main:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, int | float) and key not in ("time", "step", "epoch"):
+                    self.writer.add_scalar(key, value, record.get("step", self.global_step))
+
+    def _check_ranks_agree(self) -> None:
+        """Under DDP every rank must end with the same weights; say so (or fail) in the log."""
+        if self.dist.world == 1:
+            return
+        flat = torch.cat([p.detach().double().flatten() for p in self.model.decoder.parameters()])
+        checksum = torch.stack([flat.sum(), (flat * flat).sum()])  # on the device the backend expects
+        gathered = [torch.zeros_like(checksum) for _ in range(self.dist.world)]
+        dist.all_gather(gathered, checksum)
+        if self.dist.main:
+            if not all(torch.equal(g, gathered[0]) for g in gathered):
+                raise RuntimeError(f"DDP ranks disagree on the final weights: {[g.tolist() for g in gathered]}")
+            self._log({"ddp_ranks": self.dist.world, "ranks_agree": True, "checksum": gathered[0].tolist()})
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Run training to the end (or early stopping / max_steps); returns a summary."""
+    trainer = Trainer(config)
+    try:
+        return trainer.fit()
+    finally:
+        if trainer.dist.world > 1:
+            dist.destroy_process_group()

@@ -1,0 +1,165 @@
+"""Encode every image once with the frozen encoder and keep the feature grids on disk.
+
+The cache lives at ``<cache_dir>/<fingerprint>/<list-hash>.npy`` (fp16, memory-mapped). The
+fingerprint covers the encoder's name, a hash of its weights and the preprocessing, so another
+encoder, other weights or other preprocessing never reuse stale features: they get a new folder.
+A build writes to a temporary file and renames it when complete, so an interrupted build leaves
+nothing that could be mistaken for a finished cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from captioner.encoders import ImageEncoder
+from captioner.transforms import ImageError, build_transform, load_image
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+
+
+def encoder_fingerprint(encoder: ImageEncoder) -> str:
+    """Hash of what determines the features: encoder name, its weights (all tensors) and preprocessing."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"v": CACHE_VERSION, "name": encoder.name, "pre": encoder.preprocess.to_dict()}).encode())
+    for key, tensor in sorted(encoder.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class ImageFiles(Dataset):
+    """Preprocessed images for the encoder; unreadable files give a zero image and ``ok=False``."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike], preprocess) -> None:
+        self.paths = [str(p) for p in paths]
+        self.transform = build_transform(preprocess)
+        self.size = preprocess.crop
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, bool, str]:
+        try:
+            return self.transform(load_image(self.paths[index])), True, ""
+        except ImageError as exc:  # reported by the builder, never raised inside a worker
+            return torch.zeros(3, self.size, self.size), False, str(exc)
+
+
+class FeatureStore:
+    """Read-only view of cached feature grids, indexed like the image list it was built from."""
+
+    def __init__(self, path: Path, paths: Sequence[str]) -> None:
+        self.path = path
+        self.array = np.load(path, mmap_mode="r")  # (N, C, h, w) float16
+        self.index = {p: i for i, p in enumerate(paths)}
+        meta = json.loads(path.with_suffix(".json").read_text())
+        self.failed: dict[str, str] = meta.get("failed", {})
+
+    def __len__(self) -> int:
+        return self.array.shape[0]
+
+    @property
+    def grid_shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape[1:])
+
+    def get(self, rows: Sequence[int] | np.ndarray) -> torch.Tensor:
+        rows = np.asarray(rows)
+        order = np.argsort(rows)  # sorted reads are kinder to the page cache
+        out = np.empty((len(rows), *self.array.shape[1:]), dtype=np.float16)
+        out[order] = self.array[rows[order]]
+        return torch.from_numpy(out)
+
+
+def build_feature_cache(
+    encoder: ImageEncoder,
+    paths: Sequence[str | os.PathLike],
+    cache_dir: str | os.PathLike,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+    num_workers: int = 2,
+    progress: bool = True,
+) -> FeatureStore:
+    """Return the cached features for ``paths``, encoding (batched, with workers) only when needed."""
+    paths = [str(p) for p in paths]
+    fingerprint = encoder_fingerprint(encoder)
+    list_hash = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
+    folder = Path(cache_dir) / f"{encoder.name}-{fingerprint}"
+    target = folder / f"{list_hash}.npy"
+    if target.is_file() and target.with_suffix(".json").is_file():
+        log.info("feature cache hit: %s (%d images)", target, len(paths))
+        return FeatureStore(target, paths)
+    folder.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    encoder = encoder.to(device).eval()
+    with torch.inference_mode():
+        probe = encoder.forward_features(
+            torch.zeros(1, 3, encoder.preprocess.crop, encoder.preprocess.crop, device=device)
+        )
+    shape = (len(paths), *probe.shape[1:])
+    tmp = folder / f".{list_hash}.{os.getpid()}.tmp.npy"
+    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+    loader = DataLoader(
+        ImageFiles(paths, encoder.preprocess),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    failed: dict[str, str] = {}
+    amp = device.type == "cuda"
+    start, row = time.perf_counter(), 0
+    bar = _progress(len(paths), f"encoding {len(paths)} images", progress)
+    try:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            for pixels, ok, errors in loader:
+                grid = encoder.forward_features(pixels.to(device, non_blocking=True))  # (B, C, h, w)
+                array[row : row + len(pixels)] = grid.float().cpu().numpy().astype(np.float16)
+                for i in torch.nonzero(~ok).flatten().tolist():
+                    failed[paths[row + i]] = errors[i]
+                row += len(pixels)
+                bar.update(len(pixels))
+        array.flush()
+        del array
+        seconds = time.perf_counter() - start
+        meta = {"encoder": encoder.identity(), "fingerprint": fingerprint, "count": len(paths), "shape": list(shape)}
+        meta.update(
+            failed=failed, seconds=round(seconds, 2), images_per_second=round(len(paths) / max(seconds, 1e-9), 1)
+        )
+        target.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, target)
+    finally:
+        bar.close()
+        tmp.unlink(missing_ok=True)
+    if failed:
+        first = "; ".join(f"{p}: {e}" for p, e in list(failed.items())[:3])
+        log.warning("%d of %d images could not be read and were skipped (first: %s)", len(failed), len(paths), first)
+    log.info("encoded %d images in %.1fs (%.1f images/s) -> %s", len(paths), seconds, len(paths) / seconds, target)
+    return FeatureStore(target, paths)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is an optional (train extra) dependency
+        enabled = False
+    if not enabled:
+
+        class _Silent:
+            def update(self, n: int) -> None: ...
+            def set_postfix(self, **kwargs) -> None: ...
+            def close(self) -> None: ...
+
+        return _Silent()
+    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
