@@ -62,7 +62,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for label, options in (
         ("greedy", DecodingOptions(method="greedy", max_length=args.max_length)),
-        (f"beam {args.beam_size}", DecodingOptions(method="beam", beam_size=args.beam_size, max_length=args.max_length)),
+        (
+            f"beam {args.beam_size}",
+            DecodingOptions(method="beam", beam_size=args.beam_size, max_length=args.max_length),
+        ),  # noqa: E501
     ):
         model.caption_pixels(pixels[:2], options)  # warm-up
         for scope, fn_batched, fn_single in (

@@ -110,6 +110,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, DataError, CheckpointError, EncoderWeightsError, FileNotFoundError)
 
 
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
 def train_main(argv: list[str] | None = None) -> int:
     _setup_logging()
     try:
@@ -118,7 +123,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
         summary = train(config)
     except _user_errors() as exc:
-        print(f"captioner-train: error: {str(exc).splitlines()[0] if str(exc) else exc!r}", file=sys.stderr)
+        print(f"captioner-train: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("captioner-train: interrupted; resume with --resume (last.pt holds the last saved step)", file=sys.stderr)
@@ -239,7 +244,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     try:
         report = evaluate(args)
     except _user_errors() as exc:
-        print(f"captioner-eval: error: {str(exc).splitlines()[0] if str(exc) else exc!r}", file=sys.stderr)
+        print(f"captioner-eval: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     from training.metrics import format_metrics
 

@@ -1,5 +1,6 @@
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 from captioner import Captioner
 from tests.helpers import make_flickr_folder, require_data
 from training.cli import eval_main, parse_train_config, train_main
-from training.engine import TrainConfig, epoch_order, train
+from training.engine import TrainConfig, epoch_batches, train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,9 +28,22 @@ def cache_dir(tmp_path_factory):
 
 def _config(data, out, cache, **overrides) -> TrainConfig:
     base = dict(
-        data=str(data), output_dir=str(out), cache_dir=str(cache), encoder="efficientnet_lite0",
-        embed_dim=32, hidden_dim=32, attention_dim=16, min_word_count=1, batch_size=16, lr=3e-3,
-        warmup_steps=2, epochs=3, num_workers=0, progress=False, dropout=0.1, device="cpu",
+        data=str(data),
+        output_dir=str(out),
+        cache_dir=str(cache),
+        encoder="efficientnet_lite0",
+        embed_dim=32,
+        hidden_dim=32,
+        attention_dim=16,
+        min_word_count=1,
+        batch_size=16,
+        lr=1e-2,
+        warmup_steps=2,
+        epochs=3,
+        num_workers=0,
+        progress=False,
+        dropout=0.1,
+        device="cpu",
     )
     base.update(overrides)
     return TrainConfig(**base)
@@ -40,9 +54,9 @@ def _log(out: Path) -> list[dict]:
 
 
 def test_loss_falls_and_the_checkpoint_captions(shapes, cache_dir, tmp_path):
-    summary = train(_config(shapes, tmp_path, cache_dir, epochs=6))
-    epochs = [r for r in _log(tmp_path) if "epoch" in r]
-    assert len(epochs) == 6
+    summary = train(_config(shapes, tmp_path, cache_dir, epochs=8))
+    epochs = [r for r in _log(tmp_path) if "val_loss" in r]
+    assert len(epochs) == 8
     assert epochs[-1]["train_loss"] < 0.6 * epochs[0]["train_loss"]
     assert epochs[-1]["val_loss"] < epochs[0]["val_loss"]
     assert summary["best_metrics"]["CIDEr"] > 0.5  # the shapes data set is easy once trained
@@ -59,7 +73,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(shapes, cache_di
     whole = tmp_path / "whole"
     train(_config(shapes, whole, cache_dir, epochs=2, attention=True))
     parts = tmp_path / "parts"
-    steps_per_epoch = -(-len(epoch_order(24 * 5, 0, 0, 0, 1)) // 16)
+    steps_per_epoch = len(epoch_batches([5] * 24 * 5, 16, seed=0, epoch=0))
     first = train(_config(shapes, parts, cache_dir, epochs=2, max_steps=steps_per_epoch + 3))  # killed mid-epoch 2
     assert first["stopped"] == "max_steps" and first["global_step"] == steps_per_epoch + 3
     second = train(_config(shapes, parts, cache_dir, epochs=2, resume=True))
@@ -103,16 +117,50 @@ def test_early_stopping_with_patience(shapes, cache_dir, tmp_path):
 def test_train_and_eval_clis(shapes, cache_dir, tmp_path, capsys):
     config = tmp_path / "config.yaml"
     config.write_text("encoder: efficientnet_lite0\nembed_dim: 16\nhidden_dim: 16\nattention_dim: 8\nepochs: 1\n")
-    argv = ["--config", str(config), "--data", str(shapes), "--output-dir", str(tmp_path / "run"), "--cache-dir",
-            str(cache_dir), "--min-word-count", "1", "--num-workers", "0", "--no-progress", "--device", "cpu"]
+    argv = [
+        "--config",
+        str(config),
+        "--data",
+        str(shapes),
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--cache-dir",
+        str(cache_dir),
+        "--min-word-count",
+        "1",
+        "--num-workers",
+        "0",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     resolved = parse_train_config([*argv, "--epochs", "2"])
     assert resolved.embed_dim == 16 and resolved.epochs == 2  # file sets, flags override
     assert train_main(argv) == 0
     assert json.loads((tmp_path / "run" / "config.json").read_text())["hidden_dim"] == 16
     out = tmp_path / "eval"
-    code = eval_main(["--checkpoint", str(tmp_path / "run" / "best.pt"), "--data", str(shapes), "--split", "test",
-                      "--method", "beam", "--beam-size", "3", "--out", str(out), "--cache-dir", str(cache_dir),
-                      "--no-progress", "--no-java", "--device", "cpu"])
+    code = eval_main(
+        [
+            "--checkpoint",
+            str(tmp_path / "run" / "best.pt"),
+            "--data",
+            str(shapes),
+            "--split",
+            "test",
+            "--method",
+            "beam",
+            "--beam-size",
+            "3",
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(cache_dir),
+            "--no-progress",
+            "--no-java",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "CIDEr" in printed and "BLEU-4" in printed
@@ -147,7 +195,7 @@ def test_unknown_config_keys_are_refused(tmp_path):
 def test_real_flickr8k_subset_trains(cache_dir, tmp_path):
     flickr = require_data("flickr8k")
     summary = train(_config(flickr, tmp_path, cache_dir, limit_images=48, epochs=3, attention=True))
-    epochs = [r for r in _log(tmp_path) if "epoch" in r]
+    epochs = [r for r in _log(tmp_path) if "val_loss" in r]
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
     assert summary["epoch"] == 3
     model = Captioner.from_checkpoint(tmp_path / "best.pt")
@@ -161,19 +209,67 @@ def test_real_coco_mini_trains(cache_dir, tmp_path):
     assert summary["epoch"] == 2 and (tmp_path / "best.pt").is_file()
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_ddp_two_processes_on_gloo_agree(shapes, cache_dir, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", "-m", "training",
-           "--data", str(shapes), "--output-dir", str(out), "--cache-dir", str(cache_dir), "--encoder",
-           "efficientnet_lite0", "--embed-dim", "16", "--hidden-dim", "16", "--attention-dim", "8", "--epochs", "2",
-           "--batch-size", "8", "--min-word-count", "1", "--num-workers", "0", "--no-progress", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        "-m",
+        "training",
+        "--data",
+        str(shapes),
+        "--output-dir",
+        str(out),
+        "--cache-dir",
+        str(cache_dir),
+        "--encoder",
+        "efficientnet_lite0",
+        "--embed-dim",
+        "16",
+        "--hidden-dim",
+        "16",
+        "--attention-dim",
+        "8",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--min-word-count",
+        "1",
+        "--num-workers",
+        "0",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = _log(out)
     agree = [r for r in records if "ranks_agree" in r]
     assert agree and agree[0]["ranks_agree"] is True and agree[0]["ddp_ranks"] == 2
-    epochs = [r for r in records if "epoch" in r]
+    epochs = [r for r in records if "val_loss" in r]
     assert len(epochs) == 2  # only rank 0 writes
-    # each rank took half of the 120 captions per epoch: 60 / 8 = 8 steps per epoch
+    # global batches of 2 x 8 captions: 7 full + one of 8 split 4/4 = 8 steps per epoch on each rank
     assert epochs[-1]["step"] == 16
+
+
+def test_epoch_batches_shard_evenly_and_bucket_by_length():
+    lengths = [i % 17 + 3 for i in range(1000)]
+    ranks = [epoch_batches(lengths, 32, seed=1, epoch=2, rank=r, world=3) for r in range(3)]
+    assert len({len(b) for b in ranks}) == 1  # same number of steps on every rank
+    flat = [i for b in ranks for batch in b for i in batch]
+    assert len(flat) == len(set(flat)) and len(flat) >= 1000 - 3 * 32
+    assert epoch_batches(lengths, 32, seed=1, epoch=2) == epoch_batches(lengths, 32, seed=1, epoch=2)
+    assert epoch_batches(lengths, 32, seed=1, epoch=2) != epoch_batches(lengths, 32, seed=1, epoch=3)
+    spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in ranks[0]]
+    assert sum(spread) / len(spread) < 4  # batches hold similar lengths (random batches: ~16)

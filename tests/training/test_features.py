@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -5,8 +7,8 @@ import torch
 from captioner.config import EncoderConfig
 from captioner.encoders import build_encoder
 from captioner.transforms import Preprocess, build_transform, load_image
-from training.features import build_feature_cache, encoder_fingerprint
 from tests.helpers import make_flickr_folder
+from training.features import build_feature_cache, encoder_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,7 @@ def test_fingerprint_changes_with_weights_and_preprocessing(images, tmp_path):
 
 def test_unreadable_images_are_reported_not_fatal(images, tmp_path):
     bad = tmp_path / "broken.jpg"
-    bad.write_bytes(open(images[0], "rb").read()[:200])
+    bad.write_bytes(Path(images[0]).read_bytes()[:200])
     missing = str(tmp_path / "missing.jpg")
     store = build_feature_cache(_encoder(), [images[0], str(bad), missing], tmp_path / "cache", num_workers=2,
                                 progress=False)

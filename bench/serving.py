@@ -1,0 +1,249 @@
+"""Serving benchmark: the real ``captioner-serve`` on loopback versus the bare model, in one run.
+
+For one image, the bare encoder + decoder time (``Captioner.caption_pixels`` on an already preprocessed
+tensor) is measured in this process first. Then the server is started twice, with micro-batching and
+without it (``CAPTIONER_MAX_BATCH_SIZE=1``), one at a time so they never share the CPU, and driven over
+HTTP at concurrency 1, 8 and 32 with real photos. Prints a table and the two goal ratios:
+
+    p50 latency at concurrency 1            <= 1.15 x bare model time
+    throughput at concurrency 8, batching   >= 1.3 x throughput without it
+
+Usage::
+
+    python bench/serving.py --checkpoint runs/best.pt            # default: the bundled model
+    python bench/serving.py --checkpoint tiny.pt --requests 64 --method greedy
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import torch
+
+from captioner.decoding import DecodingOptions
+from captioner.model import DEFAULT_CHECKPOINT, Captioner
+from captioner.transforms import load_image
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "coco-mini" / "train2017"
+_LISTENING = re.compile(r"Uvicorn running on (http://127\.0\.0\.1:\d+)")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("bench/serving.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, default=None, help="default: the bundled model")
+    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of JPEG photos")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--method", default="beam", choices=["greedy", "beam", "sample"])
+    parser.add_argument("--requests", type=int, default=96, help="timed requests per concurrency level")
+    parser.add_argument("--bare-runs", type=int, default=30, help="timed runs of the bare model")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--max-batch-size", type=int, default=32, help="the micro-batching server's limit")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="the micro-batching server's wait")
+    return parser
+
+
+@dataclass
+class Level:
+    setting: str
+    concurrency: int
+    latencies_ms: list[float]
+    seconds: float
+    batch_sizes: list[int]
+    model_ms: list[float]  # the server's own encoder + decoder time for each request's batch
+
+    @property
+    def throughput(self) -> float:
+        return len(self.latencies_ms) / self.seconds
+
+    def percentile(self, q: float) -> float:
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def _median_ms(fn, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - started) * 1000.0)
+    return statistics.median(times)
+
+
+def measure_bare(checkpoint: Path | None, device: str, image: bytes, options: DecodingOptions, runs: int) -> dict:
+    """Median ms of encoder + decoder for one preprocessed image, and of the preprocessing itself."""
+    model = Captioner.from_checkpoint(checkpoint, device=device)
+    pixels = model.preprocess([image])  # (1, 3, S, S)
+
+    def run_model() -> None:
+        model.caption_pixels(pixels, options)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(5):
+        run_model()
+    result = {
+        "model_ms": _median_ms(run_model, runs),
+        "preprocess_ms": _median_ms(lambda: model.preprocess([load_image(image)]), runs),
+    }
+    return result
+
+
+class Server:
+    """``python -m service.cli --port 0`` with the given CAPTIONER_* environment."""
+
+    def __init__(self, checkpoint: Path | None, device: str, env: dict[str, str]) -> None:
+        args = [sys.executable, "-m", "service.cli", "--host", "127.0.0.1", "--port", "0", "--no-access-log"]
+        args += ["--device", device]
+        if checkpoint is not None:
+            args += ["--checkpoint", str(checkpoint)]
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")}
+        self.process = subprocess.Popen(
+            args, cwd=ROOT, env={**environ, **env, "PYTHONUNBUFFERED": "1"}, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        self.url: str | None = None
+        self.log: list[str] = []
+        threading.Thread(target=self._collect, daemon=True).start()
+
+    def _collect(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.log.append(line)
+            match = _LISTENING.search(line)
+            if match:
+                self.url = match.group(1)
+
+    def wait_ready(self, timeout: float = 120.0) -> str:
+        deadline = time.monotonic() + timeout
+        while self.url is None:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("captioner-serve did not start:\n" + "".join(self.log))
+            time.sleep(0.05)
+        return self.url
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+async def drive(url: str, photos: list[tuple[str, bytes]], params: dict, concurrency: int, total: int) -> Level:
+    """``total`` requests from ``concurrency`` clients, each sending its next request when answered."""
+    latencies: list[float] = []
+    batch_sizes: list[int] = []
+    model_ms: list[float] = []
+    counter = iter(range(total))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+
+        async def worker() -> None:
+            for i in counter:
+                name, data = photos[i % len(photos)]
+                started = time.perf_counter()
+                response = await client.post("/caption", params=params, files={"image": (name, data, "image/jpeg")})
+                latencies.append((time.perf_counter() - started) * 1000.0)
+                response.raise_for_status()
+                timing = response.json()["timing"]
+                batch_sizes.append(timing["batch_size"])
+                model_ms.append(timing["model_ms"])
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - started
+    return Level("", concurrency, latencies, seconds, batch_sizes, model_ms)
+
+
+def bench_server(
+    setting: str, env: dict[str, str], args: argparse.Namespace, photos: list[tuple[str, bytes]], params: dict
+) -> list[Level]:
+    server = Server(args.checkpoint, args.device, env)
+    try:
+        url = server.wait_ready()
+        levels = []
+        for concurrency in args.concurrency:
+            asyncio.run(drive(url, photos, params, concurrency, max(2 * concurrency, 8)))  # warm-up
+            total = args.requests if concurrency > 1 else max(args.requests // 2, 20)
+            level = asyncio.run(drive(url, photos, params, concurrency, total))
+            level.setting = setting
+            levels.append(level)
+        return levels
+    finally:
+        server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if args.checkpoint is None and not DEFAULT_CHECKPOINT.is_file():
+        raise SystemExit("no bundled default model yet: pass --checkpoint PATH")
+    files = sorted(args.images.glob("*.jpg"))[:32]
+    if not files:
+        raise SystemExit(f"no JPEG photos in {args.images} (pass --images DIR)")
+    photos = [(p.name, p.read_bytes()) for p in files]
+    options = DecodingOptions(method=args.method)
+    params = {"method": args.method}
+
+    # The bare model is timed before, between and after the two servers and the fastest median kept,
+    # so a burst of background load on a shared machine cannot flatter the server's ratio.
+    load_before = os.getloadavg()[0]
+    bares = [measure_bare(args.checkpoint, args.device, photos[0][1], options, args.bare_runs)]
+    batching = {"CAPTIONER_MAX_BATCH_SIZE": str(args.max_batch_size), "CAPTIONER_MAX_WAIT_MS": str(args.max_wait_ms)}
+    levels = bench_server("micro-batching", batching, args, photos, params)
+    bares.append(measure_bare(args.checkpoint, args.device, photos[0][1], options, args.bare_runs))
+    levels += bench_server("no batching", {"CAPTIONER_MAX_BATCH_SIZE": "1"}, args, photos, params)
+    bares.append(measure_bare(args.checkpoint, args.device, photos[0][1], options, args.bare_runs))
+    bare = min(bares, key=lambda b: b["model_ms"])
+
+    print(f"\ncheckpoint: {args.checkpoint or DEFAULT_CHECKPOINT}   device: {args.device}   method: {args.method}")
+    print(f"torch threads: {torch.get_num_threads()}   CPUs: {os.cpu_count()}   photos: {len(photos)} ({args.images})")
+    header = (
+        f"| {'setting':<28} | {'conc.':>5} | {'requests':>8} | {'p50 ms':>8} | {'p95 ms':>8} | {'req/s':>7} "
+        f"| {'mean batch':>10} | {'model ms/batch':>14} |"
+    )
+    print(header)
+    print("|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|")
+    for name, ms in (("bare model, 1 image", bare["model_ms"]),
+                     ("bare model + preprocessing", bare["model_ms"] + bare["preprocess_ms"])):
+        print(f"| {name:<28} | {1:>5} | {args.bare_runs:>8} | {ms:>8.1f} | {'':>8} | {1000.0 / ms:>7.1f} "
+              f"| {1:>10} | {bare['model_ms']:>14.1f} |")
+    for level in levels:
+        print(f"| {'server, ' + level.setting:<28} | {level.concurrency:>5} | {len(level.latencies_ms):>8} | "
+              f"{level.percentile(50):>8.1f} | {level.percentile(95):>8.1f} | {level.throughput:>7.1f} | "
+              f"{statistics.mean(level.batch_sizes):>10.2f} | {statistics.median(level.model_ms):>14.1f} |")
+    medians = ", ".join(f"{b['model_ms']:.1f}" for b in bares)
+    print(f"bare model medians before / between / after the servers: {medians} ms (the fastest is used)")
+    print(f"1-minute load average: {load_before:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
+
+    def find(setting: str, concurrency: int) -> Level | None:
+        return next((lv for lv in levels if lv.setting == setting and lv.concurrency == concurrency), None)
+
+    single, with8, without8 = find("micro-batching", 1), find("micro-batching", 8), find("no batching", 8)
+    print()
+    if single is not None:
+        ratio = single.percentile(50) / bare["model_ms"]
+        verdict = "met" if ratio <= 1.15 else "NOT met"
+        print(f"p50 at concurrency 1 / bare model time: {ratio:.2f}x   (goal <= 1.15x: {verdict})")
+    if with8 is not None and without8 is not None:
+        ratio = with8.throughput / without8.throughput
+        verdict = "met" if ratio >= 1.3 else "NOT met"
+        print(f"throughput at concurrency 8, batching / none: {ratio:.2f}x   (goal >= 1.3x: {verdict})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

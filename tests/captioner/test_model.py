@@ -1,0 +1,49 @@
+import itertools
+
+import pytest
+import torch
+
+from captioner import Captioner, DecodingOptions, EncoderConfig
+from tests.helpers import tiny_vocab
+
+ENCODERS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "efficientnet_lite0", "efficientnet_lite2"]
+
+
+# Every encoder with attention (which reads the whole grid); without attention on the light ones.
+@pytest.mark.parametrize(
+    ("encoder", "attention"), [(e, True) for e in ENCODERS] + [("resnet18", False), ("efficientnet_lite0", False)]
+)
+def test_every_encoder_with_and_without_attention(encoder, attention):
+    weights = "imagenet" if encoder.startswith("efficientnet") else None
+    model = Captioner.build(EncoderConfig(encoder, weights=weights), tiny_vocab(), embed_dim=8, hidden_dim=8,
+                            attention=attention, attention_dim=8, cell="lstm").eval()
+    pixels = torch.randn(2, 3, 96, 96)
+    grid = model.encode(pixels)
+    assert grid.shape[:2] == (2, model.encoder.feature_dim)
+    results = model.caption_pixels(pixels, DecodingOptions(method="beam", beam_size=2, num_captions=2, max_length=4))
+    assert len(results) == 2 and all(len(r.captions) == 2 for r in results)
+    assert (results[0].attention_shape is not None) == attention
+    for caption in results[0].captions:
+        assert len(caption.tokens) <= 4
+        assert caption.text == " ".join(caption.tokens)
+
+
+@pytest.mark.parametrize(("cell", "attention"), list(itertools.product(["lstm", "gru", "rnn"], [False, True])))
+def test_every_cell_captions_end_to_end(cell, attention):
+    model = Captioner.build(EncoderConfig("resnet18", weights=None), tiny_vocab(), embed_dim=8, hidden_dim=8,
+                            attention=attention, attention_dim=8, cell=cell, num_layers=2).eval()
+    for method in ("greedy", "sample", "beam"):
+        result = model.caption_pixels(torch.randn(3, 3, 64, 64), DecodingOptions(method=method, seed=0, max_length=5))
+        assert len(result) == 3
+
+
+def test_mismatched_parts_are_refused():
+    from captioner.config import DecoderConfig
+    from captioner.decoder import CaptionDecoder
+    from captioner.encoders import build_encoder
+
+    encoder = build_encoder(EncoderConfig("resnet18", weights=None))
+    with pytest.raises(ValueError, match="vocab_size"):
+        Captioner(encoder, CaptionDecoder(DecoderConfig(vocab_size=99, feature_dim=512)), tiny_vocab())
+    with pytest.raises(ValueError, match="feature_dim"):
+        Captioner(encoder, CaptionDecoder(DecoderConfig(vocab_size=len(tiny_vocab()), feature_dim=64)), tiny_vocab())
