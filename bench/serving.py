@@ -52,6 +52,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-batch-size", type=int, default=32, help="the micro-batching server's limit")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="the micro-batching server's wait")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch threads for the bare model and the servers (OMP_NUM_THREADS); default: torch's choice. "
+        "1 gives steadier numbers on a machine shared with other CPU-heavy work",
+    )
     return parser
 
 
@@ -104,12 +109,14 @@ def measure_bare(checkpoint: Path | None, device: str, image: bytes, options: De
 class Server:
     """``python -m service.cli --port 0`` with the given CAPTIONER_* environment."""
 
-    def __init__(self, checkpoint: Path | None, device: str, env: dict[str, str]) -> None:
+    def __init__(self, checkpoint: Path | None, device: str, env: dict[str, str], threads: int | None) -> None:
         args = [sys.executable, "-m", "service.cli", "--host", "127.0.0.1", "--port", "0", "--no-access-log"]
         args += ["--device", device]
         if checkpoint is not None:
             args += ["--checkpoint", str(checkpoint)]
         environ = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")}
+        if threads is not None:
+            environ["OMP_NUM_THREADS"] = str(threads)
         self.process = subprocess.Popen(
             args, cwd=ROOT, env={**environ, **env, "PYTHONUNBUFFERED": "1"}, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -172,7 +179,7 @@ async def drive(url: str, photos: list[tuple[str, bytes]], params: dict, concurr
 def bench_server(
     setting: str, env: dict[str, str], args: argparse.Namespace, photos: list[tuple[str, bytes]], params: dict
 ) -> list[Level]:
-    server = Server(args.checkpoint, args.device, env)
+    server = Server(args.checkpoint, args.device, env, args.threads)
     try:
         url = server.wait_ready()
         levels = []
@@ -189,6 +196,8 @@ def bench_server(
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.checkpoint is None and not DEFAULT_CHECKPOINT.is_file():
         raise SystemExit("no bundled default model yet: pass --checkpoint PATH")
     files = sorted(args.images.glob("*.jpg"))[:32]

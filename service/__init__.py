@@ -1,0 +1,1 @@
+"""The FastAPI service: ``create_app(settings)`` in :mod:`service.app`, ``captioner-serve`` in :mod:`service.cli`."""

@@ -210,7 +210,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             grid = store.get(rows).to(model.device).float()
             for row, hyps in zip(rows, decode(model.decoder, grid, options), strict=True):
                 predictions[records[row].image_id] = model.vocab.decode(hyps[0].tokens)
-        bar.update(args.batch_size)
+        bar.update(min(args.batch_size, len(records) - first))
     bar.close()
     seconds = time.perf_counter() - start
     references = {r.image_id: list(r.captions) for r in records if r.image_id in predictions}

@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -252,8 +253,15 @@ def test_ddp_two_processes_on_gloo_agree(shapes, cache_dir, tmp_path):
         "--device",
         "cpu",
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:  # a hang: take torchrun's workers down with it
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
     records = _log(out)
     agree = [r for r in records if "ranks_agree" in r]
     assert agree and agree[0]["ranks_agree"] is True and agree[0]["ddp_ranks"] == 2

@@ -1,0 +1,118 @@
+"""``create_app(settings)``: the FastAPI application; the model loads in the lifespan hook."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+
+from captioner import __version__
+from captioner.checkpoint import CheckpointError
+from captioner.decoding import DecodingOptions
+from captioner.encoders import EncoderWeightsError, file_sha256
+from captioner.model import DEFAULT_CHECKPOINT, Captioner
+from service.batching import MicroBatcher, ModelThread
+from service.deps import LoadedModel
+from service.errors import install_error_handlers
+from service.metrics import MetricsMiddleware, ServiceMetrics
+from service.routes import caption, health, model, web
+from service.routes.web import STATIC_DIR
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Caption images with a CNN encoder + recurrent decoder.
+
+`POST /caption` takes a multipart upload (field `image`) and decoding options as query parameters or
+form fields. Errors are always `{"error": {"code": ..., "message": ...}}`.
+"""
+
+
+class ModelLoadError(RuntimeError):
+    """The checkpoint could not be loaded; the message is one line saying why."""
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    """Load ``settings.checkpoint`` (unset: the bundled default model); raises :class:`ModelLoadError`."""
+    path = Path(settings.checkpoint) if settings.checkpoint is not None else DEFAULT_CHECKPOINT
+    try:
+        model = Captioner.from_checkpoint(settings.checkpoint, device=settings.device)
+    except (CheckpointError, EncoderWeightsError, ValueError) as exc:
+        hint = "" if settings.checkpoint is not None else " (set CAPTIONER_CHECKPOINT or pass --checkpoint)"
+        reason = " ".join(str(exc).split())  # one line, whatever the library's message looks like
+        raise ModelLoadError(f"cannot load the model: {reason}{hint}") from exc
+    sha256 = file_sha256(path)
+    return LoadedModel(model, f"{path.stem}-{sha256[:12]}", str(path), sha256)
+
+
+def _warm_up(model: Captioner) -> None:
+    """One tiny batch, so the first real request does not pay for kernel selection and allocations."""
+    crop = model.preprocess_config.crop
+    model.caption([Image.new("RGB", (crop, crop))], DecodingOptions(method="greedy", max_length=2))
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    thread = ModelThread()  # loading and warm-up happen on it too: torch never runs on another thread
+    try:
+        loaded = await thread.run(load_model, settings)
+        await thread.run(_warm_up, loaded.model)
+    except BaseException as exc:
+        if isinstance(exc, ModelLoadError):
+            app.state.startup_error = str(exc)  # captioner-serve prints this line instead of a traceback
+        await thread.close()
+        raise
+    metrics: ServiceMetrics = app.state.metrics
+    batcher = MicroBatcher(
+        loaded.model,
+        thread,
+        max_batch_size=settings.max_batch_size,
+        max_wait_ms=settings.max_wait_ms,
+        on_batch=metrics.observe_batch,
+    )
+    await batcher.start()
+    app.state.decode_limiter = anyio.CapacityLimiter(settings.decode_threads)
+    app.state.batcher = batcher
+    app.state.loaded = loaded
+    log.info("serving %s from %s on %s", loaded.id, loaded.checkpoint, loaded.model.device)
+    try:
+        yield
+    finally:
+        app.state.loaded = None
+        await batcher.stop()
+        await thread.close()
+        app.state.batcher = None
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The service; ``settings`` default to the ``CAPTIONER_*`` environment."""
+    settings = settings if settings is not None else Settings()
+    app = FastAPI(title="captioner", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.loaded = None
+    app.state.batcher = None
+    app.state.startup_error = None
+    app.state.metrics = ServiceMetrics()
+    install_error_handlers(app)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-API-Key"],
+        )
+    app.include_router(health.router)
+    app.include_router(model.router)
+    app.include_router(caption.router)
+    app.include_router(web.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app

@@ -1,0 +1,189 @@
+"""``POST /caption``: one uploaded image in, its captions out, through the micro-batcher."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Request
+from PIL import Image
+from pydantic import ValidationError
+
+from captioner.model import CaptionResult
+from captioner.transforms import ImageError, Preprocess, load_image
+from service.batching import BatcherStopped
+from service.deps import ApiKeyDep, BatcherDep, LoadedDep, SettingsDep
+from service.errors import ApiError, describe_validation_errors, image_error
+from service.schemas import (
+    AppliedOptions,
+    AttentionRegion,
+    CaptionOptions,
+    CaptionOut,
+    CaptionResponse,
+    ErrorResponse,
+    ImageInfo,
+    Timing,
+)
+from service.uploads import Form, read_form
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["caption"], dependencies=[ApiKeyDep])
+
+IMAGE_FIELD = "image"
+
+
+def _openapi_extra() -> dict[str, Any]:
+    """The multipart body and query parameters, read by hand (never spooled to disk), documented here."""
+    properties = CaptionOptions.model_json_schema()["properties"]
+    parameters = [
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "description": prop.get("description", ""),
+            "schema": {k: v for k, v in prop.items() if k not in ("title", "description")},
+        }
+        for name, prop in properties.items()
+    ]
+    form_properties = {
+        IMAGE_FIELD: {
+            "type": "string",
+            "format": "binary",
+            "description": "the image (JPEG, PNG, GIF, WebP, BMP or TIFF); never written to disk",
+        },
+        **properties,
+    }
+    return {
+        "parameters": parameters,
+        "requestBody": {
+            "required": True,
+            "description": "multipart/form-data: the image in field `image`; options may also be form fields "
+            "(a form field overrides the query parameter of the same name)",
+            "content": {
+                "multipart/form-data": {
+                    "schema": {"type": "object", "required": [IMAGE_FIELD], "properties": form_properties}
+                }
+            },
+        },
+    }
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "empty body, missing `image` field, unreadable or corrupt image"},
+    401: {"model": ErrorResponse, "description": "missing or invalid API key (when keys are configured)"},
+    413: {"model": ErrorResponse, "description": "upload over the byte limit, or image over the pixel limit"},
+    415: {"model": ErrorResponse, "description": "not multipart/form-data, or not a supported image format"},
+    422: {"model": ErrorResponse, "description": "an option outside its valid range (the message names it)"},
+    503: {"model": ErrorResponse, "description": "the model is not loaded"},
+}
+
+
+@router.post(
+    "/caption",
+    response_model=CaptionResponse,
+    summary="Caption an uploaded image",
+    responses=_ERRORS,
+    openapi_extra=_openapi_extra(),
+)
+async def caption(request: Request, loaded: LoadedDep, batcher: BatcherDep, settings: SettingsDep) -> CaptionResponse:
+    started = time.perf_counter()
+    with batcher.expecting():
+        form = await read_form(request, max_file_bytes=settings.max_upload_bytes)
+        params = _parse_options(request.query_params, form.fields)
+        try:
+            options = params.decoding_options()
+        except ValueError as exc:
+            raise ApiError(422, "invalid_option", str(exc)) from None
+        data = _image_bytes(form)
+        del form  # from here on only the decoded image is kept
+        decode_started = time.perf_counter()
+        image = await anyio.to_thread.run_sync(
+            _decode, data, settings.max_image_pixels, limiter=request.app.state.decode_limiter
+        )
+        decode_ms = (time.perf_counter() - decode_started) * 1000.0
+        del data
+    width, height = image.size
+    try:
+        result, batch = await batcher.submit(image, options)
+    except BatcherStopped as exc:
+        raise ApiError(503, "not_ready", str(exc)) from None
+
+    with_attention = params.attention and result.attention_shape is not None
+    return CaptionResponse(
+        captions=_captions(result, with_attention),
+        options=AppliedOptions(**options.to_dict(), attention=params.attention),
+        model_id=loaded.id,
+        image=ImageInfo(width=width, height=height),
+        attention_shape=list(result.attention_shape) if with_attention else None,
+        attention_region=_crop_region(width, height, loaded.model.preprocess_config)
+        if with_attention
+        else None,
+        timing=Timing(
+            total_ms=round((time.perf_counter() - started) * 1000.0, 3),
+            decode_ms=round(decode_ms, 3),
+            queue_ms=round(batch.queue_ms, 3),
+            model_ms=round(batch.model_ms, 3),
+            batch_size=batch.size,
+        ),
+    )
+
+
+def _parse_options(query: Mapping[str, str], fields: Mapping[str, str]) -> CaptionOptions:
+    try:
+        return CaptionOptions.model_validate({**query, **fields})
+    except ValidationError as exc:
+        raise ApiError(422, "invalid_option", describe_validation_errors(exc.errors())) from None
+
+
+def _image_bytes(form: Form) -> bytes:
+    if IMAGE_FIELD in form.files:
+        return form.files[IMAGE_FIELD]
+    if form.files:
+        got = ", ".join(repr(name) for name in form.files)
+        message = f"no file in field {IMAGE_FIELD!r} (got file field {got}); send the image as field {IMAGE_FIELD!r}"
+    else:
+        message = f"no image: send the image file in multipart field {IMAGE_FIELD!r}"
+    raise ApiError(400, "missing_image", message)
+
+
+def _decode(data: bytes, max_pixels: int) -> Image.Image:
+    """On a decode thread: the upload's bytes (in memory) to an upright RGB image, by the library's loader."""
+    try:
+        image = load_image(data, max_pixels=max_pixels)
+    except ImageError as exc:
+        raise image_error(exc) from None
+    except Exception as exc:  # image decoders fail in many ways on hostile input; a bad upload is never a 500
+        log.warning("image decoder raised %s: %s", exc.__class__.__name__, exc)
+        raise ApiError(400, "invalid_image", f"cannot decode image: {exc.__class__.__name__}: {exc}") from None
+    return image
+
+
+def _captions(result: CaptionResult, with_attention: bool) -> list[CaptionOut]:
+    return [
+        CaptionOut(
+            text=c.text,
+            tokens=c.tokens,
+            log_prob=c.log_prob,
+            score=c.score,
+            attention=[[round(w, 5) for w in row] for row in c.attention] if with_attention and c.attention else None,
+        )
+        for c in result.captions
+    ]
+
+
+def _crop_region(width: int, height: int, preprocess: Preprocess) -> AttentionRegion:
+    """Where the encoder's centre crop (which the attention grid covers) lies in the upright image."""
+    short = min(width, height)
+    scale = preprocess.resize / short
+    resized_w, resized_h = max(1, int(width * scale)), max(1, int(height * scale))
+    crop_w, crop_h = min(preprocess.crop, resized_w), min(preprocess.crop, resized_h)
+    return AttentionRegion(
+        left=(resized_w - crop_w) / 2 / resized_w,
+        top=(resized_h - crop_h) / 2 / resized_h,
+        width=crop_w / resized_w,
+        height=crop_h / resized_h,
+    )

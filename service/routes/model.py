@@ -1,0 +1,62 @@
+"""``GET /model``: what is being served, as recorded in its checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from fastapi import APIRouter
+
+from service.deps import ApiKeyDep, LoadedDep
+from service.schemas import EncoderInfo, ErrorResponse, ModelInfo
+
+router = APIRouter(tags=["model"], dependencies=[ApiKeyDep])
+
+_TRAINING_DATA_KEYS = ("training", "training_data", "data", "dataset")
+
+
+@router.get(
+    "/model",
+    response_model=ModelInfo,
+    summary="Encoder, decoder, vocabulary size, training data and metrics of the served checkpoint",
+    responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+)
+async def model_info(loaded: LoadedDep) -> ModelInfo:
+    model = loaded.model
+    config = model.config
+    metadata = _jsonable(model.metadata)
+    training_data = next((metadata[k] for k in _TRAINING_DATA_KEYS if k in metadata), None)
+    if isinstance(training_data, dict):  # the training engine's record: data, format, splits, epochs, config
+        training_data = {k: v for k, v in training_data.items() if k != "config"}  # the config stays in metadata
+    metrics = metadata.get("metrics")
+    return ModelInfo(
+        id=loaded.id,
+        checkpoint=loaded.checkpoint,
+        checkpoint_sha256=loaded.checkpoint_sha256,
+        encoder=EncoderInfo(
+            **model.encoder.identity(),
+            trainable=config.encoder.trainable,
+            feature_dim=model.encoder.feature_dim,
+            preprocess=model.preprocess_config.to_dict(),
+        ),
+        decoder=dataclasses.asdict(config.decoder) if config.decoder is not None else {},
+        vocab_size=len(model.vocab),
+        attention=bool(config.decoder is not None and config.decoder.attention),
+        parameters=sum(p.numel() for p in model.parameters()),
+        training_data=training_data,
+        metrics=metrics if isinstance(metrics, dict) else None,
+        metadata=metadata,
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    """Checkpoint metadata may hold tensors or tuples; turn them into JSON values."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if hasattr(value, "tolist"):  # tensors and numpy values
+        return _jsonable(value.tolist())
+    return str(value)

@@ -1,0 +1,40 @@
+"""Service settings, read from ``CAPTIONER_*`` environment variables (or passed in by tests/the CLI)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from captioner.transforms import DEFAULT_MAX_PIXELS
+
+
+class Settings(BaseSettings):
+    """Everything the service can be told; e.g. ``CAPTIONER_CHECKPOINT=/models/best.pt``."""
+
+    model_config = SettingsConfigDict(env_prefix="CAPTIONER_", extra="ignore", frozen=True)
+
+    checkpoint: Path | None = Field(None, description="checkpoint file; unset: the model bundled with captioner")
+    device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest accepted image file")
+    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="largest accepted width x height")
+    max_batch_size: int = Field(16, ge=1, le=1024, description="most requests run through the model together")
+    max_wait_ms: float = Field(
+        5.0, ge=0.0, le=10_000.0, description="how long a batch waits for requests that are already arriving"
+    )
+    decode_threads: int = Field(2, ge=1, le=64, description="threads decoding uploads (PIL; torch has its own)")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated; when set, /caption and /model need one of them"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated origins allowed by CORS ('*' for any)"
+    )
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value

@@ -1,0 +1,105 @@
+"""The web page in headless Chromium against the real server: choose or drop a photo, see its captions."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.service.images import data_dir, real_photos
+from tests.service.server import Server, running_server
+from tests.service.tiny_model import save_tiny_checkpoint
+
+pytestmark = pytest.mark.browser
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def photo() -> Path:
+    photos = real_photos()
+    if not photos:
+        pytest.skip(f"no real photos under {data_dir()} (set CAPTIONER_DATA_DIR to the shared data folder)")
+    return photos[0]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, browser: object) -> Iterator[Server]:
+    checkpoint = save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", attention=True)
+    with running_server(checkpoint) as running:
+        yield running
+
+
+def test_caption_a_photo_in_the_browser(photo: Path, browser, server: Server) -> None:
+    expect = sync_api.expect
+    page = browser.new_page()
+    page_errors: list[str] = []
+    outside: list[str] = []
+    page.on("pageerror", lambda error: page_errors.append(str(error)))
+    page.on(
+        "request",
+        lambda request: None if request.url.startswith((server.url, "blob:", "data:")) else outside.append(request.url),
+    )
+    page.goto(f"{server.url}/")
+
+    # Choose a file: it is previewed, then captioned with greedy decoding.
+    page.set_input_files("#file", str(photo))
+    expect(page.locator("#preview-box")).to_be_visible()
+    page.select_option("#method", "greedy")
+    page.click("#submit")
+    caption = page.locator("#captions .caption").first
+    expect(caption).to_be_visible(timeout=60_000)
+    assert caption.locator(".word").count() > 0
+    assert "score" in caption.locator(".score").inner_text()
+    expect(page.locator("#status")).to_contain_text("ms")
+
+    # Attention: hovering a word paints its heat map over the image.
+    caption.locator(".word").nth(1).hover()
+    expect(page.locator("#preview")).to_have_attribute("data-word", "1")
+
+    # Drag and drop the same photo, beam search with two captions this time.
+    encoded = base64.b64encode(photo.read_bytes()).decode()
+    transfer = page.evaluate_handle(
+        """(b64) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], "dropped.jpg", { type: "image/jpeg" }));
+            return transfer;
+        }""",
+        encoded,
+    )
+    page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+    expect(page.locator("#status")).to_contain_text("dropped.jpg")
+    page.select_option("#method", "beam")
+    page.fill("input[name=num_captions]", "2")
+    page.click("#submit")
+    expect(page.locator("#captions .caption")).to_have_count(2, timeout=60_000)
+
+    # An option out of range shows the server's message, naming the valid range.
+    page.fill("input[name=beam_size]", "99")
+    page.evaluate("document.querySelector('#options').noValidate = true")
+    page.click("#submit")
+    expect(page.locator("#status")).to_contain_text("beam_size must be an integer in [1, 20]")
+
+    assert not page_errors, page_errors
+    assert not outside, f"the page fetched from outside the server: {outside}"
+    page.close()

@@ -1,0 +1,88 @@
+"""Start the real ``captioner-serve`` process on a free loopback port and stop it again."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+_LISTENING = re.compile(r"Uvicorn running on (http://127\.0\.0\.1:\d+)")
+
+
+def serve_command() -> list[str]:
+    """The installed console script when there is one, else the module (from the project root)."""
+    script = shutil.which("captioner-serve", path=str(Path(sys.executable).parent))
+    return [script] if script else [sys.executable, "-m", "service.cli"]
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    url: str | None = None
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+
+def _clean_env(extra: dict[str, str] | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return {**env, **(extra or {})}
+
+
+def launch(args: list[str], env: dict[str, str] | None = None) -> Server:
+    """Start ``captioner-serve ARGS`` with its output collected line by line in the background."""
+    process = subprocess.Popen(
+        [*serve_command(), *args], cwd=ROOT, env=_clean_env(env), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    server = Server(process)
+
+    def collect() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            server.lines.append(line)
+            match = _LISTENING.search(line)
+            if match and server.url is None:
+                server.url = match.group(1)
+
+    threading.Thread(target=collect, daemon=True).start()
+    return server
+
+
+@contextmanager
+def running_server(checkpoint: Path, env: dict[str, str] | None = None, timeout: float = 120.0) -> Iterator[Server]:
+    """``captioner-serve --port 0`` (the OS picks a free port; the URL is read from uvicorn's log)."""
+    server = launch(["--host", "127.0.0.1", "--port", "0", "--checkpoint", str(checkpoint)], env)
+    try:
+        deadline = time.monotonic() + timeout
+        while server.url is None:
+            if server.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"captioner-serve did not start:\n{server.log}")
+            time.sleep(0.05)
+        yield server
+    finally:
+        stop(server)
+
+
+def stop(server: Server) -> int:
+    if server.process.poll() is None:
+        server.process.send_signal(signal.SIGINT)
+        try:
+            server.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait()
+    return server.process.returncode

@@ -1,0 +1,126 @@
+"""API keys, CORS and settings from the environment."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from captioner.model import DEFAULT_CHECKPOINT
+from service.app import ModelLoadError, create_app
+from service.settings import Settings
+from tests.service import images
+
+KEYS = ["key-one", "key-two"]
+
+
+@pytest.fixture(scope="module")
+def secured(tiny_checkpoint: Path) -> Iterator[TestClient]:
+    settings = Settings(checkpoint=tiny_checkpoint, api_keys=KEYS, cors_origins=["https://example.org"])
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def _post(client: TestClient, headers: dict[str, str] | None = None, **kwargs):
+    files = kwargs.pop("files", {"image": ("x.png", images.png(), "image/png")})
+    return client.post("/caption", params={"method": "greedy"}, files=files, headers=headers or {}, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic a2V5LW9uZQ=="}],
+    ids=["none", "wrong-header", "wrong-bearer", "basic"],
+)
+def test_requests_without_a_valid_key_get_401(secured: TestClient, headers: dict[str, str]) -> None:
+    for response in (_post(secured, headers), secured.get("/model", headers=headers)):
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "unauthorized"
+        assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_valid_keys_are_accepted(secured: TestClient) -> None:
+    assert _post(secured, {"X-API-Key": "key-one"}).status_code == 200
+    assert _post(secured, {"Authorization": "Bearer key-two"}).status_code == 200
+    assert secured.get("/model", headers={"X-API-Key": "key-two"}).status_code == 200
+
+
+def test_nothing_else_runs_without_a_key(secured: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No body is read, no option checked, no image decoded, nothing batched: 401 comes first."""
+    import service.routes.caption as caption_route
+
+    def never(*args, **kwargs):
+        raise AssertionError("ran without a valid API key")
+
+    monkeypatch.setattr(caption_route, "read_form", never)
+    monkeypatch.setattr(caption_route, "_decode", never)
+    monkeypatch.setattr(secured.app.state.batcher, "submit", never)
+    oversized = {"image": ("x.png", b"\0" * (Settings().max_upload_bytes + 1), "image/png")}
+    for response in (
+        _post(secured, files=oversized),
+        secured.post("/caption?beam_size=999", content=b"not multipart", headers={"content-type": "text/plain"}),
+    ):
+        assert response.status_code == 401
+
+
+def test_probes_metrics_and_page_stay_open(secured: TestClient) -> None:
+    for path in ("/health", "/ready", "/metrics", "/", "/openapi.json"):
+        assert secured.get(path).status_code == 200, path
+
+
+def test_cors(secured: TestClient) -> None:
+    preflight = secured.options(
+        "/caption",
+        headers={"Origin": "https://example.org", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "x-api-key"},
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "https://example.org"
+    other = secured.get("/health", headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CAPTIONER_CHECKPOINT", str(tmp_path / "m.pt"))
+    monkeypatch.setenv("CAPTIONER_DEVICE", "cpu")
+    monkeypatch.setenv("CAPTIONER_MAX_UPLOAD_BYTES", "12345")
+    monkeypatch.setenv("CAPTIONER_MAX_IMAGE_PIXELS", "1000000")
+    monkeypatch.setenv("CAPTIONER_MAX_BATCH_SIZE", "4")
+    monkeypatch.setenv("CAPTIONER_MAX_WAIT_MS", "2.5")
+    monkeypatch.setenv("CAPTIONER_API_KEYS", "a, b ,c")
+    monkeypatch.setenv("CAPTIONER_CORS_ORIGINS", "https://x.org,https://y.org")
+    settings = Settings()
+    assert settings.checkpoint == tmp_path / "m.pt"
+    assert (settings.max_upload_bytes, settings.max_image_pixels) == (12345, 1_000_000)
+    assert (settings.max_batch_size, settings.max_wait_ms) == (4, 2.5)
+    assert settings.api_keys == ["a", "b", "c"]
+    assert settings.cors_origins == ["https://x.org", "https://y.org"]
+    monkeypatch.setenv("CAPTIONER_MAX_BATCH_SIZE", "0")
+    with pytest.raises(ValueError, match="max_batch_size"):
+        Settings()
+
+
+def test_missing_checkpoint_fails_startup_with_one_line(tmp_path: Path) -> None:
+    app = create_app(Settings(checkpoint=tmp_path / "absent.pt"))
+    with pytest.raises(ModelLoadError) as failure, TestClient(app):
+        pass
+    message = str(failure.value)
+    assert "\n" not in message and "checkpoint not found" in message and "absent.pt" in message
+    assert app.state.startup_error == message
+
+
+@pytest.mark.skipif(DEFAULT_CHECKPOINT.is_file(), reason="a default model is bundled, so startup succeeds")
+def test_no_default_model_fails_startup_with_a_hint() -> None:
+    app = create_app(Settings(checkpoint=None))
+    with pytest.raises(ModelLoadError, match="CAPTIONER_CHECKPOINT or pass --checkpoint"), TestClient(app):
+        pass
+    assert TestClient(app).get("/ready").status_code == 503
+
+
+def test_corrupt_checkpoint_fails_startup(tmp_path: Path) -> None:
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(b"definitely not a torch file")
+    app = create_app(Settings(checkpoint=bad))
+    with pytest.raises(ModelLoadError, match="not a readable checkpoint"), TestClient(app):
+        pass

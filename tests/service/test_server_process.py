@@ -1,0 +1,94 @@
+"""The real server process: ``captioner-serve`` on a free loopback port, spoken to over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from service import cli
+from tests.service import images
+from tests.service.server import Server, running_server
+
+MAX_UPLOAD = 300_000
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint: Path) -> Iterator[Server]:
+    env = {"CAPTIONER_MAX_UPLOAD_BYTES": str(MAX_UPLOAD), "CAPTIONER_MAX_WAIT_MS": "1000"}
+    with running_server(tiny_checkpoint, env) as running:
+        yield running
+    assert running.process.returncode == 0, running.log
+    assert "Application shutdown complete" in running.log
+
+
+def _upload_bytes() -> tuple[str, bytes]:
+    photos = images.real_photos()
+    if photos and photos[0].stat().st_size < MAX_UPLOAD:
+        return photos[0].name, photos[0].read_bytes()
+    return "pattern.png", images.png(seed=42, width=320, height=240)
+
+
+def test_endpoints_over_http(server: Server) -> None:
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        assert client.get("/health").json() == {"status": "ok"}
+        ready = client.get("/ready").json()
+        assert ready["status"] == "ready"
+        assert client.get("/model").json()["id"] == ready["model_id"]
+        name, data = _upload_bytes()
+        response = client.post("/caption", params={"attention": "true"}, files={"image": (name, data, "image/jpeg")})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["model_id"] == ready["model_id"] and body["captions"][0]["attention"]
+        bad = client.post("/caption", files={"image": ("x.jpg", b"%PDF-1.4 not really", "image/jpeg")})
+        assert bad.status_code == 415 and bad.json()["error"]["code"] == "unsupported_image_format"
+        assert client.get("/health").status_code == 200
+        assert 'captioner_requests_total{method="POST",route="/caption",status="200"}' in client.get("/metrics").text
+        assert "captioner" in client.get("/").text
+
+
+def test_oversized_upload_is_refused_before_its_body_is_sent(server: Server) -> None:
+    """Only the headers go out; the 413 comes back without the server waiting for 100 MB."""
+    address = urlsplit(server.url)
+    with socket.create_connection((address.hostname, address.port), timeout=30) as conn:
+        conn.sendall(
+            b"POST /caption HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 100000000\r\n\r\n"
+        )
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+
+
+def test_concurrent_requests_share_batches(server: Server) -> None:
+    uploads = [images.png(seed=200 + i) for i in range(8)]
+
+    async def fire() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            return await asyncio.gather(
+                *(client.post("/caption", params={"method": "greedy"}, files={"image": ("x.png", d)}) for d in uploads)
+            )
+
+    responses = asyncio.run(fire())
+    assert all(r.status_code == 200 for r in responses)
+    assert max(r.json()["timing"]["batch_size"] for r in responses) > 1
+
+
+def test_missing_checkpoint_fails_at_start_with_one_line(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    """``captioner-serve`` itself (in this process, to save an interpreter start): a non-zero exit status
+    and one error line instead of a traceback."""
+    missing = tmp_path / "nowhere.pt"
+    assert cli.main(["--port", "0", "--checkpoint", str(missing), "--log-level", "warning"]) != 0
+    output = "".join(capfd.readouterr())
+    assert "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if "cannot load the model" in line]
+    assert len(errors) == 1 and f"checkpoint not found: {missing}" in errors[0], output
