@@ -66,9 +66,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
         data = torch.load(path, map_location=map_location, weights_only=True)
     except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise CheckpointError(
-            f"{path}: not a readable checkpoint (truncated or not a torch file: {reason})"
-        ) from exc
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or not a torch file: {reason})") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a captioner checkpoint (no '{FORMAT}' marker)")
     version = data.get("format_version")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 
@@ -18,9 +19,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     cap = sub.add_parser("caption", help="caption one or more images")
     cap.add_argument("images", nargs="+", metavar="IMG", help="image files (JPEG, PNG, GIF, WebP, ...)")
-    cap.add_argument(
-        "--checkpoint", default=None, help="model checkpoint (default: the bundled default model)"
-    )
+    cap.add_argument("--checkpoint", default=None, help="model checkpoint (default: the bundled default model)")
     cap.add_argument("--method", default="beam", choices=["greedy", "sample", "beam"])
     cap.add_argument("--beam-size", type=int, default=3)
     cap.add_argument("--length-penalty", type=float, default=0.0)
@@ -35,6 +34,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     cap.add_argument("--json", action="store_true", help="print one JSON document instead of text lines")
     info = sub.add_parser("info", help="describe a checkpoint")
     info.add_argument("checkpoint", nargs="?", default=None)
+    export = sub.add_parser("export", help="write a model-only copy of a checkpoint (drops optimizer state)")
+    export.add_argument("source", help="checkpoint to read (e.g. runs/x/best.pt or last.pt)")
+    export.add_argument("target", help="file to write")
+    export.add_argument("--half", action="store_true", help="store weights in fp16 (half the size)")
     return parser
 
 
@@ -51,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "info":
             model = Captioner.from_checkpoint(args.checkpoint)
             print(json.dumps(_describe(model), indent=2))
+            return 0
+        if args.command == "export":
+            Captioner.from_checkpoint(args.source).save(args.target, half=args.half)
+            print(f"wrote {args.target} ({os.path.getsize(args.target) / 1e6:.1f} MB)")
             return 0
         options = DecodingOptions(
             method=args.method,

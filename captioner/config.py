@@ -12,9 +12,7 @@ IMAGE_INPUTS = ("init", "first_word")
 @dataclass(frozen=True)
 class EncoderConfig:
     name: str = "resnet50"  # a key of captioner.encoders.ENCODERS
-    weights: str | None = (
-        "imagenet"  # "imagenet" (download / bundled package), a local state-dict path, or None
-    )
+    weights: str | None = "imagenet"  # "imagenet" (download / bundled package), a local state-dict path, or None
     trainable: bool = False  # fine-tune the last stage; everything else stays frozen
 
 
@@ -35,9 +33,7 @@ class DecoderConfig:
         if self.cell not in CELLS:
             raise ValueError(f"unknown cell {self.cell!r}; expected one of {', '.join(CELLS)}")
         if self.image_input not in IMAGE_INPUTS:
-            raise ValueError(
-                f"unknown image_input {self.image_input!r}; expected one of {', '.join(IMAGE_INPUTS)}"
-            )
+            raise ValueError(f"unknown image_input {self.image_input!r}; expected one of {', '.join(IMAGE_INPUTS)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         for name in ("vocab_size", "feature_dim", "embed_dim", "hidden_dim", "num_layers", "attention_dim"):

@@ -53,9 +53,7 @@ class DecodingOptions:
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if self.method == "greedy" and self.num_captions != 1:
-            raise ValueError(
-                "greedy decoding gives one caption per image; use method sample or beam for more"
-            )
+            raise ValueError("greedy decoding gives one caption per image; use method sample or beam for more")
         if self.method == "beam" and self.num_captions > self.beam_size:
             raise ValueError(f"num_captions must be <= beam_size ({self.beam_size}) for beam search")
 
@@ -114,9 +112,7 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = (
-            cum - sorted_logits.softmax(-1) >= top_p
-        )  # keep up to and including the word crossing top_p
+        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # keep up to and including the word crossing top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -170,9 +166,7 @@ def _until_eos(ids: list[int]) -> list[int]:
 
 
 @torch.inference_mode()
-def beam_search(
-    decoder: CaptionDecoder, grid: torch.Tensor, options: DecodingOptions
-) -> list[list[Hypothesis]]:
+def beam_search(decoder: CaptionDecoder, grid: torch.Tensor, options: DecodingOptions) -> list[list[Hypothesis]]:
     """Beam search over all images x beams at once, in one ``(B * K, ...)`` batch.
 
     A beam that has produced ``<end>`` stays in the beam with a frozen score (its only continuation is
@@ -212,9 +206,7 @@ def beam_search(
         if alpha is not None:
             step_att = alpha.float().index_select(0, source).unsqueeze(1)  # (B*K, 1, N)
             att_history = (
-                step_att
-                if att_history is None
-                else torch.cat([att_history.index_select(0, source), step_att], dim=1)
+                step_att if att_history is None else torch.cat([att_history.index_select(0, source), step_att], dim=1)
             )
         finished = was_finished | (tokens == eos)
         if bool(finished.all()):

@@ -51,20 +51,32 @@ class ImageEncoder(nn.Module):
         self.weights_sha256 = weights_sha256
         self.from_package = from_package  # weights re-creatable offline from an installed package
         self.trainable = trainable
-        self._last_stage = nn.ModuleList(last_stage)
+        # A plain tuple, not a ModuleList: the stage is already inside ``body``, and registering it twice
+        # would duplicate its weights in every state dict.
+        self._last_stage = tuple(last_stage)
         # channels-last is the fast layout for convolutions on both CPU (oneDNN) and CUDA tensor cores.
         self.body.to(memory_format=torch.channels_last)
         self.body.requires_grad_(False)
-        if trainable:
-            self._last_stage.requires_grad_(True)
+        self.set_trainable(trainable)
         self.train(False)
 
     def train(self, mode: bool = True) -> ImageEncoder:
         # Frozen layers keep their BatchNorm statistics: only a trainable last stage ever trains.
         super().train(False)
         if mode and self.trainable:
-            self._last_stage.train(True)
+            for module in self._last_stage:
+                module.train(True)
         return self
+
+    def set_trainable(self, trainable: bool) -> None:
+        """Unfreeze (or freeze) the last stage; the rest of the body always stays frozen."""
+        self.trainable = trainable
+        for module in self._last_stage:
+            module.requires_grad_(trainable)
+        self.train(self.training)
+
+    def last_stage_parameters(self) -> list[nn.Parameter]:
+        return [p for module in self._last_stage for p in module.parameters()]
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         return self._features(images.contiguous(memory_format=torch.channels_last))  # (B, C, h, w)
@@ -92,9 +104,7 @@ def _load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file; all mean the same to the user
-        raise EncoderWeightsError(
-            f"cannot load encoder weights from {path}: {exc.__class__.__name__}"
-        ) from exc
+        raise EncoderWeightsError(f"cannot load encoder weights from {path}: {exc.__class__.__name__}") from exc
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -146,7 +156,7 @@ def _resnet(name: str, config: EncoderConfig) -> ImageEncoder:
     return ImageEncoder(
         name=name,
         body=body,
-        features=body,
+        features=body.forward,
         last_stage=[body[-1]],  # layer4
         feature_dim=feature_dim,
         preprocess=Preprocess(resize=256, crop=224),

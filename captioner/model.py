@@ -60,13 +60,9 @@ class Captioner(nn.Module):
     ) -> None:
         super().__init__()
         if decoder.config.vocab_size != len(vocab):
-            raise ValueError(
-                f"decoder vocab_size {decoder.config.vocab_size} != vocabulary size {len(vocab)}"
-            )
+            raise ValueError(f"decoder vocab_size {decoder.config.vocab_size} != vocabulary size {len(vocab)}")
         if decoder.config.feature_dim != encoder.feature_dim:
-            raise ValueError(
-                f"decoder feature_dim {decoder.config.feature_dim} != encoder's {encoder.feature_dim}"
-            )
+            raise ValueError(f"decoder feature_dim {decoder.config.feature_dim} != encoder's {encoder.feature_dim}")
         self.encoder = encoder
         self.decoder = decoder
         self.vocab = vocab
@@ -79,9 +75,7 @@ class Captioner(nn.Module):
     def build(cls, encoder: EncoderConfig, vocab: Vocabulary, **decoder_kwargs: Any) -> Captioner:
         """A new (untrained) model: ``decoder_kwargs`` are :class:`DecoderConfig` fields."""
         enc = build_encoder(encoder)
-        dec = CaptionDecoder(
-            DecoderConfig(vocab_size=len(vocab), feature_dim=enc.feature_dim, **decoder_kwargs)
-        )
+        dec = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), feature_dim=enc.feature_dim, **decoder_kwargs))
         return cls(enc, dec, vocab)
 
     @property
@@ -153,22 +147,16 @@ class Captioner(nn.Module):
             "preprocess": self.encoder.preprocess.to_dict(),
             "encoder": self.encoder.identity(),
             "decoder_state": clean_state_dict(self.decoder.state_dict(), half=half),
-            "encoder_state": clean_state_dict(self.encoder.state_dict(), half=half)
-            if store_encoder
-            else None,
+            "encoder_state": clean_state_dict(self.encoder.state_dict(), half=half) if store_encoder else None,
             "metadata": {**self.metadata, **(metadata or {})},
         }
 
-    def save(
-        self, path: str | os.PathLike, *, half: bool = False, metadata: dict[str, Any] | None = None
-    ) -> None:
+    def save(self, path: str | os.PathLike, *, half: bool = False, metadata: dict[str, Any] | None = None) -> None:
         save_checkpoint(path, self.state_payload(half=half, metadata=metadata))
 
     # -- inference --------------------------------------------------------------------------------
 
-    def preprocess(
-        self, images: Sequence[ImageSource], *, max_pixels: int | None = DEFAULT_MAX_PIXELS
-    ) -> torch.Tensor:
+    def preprocess(self, images: Sequence[ImageSource], *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
         """Images -> pixel batch ``(B, 3, S, S)`` exactly as the model was trained on."""
         return torch.stack([self._transform(load_image(im, max_pixels=max_pixels)) for im in images])
 
@@ -188,8 +176,7 @@ class Captioner(nn.Module):
         grid = grid.to(self.device)
         shape = tuple(grid.shape[2:]) if self.decoder.config.attention else None
         return [
-            CaptionResult([self._to_caption(h) for h in hyps], shape)
-            for hyps in decode(self.decoder, grid, options)
+            CaptionResult([self._to_caption(h) for h in hyps], shape) for hyps in decode(self.decoder, grid, options)
         ]
 
     def caption(

@@ -81,9 +81,7 @@ def load_image(source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXE
     if width < 1 or height < 1:
         raise ImageError(f"image has no pixels ({width}x{height})")
     if max_pixels is not None and width * height > max_pixels:
-        raise ImageError(
-            f"image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}"
-        )
+        raise ImageError(f"image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}")
     try:
         if getattr(image, "is_animated", False):
             image.seek(0)

@@ -371,7 +371,7 @@ class Trainer:
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
         decoder_params = [p for p in self.model.decoder.parameters()]
-        last_stage = [p for p in self.model.encoder._last_stage.parameters()]
+        last_stage = self.model.encoder.last_stage_parameters()
         return torch.optim.AdamW(
             [
                 {"params": decoder_params, "lr": c.lr, "weight_decay": c.weight_decay},
@@ -472,8 +472,7 @@ class Trainer:
     def _start_finetuning(self) -> None:
         encoder = self.model.encoder
         if not encoder.trainable:
-            encoder.trainable = True
-            encoder._last_stage.requires_grad_(True)
+            encoder.set_trainable(True)
             self.module = self._wrap() if hasattr(self, "module") else None
             log.info("fine-tuning the encoder's last stage from epoch %d", self.epoch)
 

@@ -31,9 +31,7 @@ def test_save_load_gives_identical_captions(tmp_path, attention):
         a = model.caption(_images(), options)
         b = loaded.caption(_images(), options)
         assert [[c.text for c in r.captions] for r in a] == [[c.text for c in r.captions] for r in b]
-        assert [r.captions[0].log_prob for r in a] == pytest.approx(
-            [r.captions[0].log_prob for r in b], abs=1e-5
-        )
+        assert [r.captions[0].log_prob for r in a] == pytest.approx([r.captions[0].log_prob for r in b], abs=1e-5)
 
 
 def test_checkpoint_is_plain_data_for_weights_only_loading(tmp_path):

@@ -90,3 +90,17 @@ def test_info_describes_the_checkpoint(checkpoint, capsys):
     assert main(["info", str(checkpoint)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["encoder"]["name"] == "resnet18" and info["vocab_size"] > 4
+
+
+def test_export_writes_a_smaller_model_only_copy(checkpoint, images, tmp_path, capsys):
+    import torch
+
+    target = tmp_path / "exported.pt"
+    assert main(["export", str(checkpoint), str(target), "--half"]) == 0
+    data = torch.load(target, weights_only=True)
+    assert "training" not in data
+    assert data["decoder_state"]["head.weight"].dtype == torch.float16
+    assert target.stat().st_size < checkpoint.stat().st_size
+    capsys.readouterr()
+    assert main(["caption", images[0], "--checkpoint", str(target), "--method", "greedy"]) == 0
+    assert main(["export", str(tmp_path / "missing.pt"), str(tmp_path / "x.pt")]) == 2

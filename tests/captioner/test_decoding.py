@@ -66,9 +66,7 @@ def test_seeded_sampling_repeats_and_seeds_differ():
     again = [[h.tokens for h in hyps] for hyps in sample(model.decoder, grid, options)]
     other = [
         [h.tokens for h in hyps]
-        for hyps in sample(
-            model.decoder, grid, DecodingOptions(method="sample", num_captions=4, seed=8, max_length=10)
-        )
+        for hyps in sample(model.decoder, grid, DecodingOptions(method="sample", num_captions=4, seed=8, max_length=10))
     ]
     assert first == again
     assert first != other

@@ -44,9 +44,7 @@ def test_efficientnet_lite_loads_its_real_imagenet_weights(name, size, grid_side
 
 
 def test_unknown_encoder_lists_known_names():
-    with pytest.raises(
-        ValueError, match="unknown encoder 'vgg16'; expected one of resnet18.*efficientnet_lite2"
-    ):
+    with pytest.raises(ValueError, match="unknown encoder 'vgg16'; expected one of resnet18.*efficientnet_lite2"):
         build_encoder(EncoderConfig("vgg16"))
     assert set(RESNETS) | {"efficientnet_lite0", "efficientnet_lite2"} == set(ENCODERS)
 
@@ -93,6 +91,7 @@ def test_frozen_by_default_and_last_stage_trainable():
     assert trainable and all(n.startswith("body.7.") for n in trainable)  # layer4 only
     tuned.train()
     assert tuned.body[7].training and not tuned.body[1].training  # frozen BatchNorm stays in eval
+    assert all(k.startswith("body.") for k in tuned.state_dict())  # the last stage is not stored twice
     lite = build_encoder(EncoderConfig("efficientnet_lite0", weights="imagenet", trainable=True))
     names = {n for n, p in lite.named_parameters() if p.requires_grad}
     assert "body._conv_head.weight" in names and "body._conv_stem.weight" not in names

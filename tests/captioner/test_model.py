@@ -15,8 +15,15 @@ ENCODERS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "effic
 )
 def test_every_encoder_with_and_without_attention(encoder, attention):
     weights = "imagenet" if encoder.startswith("efficientnet") else None
-    model = Captioner.build(EncoderConfig(encoder, weights=weights), tiny_vocab(), embed_dim=8, hidden_dim=8,
-                            attention=attention, attention_dim=8, cell="lstm").eval()
+    model = Captioner.build(
+        EncoderConfig(encoder, weights=weights),
+        tiny_vocab(),
+        embed_dim=8,
+        hidden_dim=8,
+        attention=attention,
+        attention_dim=8,
+        cell="lstm",
+    ).eval()
     pixels = torch.randn(2, 3, 96, 96)
     grid = model.encode(pixels)
     assert grid.shape[:2] == (2, model.encoder.feature_dim)
@@ -30,8 +37,16 @@ def test_every_encoder_with_and_without_attention(encoder, attention):
 
 @pytest.mark.parametrize(("cell", "attention"), list(itertools.product(["lstm", "gru", "rnn"], [False, True])))
 def test_every_cell_captions_end_to_end(cell, attention):
-    model = Captioner.build(EncoderConfig("resnet18", weights=None), tiny_vocab(), embed_dim=8, hidden_dim=8,
-                            attention=attention, attention_dim=8, cell=cell, num_layers=2).eval()
+    model = Captioner.build(
+        EncoderConfig("resnet18", weights=None),
+        tiny_vocab(),
+        embed_dim=8,
+        hidden_dim=8,
+        attention=attention,
+        attention_dim=8,
+        cell=cell,
+        num_layers=2,
+    ).eval()
     for method in ("greedy", "sample", "beam"):
         result = model.caption_pixels(torch.randn(3, 3, 64, 64), DecodingOptions(method=method, seed=0, max_length=5))
         assert len(result) == 3

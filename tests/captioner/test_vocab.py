@@ -12,8 +12,7 @@ def test_build_respects_min_count_and_specials():
 def test_ids_are_deterministic_most_frequent_first():
     captions = ["b a", "a c", "c a b", "d"]
     assert (
-        Vocabulary.build(captions, min_count=1).tokens
-        == Vocabulary.build(list(reversed(captions)), min_count=1).tokens
+        Vocabulary.build(captions, min_count=1).tokens == Vocabulary.build(list(reversed(captions)), min_count=1).tokens
     )
     assert Vocabulary.build(captions, min_count=1).tokens[4] == "a"
 
