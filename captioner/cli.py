@@ -38,6 +38,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     export.add_argument("source", help="checkpoint to read (e.g. runs/x/best.pt or last.pt)")
     export.add_argument("target", help="file to write")
     export.add_argument("--half", action="store_true", help="store weights in fp16 (half the size)")
+    export.add_argument("--metadata", default=None, help="JSON file merged into the checkpoint's metadata")
     return parser
 
 
@@ -56,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(_describe(model), indent=2))
             return 0
         if args.command == "export":
-            Captioner.from_checkpoint(args.source).save(args.target, half=args.half)
+            model = Captioner.from_checkpoint(args.source)
+            if args.metadata:
+                model.metadata = _merge(model.metadata, _read_json_mapping(args.metadata))
+            model.save(args.target, half=args.half)
             print(f"wrote {args.target} ({os.path.getsize(args.target) / 1e6:.1f} MB)")
             return 0
         options = DecodingOptions(
@@ -99,6 +103,26 @@ def main(argv: list[str] | None = None) -> int:
         results.sort(key=lambda r: order[r["image"]])
         print(json.dumps({"options": options.to_dict(), "results": results}, indent=2))
     return 1 if failed else 0
+
+
+def _read_json_mapping(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read metadata {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: metadata must be a JSON object")
+    return data
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = (
+            _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
+    return merged
 
 
 def _caption_dict(caption) -> dict:

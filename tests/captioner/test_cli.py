@@ -96,9 +96,12 @@ def test_export_writes_a_smaller_model_only_copy(checkpoint, images, tmp_path, c
     import torch
 
     target = tmp_path / "exported.pt"
-    assert main(["export", str(checkpoint), str(target), "--half"]) == 0
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps({"metrics": {"test": {"CIDEr": 0.5}}}))
+    assert main(["export", str(checkpoint), str(target), "--half", "--metadata", str(extra)]) == 0
     data = torch.load(target, weights_only=True)
     assert "training" not in data
+    assert data["metadata"]["metrics"]["test"] == {"CIDEr": 0.5}
     assert data["decoder_state"]["head.weight"].dtype == torch.float16
     assert target.stat().st_size < checkpoint.stat().st_size
     capsys.readouterr()
