@@ -7,7 +7,31 @@ from captioner.model import DEFAULT_CHECKPOINT
 from captioner.text import tokenize
 from tests.helpers import require_data
 
-STOPWORDS = set("a an the of in on at to with and is are his her its their while for by from into".split())
+STOPWORDS = set(
+    [
+        "a",
+        "an",
+        "the",
+        "of",
+        "in",
+        "on",
+        "at",
+        "to",
+        "with",
+        "and",
+        "is",
+        "are",
+        "his",
+        "her",
+        "its",
+        "their",
+        "while",
+        "for",
+        "by",
+        "from",
+        "into",
+    ]
+)
 
 
 def test_default_model_is_bundled_and_small():
