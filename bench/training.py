@@ -13,18 +13,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-from torch import nn
+# Run as `python bench/training.py`, this folder comes first on sys.path and this file's name would
+# shadow the `training` package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from captioner.config import EncoderConfig
-from captioner.encoders import build_encoder
-from training.data import load_corpus
-from training.engine import TrainConfig, Trainer
-from training.features import build_feature_cache
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from captioner.config import EncoderConfig  # noqa: E402
+from captioner.encoders import build_encoder  # noqa: E402
+from training.data import load_corpus  # noqa: E402
+from training.engine import TrainConfig, Trainer  # noqa: E402
+from training.features import build_feature_cache  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
