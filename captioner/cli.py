@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -20,15 +21,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     cap = sub.add_parser("caption", help="caption one or more images")
     cap.add_argument("images", nargs="+", metavar="IMG", help="image files (JPEG, PNG, GIF, WebP, ...)")
     cap.add_argument("--checkpoint", default=None, help="model checkpoint (default: the bundled default model)")
-    cap.add_argument("--method", default="beam", choices=["greedy", "sample", "beam"])
-    cap.add_argument("--beam-size", type=int, default=3)
-    cap.add_argument("--length-penalty", type=float, default=0.0)
-    cap.add_argument("--temperature", type=float, default=1.0)
-    cap.add_argument("--top-k", type=int, default=0)
-    cap.add_argument("--top-p", type=float, default=1.0)
-    cap.add_argument("--num-captions", type=int, default=1)
-    cap.add_argument("--seed", type=int, default=None)
-    cap.add_argument("--max-length", type=int, default=20)
+    add_decoding_args(cap)
     cap.add_argument("--batch-size", type=int, default=32, help="images run through the model together")
     cap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     cap.add_argument("--json", action="store_true", help="print one JSON document instead of text lines")
@@ -40,6 +33,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     export.add_argument("--half", action="store_true", help="store weights in fp16 (half the size)")
     export.add_argument("--metadata", default=None, help="JSON file merged into the checkpoint's metadata")
     return parser
+
+
+def add_decoding_args(parser: argparse.ArgumentParser, *, seed: int | None = None) -> None:
+    """The decoding flags, shared by every command that captions (``captioner``, ``captioner-eval``)."""
+    parser.add_argument("--method", default="beam", choices=["greedy", "sample", "beam"])
+    parser.add_argument("--beam-size", type=int, default=3)
+    parser.add_argument("--length-penalty", type=float, default=0.0)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--num-captions", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=seed)
+    parser.add_argument("--max-length", type=int, default=20)
+
+
+def decoding_options_from_args(args: argparse.Namespace) -> DecodingOptions:
+    """Validated :class:`DecodingOptions` from the flags of :func:`add_decoding_args`."""
+    return DecodingOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DecodingOptions)})
 
 
 def _fail(message: str) -> int:
@@ -63,17 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             model.save(args.target, half=args.half)
             print(f"wrote {args.target} ({os.path.getsize(args.target) / 1e6:.1f} MB)")
             return 0
-        options = DecodingOptions(
-            method=args.method,
-            max_length=args.max_length,
-            beam_size=args.beam_size,
-            length_penalty=args.length_penalty,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            num_captions=args.num_captions,
-            seed=args.seed,
-        )
+        options = decoding_options_from_args(args)
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         model = Captioner.from_checkpoint(args.checkpoint, device=args.device)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from captioner.checkpoint import CheckpointError
+from captioner.cli import add_decoding_args, decoding_options_from_args
 from captioner.encoders import EncoderWeightsError
 
 log = logging.getLogger("training")
@@ -142,14 +143,7 @@ def get_eval_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", default="auto", choices=["auto", "coco", "karpathy", "flickr8k"])
     parser.add_argument("--images-dir", default=None)
     parser.add_argument("--split", default="test", help="train | val | test (a COCO file is its own split)")
-    parser.add_argument("--method", default="beam", choices=["greedy", "sample", "beam"])
-    parser.add_argument("--beam-size", type=int, default=3)
-    parser.add_argument("--length-penalty", type=float, default=0.0)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-length", type=int, default=20)
+    add_decoding_args(parser, seed=0)  # a seeded default keeps sampled evaluations repeatable
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     parser.add_argument("--device", default="auto")
@@ -166,22 +160,13 @@ def get_eval_args_parser() -> argparse.ArgumentParser:
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    from captioner import Captioner, DecodingOptions
+    from captioner import Captioner
     from captioner.decoding import decode
     from training.data import load_corpus
     from training.features import _progress, build_feature_cache
     from training.metrics import compute_metrics
 
-    options = DecodingOptions(
-        method=args.method,
-        beam_size=args.beam_size,
-        length_penalty=args.length_penalty,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        max_length=args.max_length,
-    )
+    options = decoding_options_from_args(args)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     model = Captioner.from_checkpoint(args.checkpoint, device=args.device)

@@ -50,6 +50,10 @@ def _config(data, out, cache, **overrides) -> TrainConfig:
     return TrainConfig(**base)
 
 
+# CLI flags every quick CLI run here shares: tiny vocabulary threshold, no workers, no bars, CPU.
+QUICK_FLAGS = ["--min-word-count", "1", "--num-workers", "0", "--no-progress", "--device", "cpu"]
+
+
 def _log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
@@ -127,13 +131,7 @@ def test_train_and_eval_clis(shapes, cache_dir, tmp_path, capsys):
         str(tmp_path / "run"),
         "--cache-dir",
         str(cache_dir),
-        "--min-word-count",
-        "1",
-        "--num-workers",
-        "0",
-        "--no-progress",
-        "--device",
-        "cpu",
+        *QUICK_FLAGS,
     ]
     resolved = parse_train_config([*argv, "--epochs", "2"])
     assert resolved.embed_dim == 16 and resolved.epochs == 2  # file sets, flags override
@@ -245,16 +243,11 @@ def test_ddp_two_processes_on_gloo_agree(shapes, cache_dir, tmp_path):
         "2",
         "--batch-size",
         "8",
-        "--min-word-count",
-        "1",
-        "--num-workers",
-        "0",
-        "--no-progress",
-        "--device",
-        "cpu",
+        *QUICK_FLAGS,
     ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True
+    )
     try:
         _, stderr = proc.communicate(timeout=300)
     finally:
