@@ -119,11 +119,16 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 def _step(decoder: CaptionDecoder, tokens: torch.Tensor, state):
-    """One decoder step in fp32; ``<pad>`` and ``<start>`` can never be produced."""
+    """One decoder step in fp32; ``<pad>``, ``<start>`` and ``<unk>`` can never be produced.
+
+    ``<unk>`` stands for the rare words cut from the vocabulary: a caption saying "a man with a
+    <unk>" is worse for a reader than the model's best real word.
+    """
     logits, state, alpha = decoder.step(tokens, state)
     logits = logits.float()  # (B, V)
     logits[:, Vocabulary.pad_id] = float("-inf")
     logits[:, Vocabulary.bos_id] = float("-inf")
+    logits[:, Vocabulary.unk_id] = float("-inf")
     return logits, state, alpha
 
 

@@ -53,7 +53,7 @@ def test_log_prob_is_the_models_probability_of_the_caption():
     tokens = torch.tensor([[1, *hyp.tokens, 2]])
     with torch.no_grad():
         logits, _ = model.decoder(grid[:1], tokens)
-    logits[..., :2] = float("-inf")  # decoding never produces <pad>/<start>
+    logits[..., [0, 1, 3]] = float("-inf")  # decoding never produces <pad>/<start>/<unk>
     expected = logits.log_softmax(-1).gather(2, tokens[:, 1:, None]).sum()
     assert hyp.log_prob == pytest.approx(float(expected), abs=1e-4)
 
@@ -95,6 +95,13 @@ def _biased(model, token: int):
         model.decoder.head.bias.zero_()
         model.decoder.head.bias[token] = 50.0
     return model
+
+
+@pytest.mark.parametrize("method", ["greedy", "sample", "beam"])
+def test_decoding_never_says_unk(method):
+    model = _biased(tiny_captioner(), 3)  # <unk> would win every step
+    for hyps in decode(model.decoder, _grid(2), DecodingOptions(method=method, max_length=6)):
+        assert 3 not in hyps[0].tokens
 
 
 @pytest.mark.parametrize("method", ["greedy", "sample", "beam"])
