@@ -1,0 +1,36 @@
+# CPU image serving the bundled default model:  docker build -t captioner . && docker run -p 8000:8000 captioner
+# Another model: docker run -p 8000:8000 -v /models:/models -e CAPTIONER_CHECKPOINT=/models/best.pt captioner
+# Offline/air-gapped builds: override BASE_IMAGE (a local Debian + python3 image) and the indexes.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
+
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG PIP_INDEX_URL=https://pypi.org/simple
+ARG TORCH_SPEC="torch==2.14.1 torchvision==0.29.1"
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+# Dependencies first (layer caching): torch from the CPU index, then the rest from pyproject.toml.
+RUN pip install --index-url "${TORCH_INDEX_URL}" --extra-index-url "${PIP_INDEX_URL}" ${TORCH_SPEC}
+COPY pyproject.toml README.md ./
+RUN mkdir -p captioner training service \
+    && touch captioner/__init__.py training/__init__.py service/__init__.py \
+    && pip install --index-url "${PIP_INDEX_URL}" ".[serve]" \
+    && pip uninstall -y captioner
+
+COPY captioner ./captioner
+COPY training ./training
+COPY service ./service
+RUN pip install --no-deps --index-url "${PIP_INDEX_URL}" . \
+    && useradd --create-home --uid 10001 captioner
+USER captioner
+
+ENV CAPTIONER_DEVICE=cpu
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD python3 -c "import urllib.request, sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status != 200)"
+CMD ["captioner-serve", "--host", "0.0.0.0", "--port", "8000"]
