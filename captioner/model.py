@@ -133,9 +133,7 @@ class Captioner(nn.Module):
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
             raise CheckpointError(f"{source}: checkpoint does not match this model code: {first}") from exc
-        preprocess = Preprocess.from_dict(data["preprocess"])
-        if preprocess != encoder.preprocess:  # the file's preprocessing is the one the model was trained with
-            encoder.preprocess = preprocess
+        encoder.preprocess = Preprocess.from_dict(data["preprocess"])  # what the model was trained with
         return cls(encoder, decoder, vocab, metadata=data.get("metadata") or {})
 
     def state_payload(self, *, half: bool = False, metadata: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -163,7 +163,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from captioner import Captioner
     from captioner.decoding import decode
     from training.data import load_corpus
-    from training.features import _progress, build_feature_cache
+    from training.features import build_feature_cache, progress_bar
     from training.metrics import compute_metrics
 
     options = decoding_options_from_args(args)
@@ -183,7 +183,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         progress=not args.no_progress,
     )
     predictions: dict[str, str] = {}
-    bar = _progress(len(records), f"captioning ({args.method})", not args.no_progress)
+    bar = progress_bar(len(records), f"captioning ({args.method})", not args.no_progress)
     start = time.perf_counter()
     for first in range(0, len(records), args.batch_size):
         rows = [

@@ -25,9 +25,8 @@ from captioner import Captioner, DecodingOptions, EncoderConfig, Vocabulary
 from captioner.checkpoint import load_checkpoint, save_checkpoint
 from captioner.decoding import decode
 from captioner.model import resolve_device
-from captioner.transforms import ImageError, build_transform, load_image
 from training.data import CaptionCorpus, ImageRecord, load_corpus
-from training.features import FeatureStore, _progress, build_feature_cache
+from training.features import FeatureStore, ImageFiles, build_feature_cache, progress_bar
 from training.metrics import compute_metrics
 
 log = logging.getLogger(__name__)
@@ -185,19 +184,14 @@ class _ImagePairs(Dataset):
 
     def __init__(self, split: Split, order: Sequence[int], preprocess) -> None:
         self.split, self.order = split, list(order)
-        self.transform = build_transform(preprocess)
-        self.size = preprocess.crop
+        self.images = ImageFiles(split.paths, preprocess)  # unreadable files: zeros, already reported
 
     def __len__(self) -> int:
         return len(self.order)
 
     def __getitem__(self, i: int):
         row, ids = self.split.pairs[self.order[i]]
-        try:
-            pixels = self.transform(load_image(self.split.records[row].path))
-        except ImageError:  # already reported by the feature cache; keep the batch shape
-            pixels = torch.zeros(3, self.size, self.size)
-        return pixels, ids
+        return self.images[row][0], ids
 
 
 def _collate_pixels(items):
@@ -290,7 +284,7 @@ class Trainer:
         self.model.to(self.device)
         self.vocab = self.model.vocab
         self.train_split = Split(self.corpus.split("train"))
-        val_records = self.val_corpus.split("val") if self.val_corpus is not self.corpus else self.corpus.split("val")
+        val_records = self.val_corpus.split("val")
         if config.val_max_images is not None:
             val_records = val_records[: config.val_max_images]
         self.val_split = Split(val_records)
@@ -440,8 +434,6 @@ class Trainer:
         torch.set_rng_state(state["rng_cpu"])
         if state.get("rng_cuda") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
-        if self._finetuning(self.epoch):
-            self._start_finetuning()
         log.info("resumed from epoch %d step %d (global step %d)", self.epoch, self.step_in_epoch, self.global_step)
 
     def _metadata(self) -> dict[str, Any]:
@@ -473,7 +465,7 @@ class Trainer:
         encoder = self.model.encoder
         if not encoder.trainable:
             encoder.set_trainable(True)
-            self.module = self._wrap() if hasattr(self, "module") else None
+            self.module = self._wrap()  # DDP must see the newly trainable parameters
             log.info("fine-tuning the encoder's last stage from epoch %d", self.epoch)
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
@@ -583,7 +575,7 @@ class Trainer:
     def _run_epoch(self) -> str:
         c = self.config
         self.module.train()
-        bar = _progress(self.steps_per_epoch, f"epoch {self.epoch + 1}/{c.epochs}", c.progress and self.dist.main)
+        bar = progress_bar(self.steps_per_epoch, f"epoch {self.epoch + 1}/{c.epochs}", c.progress and self.dist.main)
         bar.update(self.step_in_epoch)
         start, seen, losses = time.perf_counter(), 0, []
         for inputs, captions, from_pixels in self._train_batches(self.epoch):
@@ -696,18 +688,10 @@ class Trainer:
                 rows = list(range(start, min(start + size, len(split.records))))
                 yield rows, split.features.get(rows)
             return
-        transform = build_transform(self.model.encoder.preprocess)
-        for start in range(0, len(split.records), 64):
-            rows = list(range(start, min(start + 64, len(split.records))))
-            pixels = []
-            for r in rows:
-                try:
-                    pixels.append(transform(load_image(split.records[r].path)))
-                except ImageError:
-                    pixels.append(
-                        torch.zeros(3, self.model.encoder.preprocess.crop, self.model.encoder.preprocess.crop)
-                    )
-            yield rows, self.model.encoder.forward_features(torch.stack(pixels).to(self.device))
+        images = DataLoader(ImageFiles(split.paths, self.model.encoder.preprocess), batch_size=64)
+        for start, (pixels, _, _) in zip(range(0, len(split.records), 64), images, strict=True):
+            rows = list(range(start, start + len(pixels)))
+            yield rows, self.model.encoder.forward_features(pixels.to(self.device))
 
     def _log(self, record: dict[str, Any]) -> None:
         if not self.dist.main:

@@ -120,7 +120,7 @@ def build_feature_cache(
     failed: dict[str, str] = {}
     amp = device.type == "cuda"
     start, row = time.perf_counter(), 0
-    bar = _progress(len(paths), f"encoding {len(paths)} images", progress)
+    bar = progress_bar(len(paths), f"encoding {len(paths)} images", progress)
     try:
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             for pixels, ok, errors in loader:
@@ -149,7 +149,7 @@ def build_feature_cache(
     return FeatureStore(target, paths)
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool):
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is an optional (train extra) dependency
