@@ -48,7 +48,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--method", default="beam", choices=["greedy", "beam", "sample"])
     parser.add_argument("--requests", type=int, default=96, help="timed requests per concurrency level")
-    parser.add_argument("--bare-runs", type=int, default=30, help="timed runs of the bare model")
+    parser.add_argument("--bare-runs", type=int, default=64, help="timed runs of the bare model")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-batch-size", type=int, default=32, help="the micro-batching server's limit")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="the micro-batching server's wait")
@@ -67,7 +67,9 @@ class Level:
     latencies_ms: list[float]
     seconds: float
     batch_sizes: list[int]
-    model_ms: list[float]  # the server's own encoder + decoder time for each request's batch
+    model_ms: list[float]  # the server's own transform + encoder + decoder time for each request's batch
+    decode_ms: list[float]  # the server's upload decoding (JPEG -> RGB) time per request
+    handler_ms: list[float]  # the server's time inside the handler, upload parsing included
 
     @property
     def throughput(self) -> float:
@@ -87,13 +89,20 @@ def _median_ms(fn, runs: int) -> float:
     return statistics.median(times)
 
 
-def measure_bare(checkpoint: Path | None, device: str, image: bytes, options: DecodingOptions, runs: int) -> dict:
-    """Median ms of encoder + decoder for one preprocessed image, and of the preprocessing itself."""
+def measure_bare(
+    checkpoint: Path | None, device: str, images: list[bytes], options: DecodingOptions, runs: int
+) -> dict:
+    """Median ms of encoder + decoder for one preprocessed image, and of the preprocessing itself.
+
+    The runs cycle through the same photos the server is sent: beam search takes longer on a photo whose
+    caption is longer, so timing one photo would compare the server against a different workload.
+    """
     model = Captioner.from_checkpoint(checkpoint, device=device)
-    pixels = model.preprocess([image])  # (1, 3, S, S)
+    pixels = [model.preprocess([image]) for image in images]  # each (1, 3, S, S)
+    turn = iter(range(1 << 30))
 
     def run_model() -> None:
-        model.caption_pixels(pixels, options)
+        model.caption_pixels(pixels[next(turn) % len(pixels)], options)
         if model.device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -101,7 +110,7 @@ def measure_bare(checkpoint: Path | None, device: str, image: bytes, options: De
         run_model()
     result = {
         "model_ms": _median_ms(run_model, runs),
-        "preprocess_ms": _median_ms(lambda: model.preprocess([load_image(image)]), runs),
+        "preprocess_ms": _median_ms(lambda: model.preprocess([load_image(images[next(turn) % len(images)])]), runs),
     }
     return result
 
@@ -155,6 +164,8 @@ async def drive(url: str, photos: list[tuple[str, bytes]], params: dict, concurr
     latencies: list[float] = []
     batch_sizes: list[int] = []
     model_ms: list[float] = []
+    decode_ms: list[float] = []
+    handler_ms: list[float] = []
     counter = iter(range(total))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
@@ -169,11 +180,13 @@ async def drive(url: str, photos: list[tuple[str, bytes]], params: dict, concurr
                 timing = response.json()["timing"]
                 batch_sizes.append(timing["batch_size"])
                 model_ms.append(timing["model_ms"])
+                decode_ms.append(timing["decode_ms"])
+                handler_ms.append(timing["total_ms"])
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - started
-    return Level("", concurrency, latencies, seconds, batch_sizes, model_ms)
+    return Level("", concurrency, latencies, seconds, batch_sizes, model_ms, decode_ms, handler_ms)
 
 
 def bench_server(
@@ -210,12 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     # The bare model is timed before, between and after the two servers and the fastest median kept,
     # so a burst of background load on a shared machine cannot flatter the server's ratio.
     load_before = os.getloadavg()[0]
-    bares = [measure_bare(args.checkpoint, args.device, photos[0][1], options, args.bare_runs)]
+    bares = [measure_bare(args.checkpoint, args.device, [data for _, data in photos], options, args.bare_runs)]
     batching = {"CAPTIONER_MAX_BATCH_SIZE": str(args.max_batch_size), "CAPTIONER_MAX_WAIT_MS": str(args.max_wait_ms)}
     levels = bench_server("micro-batching", batching, args, photos, params)
-    bares.append(measure_bare(args.checkpoint, args.device, photos[0][1], options, args.bare_runs))
+    bares.append(measure_bare(args.checkpoint, args.device, [data for _, data in photos], options, args.bare_runs))
     levels += bench_server("no batching", {"CAPTIONER_MAX_BATCH_SIZE": "1"}, args, photos, params)
-    bares.append(measure_bare(args.checkpoint, args.device, photos[0][1], options, args.bare_runs))
+    bares.append(measure_bare(args.checkpoint, args.device, [data for _, data in photos], options, args.bare_runs))
     bare = min(bares, key=lambda b: b["model_ms"])
 
     print(f"\ncheckpoint: {args.checkpoint or DEFAULT_CHECKPOINT}   device: {args.device}   method: {args.method}")
@@ -234,6 +247,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {'server, ' + level.setting:<28} | {level.concurrency:>5} | {len(level.latencies_ms):>8} | "
               f"{level.percentile(50):>8.1f} | {level.percentile(95):>8.1f} | {level.throughput:>7.1f} | "
               f"{statistics.mean(level.batch_sizes):>10.2f} | {statistics.median(level.model_ms):>14.1f} |")
+    single = next((lv for lv in levels if lv.setting == "micro-batching" and lv.concurrency == 1), None)
+    if single is not None:
+        handler = statistics.median(single.handler_ms)
+        print("\nwhere a request's time goes at concurrency 1 with micro-batching (server-side medians, ms):")
+        print(f"  upload decoding {statistics.median(single.decode_ms):.1f} | tensor + encoder + decoder "
+              f"{statistics.median(single.model_ms):.1f} | whole handler {handler:.1f} | "
+              f"HTTP outside the handler {single.percentile(50) - handler:.1f}")
     medians = ", ".join(f"{b['model_ms']:.1f}" for b in bares)
     print(f"bare model medians before / between / after the servers: {medians} ms (the fastest is used)")
     print(f"1-minute load average: {load_before:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")

@@ -17,7 +17,7 @@ from captioner.config import DecoderConfig, EncoderConfig, ModelConfig
 from captioner.decoder import CaptionDecoder
 from captioner.decoding import DecodingOptions, Hypothesis, decode
 from captioner.encoders import ImageEncoder, build_encoder
-from captioner.transforms import DEFAULT_MAX_PIXELS, ImageSource, Preprocess, build_transform, load_image
+from captioner.transforms import DEFAULT_MAX_PIXELS, ImageSource, Preprocess, preprocess_images
 from captioner.vocab import Vocabulary
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "default.pt"
@@ -67,7 +67,6 @@ class Captioner(nn.Module):
         self.decoder = decoder
         self.vocab = vocab
         self.metadata = dict(metadata or {})
-        self._transform = build_transform(encoder.preprocess)
 
     # -- construction -----------------------------------------------------------------------------
 
@@ -156,7 +155,7 @@ class Captioner(nn.Module):
 
     def preprocess(self, images: Sequence[ImageSource], *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
         """Images -> pixel batch ``(B, 3, S, S)`` exactly as the model was trained on."""
-        return torch.stack([self._transform(load_image(im, max_pixels=max_pixels)) for im in images])
+        return preprocess_images(images, self.preprocess_config, max_pixels=max_pixels)
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """Micro-batching: concurrent requests share one encoder batch and, per decoding options, one decoder batch.
 
 One thread does all torch work. :class:`ModelThread` is the only thread that ever runs a torch
-operation in the service: loading, warm-up, the pixel transform, encoder and decoder. The event loop
+operation in the service: loading, warm-up, the tensor conversion, encoder and decoder. The event loop
 keeps serving (health checks, uploads, other requests) while a batch runs, and the model is never used
-by two threads at once. Upload decoding (PIL, no torch) runs on a small thread pool beside it. Keeping
+by two threads at once. Upload decoding, resizing and cropping (PIL, no torch; PIL releases the GIL)
+run on a small thread pool beside it, overlapping the model's work on earlier requests. Keeping
 torch on one thread is also a speed matter on CPU: every thread that runs torch ops gets its own
 OpenMP team, and once libgomp manages more threads than there are CPUs it stops spin-waiting, which
 made the encoder + decoder 15-35 % slower when the resize/normalise ran on the upload threads.
@@ -14,13 +15,14 @@ while other requests are already *arriving* (inside :meth:`MicroBatcher.expectin
 decoded), so a lone request never pays the wait, and requests that queue up while a batch runs are
 taken together as soon as the model is free.
 
-Within a batch, every image goes through the transform and the encoder together; the decoder then runs
+Within a batch, every crop goes through the tensor conversion and the encoder together; the decoder then runs
 once per group of requests with identical :class:`DecodingOptions`. Sampling with a seed is the
 exception: each such request is decoded on its own, so a seeded request gives the same captions
 whether or not it shared a batch (one random generator per request, not one per group).
 
-Memory: a request holds its decoded RGB image until its batch runs (at most the running batch plus
-the gathering one); cap concurrent requests (``uvicorn --limit-concurrency``) when uploads are huge.
+Memory: a full-size image lives only while its upload thread crops it; a queued request holds its
+crop (crop x crop RGB, ~200 KB). Upload bytes are held while being read, so cap concurrent requests
+(``uvicorn --limit-concurrency``) when uploads are huge.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from PIL import Image
 
 from captioner.decoding import DecodingOptions
 from captioner.model import Captioner, CaptionResult
+from captioner.transforms import to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +66,12 @@ class ModelThread:
 class BatchInfo:
     size: int  # requests in the micro-batch
     queue_ms: float  # this request's wait from submission to the batch starting
-    model_ms: float  # transform + encoder + decoder time of the whole batch
+    model_ms: float  # tensor conversion + encoder + decoder time of the whole batch
 
 
 @dataclass
 class _Job:
-    image: Image.Image  # decoded, upright RGB
+    image: Image.Image  # the encoder's RGB crop (transforms.resize_crop of the upright image)
     options: DecodingOptions
     future: asyncio.Future
     submitted: float  # time.perf_counter() at submission
@@ -130,7 +133,7 @@ class MicroBatcher:
             self._notify()
 
     async def submit(self, image: Image.Image, options: DecodingOptions) -> tuple[CaptionResult, BatchInfo]:
-        """Caption one decoded RGB image; returns its result and the batch it ran in."""
+        """Caption one RGB crop (``transforms.resize_crop``); returns its result and the batch it ran in."""
         if self._queue is None or self._task is None:
             raise BatcherStopped("the batcher is not running")
         future = asyncio.get_running_loop().create_future()
@@ -190,9 +193,9 @@ class MicroBatcher:
         return batch
 
     def _run(self, batch: list[_Job]) -> list[CaptionResult]:
-        """On the model thread: one transform + encoder pass for the batch, one decoder pass per options group."""
-        # Already decoded and upright: the library's transform (resize, crop, normalise) is all that is left.
-        pixels = self.model.preprocess([job.image for job in batch], max_pixels=None)  # (B, 3, S, S)
+        """On the model thread: one tensor conversion + encoder pass for the batch, a decoder pass per options group."""
+        # Decoded, resized and cropped on the upload threads: only the tensor conversion is left.
+        pixels = to_tensor([job.image for job in batch], self.model.preprocess_config)  # (B, 3, S, S)
         grid = self.model.encode(pixels)  # (B, C, h, w)
         results: list[CaptionResult | None] = [None] * len(batch)
         for rows, options in _group_by_options(batch):

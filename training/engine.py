@@ -575,7 +575,9 @@ class Trainer:
     def _run_epoch(self) -> str:
         c = self.config
         self.module.train()
-        bar = progress_bar(self.steps_per_epoch, f"epoch {self.epoch + 1}/{c.epochs}", c.progress and self.dist.main)
+        bar = progress_bar(
+            self.steps_per_epoch, f"epoch {self.epoch + 1}/{c.epochs}", c.progress and self.dist.main, unit="step"
+        )
         bar.update(self.step_in_epoch)
         start, seen, losses = time.perf_counter(), 0, []
         for inputs, captions, from_pixels in self._train_batches(self.epoch):

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from captioner.encoders import ImageEncoder
-from captioner.transforms import ImageError, build_transform, load_image
+from captioner.transforms import ImageError, load_image, resize_crop, to_tensor
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -43,17 +43,17 @@ class ImageFiles(Dataset):
 
     def __init__(self, paths: Sequence[str | os.PathLike], preprocess) -> None:
         self.paths = [str(p) for p in paths]
-        self.transform = build_transform(preprocess)
-        self.size = preprocess.crop
+        self.preprocess = preprocess
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, bool, str]:
         try:
-            return self.transform(load_image(self.paths[index])), True, ""
+            image = load_image(self.paths[index], min_size=self.preprocess.resize)
+            return to_tensor([resize_crop(image, self.preprocess)], self.preprocess)[0], True, ""
         except ImageError as exc:  # reported by the builder, never raised inside a worker
-            return torch.zeros(3, self.size, self.size), False, str(exc)
+            return torch.zeros(3, self.preprocess.crop, self.preprocess.crop), False, str(exc)
 
 
 class FeatureStore:
@@ -149,7 +149,7 @@ def build_feature_cache(
     return FeatureStore(target, paths)
 
 
-def progress_bar(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "img"):
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is an optional (train extra) dependency
@@ -162,4 +162,4 @@ def progress_bar(total: int, desc: str, enabled: bool):
             def close(self) -> None: ...
 
         return _Silent()
-    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)

@@ -13,7 +13,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from captioner.model import CaptionResult
-from captioner.transforms import ImageError, Preprocess, load_image
+from captioner.transforms import ImageError, Preprocess, load_image, resize_crop
 from service.batching import BatcherStopped
 from service.deps import ApiKeyDep, BatcherDep, LoadedDep, SettingsDep
 from service.errors import ApiError, describe_validation_errors, image_error
@@ -101,12 +101,12 @@ async def caption(request: Request, loaded: LoadedDep, batcher: BatcherDep, sett
         data = _image_bytes(form)
         del form  # from here on only the decoded image is kept
         decode_started = time.perf_counter()
-        image = await anyio.to_thread.run_sync(
-            _decode, data, settings.max_image_pixels, limiter=request.app.state.decode_limiter
-        )
+        image, (width, height) = await anyio.to_thread.run_sync(
+            _decode, data, settings.max_image_pixels, loaded.model.preprocess_config,
+            limiter=request.app.state.decode_limiter,
+        )  # fmt: skip
         decode_ms = (time.perf_counter() - decode_started) * 1000.0
         del data
-    width, height = image.size
     try:
         result, batch = await batcher.submit(image, options)
     except BatcherStopped as exc:
@@ -150,16 +150,21 @@ def _image_bytes(form: Form) -> bytes:
     raise ApiError(400, "missing_image", message)
 
 
-def _decode(data: bytes, max_pixels: int) -> Image.Image:
-    """On a decode thread: the upload's bytes (in memory) to an upright RGB image, by the library's loader."""
+def _decode(data: bytes, max_pixels: int, preprocess: Preprocess) -> tuple[Image.Image, tuple[int, int]]:
+    """On a decode thread: the upload's bytes (in memory) to the encoder's RGB crop, and the upright image size.
+
+    Decoding, resizing and cropping are the library's own steps (PIL, no torch), done here so the model
+    thread only converts the small crop to a tensor; the full-size image is dropped at once.
+    """
     try:
-        image = load_image(data, max_pixels=max_pixels)
+        image = load_image(data, max_pixels=max_pixels, min_size=preprocess.resize)
+        size = image.info["original_size"]
+        return resize_crop(image, preprocess), size
     except ImageError as exc:
         raise image_error(exc) from None
     except Exception as exc:  # image decoders fail in many ways on hostile input; a bad upload is never a 500
         log.warning("image decoder raised %s: %s", exc.__class__.__name__, exc)
         raise ApiError(400, "invalid_image", f"cannot decode image: {exc.__class__.__name__}: {exc}") from None
-    return image
 
 
 def _captions(result: CaptionResult, with_attention: bool) -> list[CaptionOut]:
@@ -177,13 +182,9 @@ def _captions(result: CaptionResult, with_attention: bool) -> list[CaptionOut]:
 
 def _crop_region(width: int, height: int, preprocess: Preprocess) -> AttentionRegion:
     """Where the encoder's centre crop (which the attention grid covers) lies in the upright image."""
-    short = min(width, height)
-    scale = preprocess.resize / short
-    resized_w, resized_h = max(1, int(width * scale)), max(1, int(height * scale))
-    crop_w, crop_h = min(preprocess.crop, resized_w), min(preprocess.crop, resized_h)
+    resized_w, resized_h, left, top = preprocess.crop_geometry(width, height)
+    x0, y0 = max(0, left), max(0, top)
+    x1, y1 = min(resized_w, left + preprocess.crop), min(resized_h, top + preprocess.crop)
     return AttentionRegion(
-        left=(resized_w - crop_w) / 2 / resized_w,
-        top=(resized_h - crop_h) / 2 / resized_h,
-        width=crop_w / resized_w,
-        height=crop_h / resized_h,
+        left=x0 / resized_w, top=y0 / resized_h, width=(x1 - x0) / resized_w, height=(y1 - y0) / resized_h
     )

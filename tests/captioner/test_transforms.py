@@ -5,7 +5,15 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.transforms import ImageError, Preprocess, build_transform, load_image, preprocess_images
+from captioner.transforms import (
+    ImageError,
+    Preprocess,
+    build_transform,
+    load_image,
+    preprocess_images,
+    resize_crop,
+    to_tensor,
+)
 
 PRE = Preprocess(resize=40, crop=32)
 
@@ -129,3 +137,74 @@ def test_batch_helper_and_normalisation():
     )
     assert batch.shape == (2, 3, 32, 32)
     assert batch.min() >= -1.0 and batch.max() <= 1.0
+
+
+def _photo_like(w: int, h: int, seed: int = 0) -> Image.Image:
+    """Smooth random colour fields: a JPEG-friendly stand-in for a photo."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(max(2, h // 16), max(2, w // 16), 3), dtype=np.uint8)
+    return Image.fromarray(small, "RGB").resize((w, h), Image.Resampling.BICUBIC)
+
+
+@pytest.mark.parametrize("size", [(60, 40), (40, 60), (640, 427), (333, 500), (41, 40), (500, 7)])
+def test_resize_crop_matches_torchvision_resize_and_centre_crop(size):
+    # the single-resample crop must give the pixels of torchvision's Resize + CenterCrop (what the
+    # transform used to be, and what the first feature caches were built with) to within rounding
+    from torchvision.transforms import v2
+
+    pre = Preprocess(resize=292, crop=260)
+    image = _photo_like(*size)
+    reference = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(pre.resize, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
+            v2.CenterCrop(pre.crop),
+        ]
+    )(image)
+    ours = torch.from_numpy(np.array(resize_crop(image, pre))).permute(2, 0, 1)
+    assert ours.shape == reference.shape == (3, 260, 260)
+    diff = (ours.int() - reference.int()).abs()
+    assert diff.max() <= 3
+    assert diff.float().mean() < 0.1
+
+
+def test_crop_larger_than_the_resized_image_is_padded_black():
+    pre = Preprocess(resize=20, crop=32)
+    out = np.asarray(resize_crop(Image.new("RGB", (40, 20), "white"), pre))
+    assert out.shape == (32, 32, 3)
+    assert (out[0] == 0).all() and (out[-1] == 0).all()  # rows above and below the 20-pixel-high image
+    assert (out[16] == 255).all()  # 40 wide resized to 40: the crop is all image across
+
+
+def test_to_tensor_normalises_like_the_formula():
+    pre = Preprocess(resize=4, crop=4, mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 0.2))
+    image = Image.fromarray(np.full((4, 4, 3), (51, 102, 255), np.uint8), "RGB")
+    x = to_tensor([image, image], pre)
+    expected = (torch.tensor([51, 102, 255]) / 255.0 - torch.tensor(pre.mean)) / torch.tensor(pre.std)
+    assert x.shape == (2, 3, 4, 4)
+    torch.testing.assert_close(x[1, :, 2, 3], expected)
+
+
+def test_large_jpeg_decodes_at_reduced_scale_with_the_same_crop():
+    pre = Preprocess(resize=292, crop=260)
+    photo = _photo_like(2400, 1800, seed=1)
+    data = _bytes(photo, "JPEG", quality=95)
+    small = load_image(data, min_size=pre.resize)
+    full = load_image(data)
+    assert small.size == (600, 450)  # 1/4 scale: the largest with both sides >= 292
+    assert small.info["original_size"] == full.info["original_size"] == (2400, 1800)
+    a = np.asarray(resize_crop(small, pre)).astype(int)
+    b = np.asarray(resize_crop(full, pre)).astype(int)
+    assert np.abs(a - b).mean() < 2.0  # DCT-domain scaling is a fine low-pass filter
+    # never below the size the encoder needs, and PNGs are decoded whole
+    assert min(load_image(_bytes(_photo_like(500, 300), "JPEG"), min_size=292).size) >= 292
+    assert load_image(_bytes(photo, "PNG"), min_size=pre.resize).size == (2400, 1800)
+
+
+def test_original_size_is_upright_for_exif_rotated_photos():
+    image = _gradient(60, 40)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    loaded = load_image(_bytes(image, "JPEG", exif=exif))
+    assert loaded.size == (40, 60)
+    assert loaded.info["original_size"] == (40, 60)

@@ -1,0 +1,117 @@
+"""The cell x attention x decoding ablation on one data set, at one training budget for every row.
+
+Trains vanilla RNN, GRU and LSTM decoders with and without soft attention (six runs, same
+hyper-parameters and epochs, checkpoint picked on the dev split), scores each on the test split with
+greedy, beam-3 and sampled (T=0.7) decoding, and prints a markdown table. Runs that already have a
+``best.pt`` and scores are reused, so an interrupted ablation picks up where it stopped.
+
+    python scripts/ablation.py --data ../shared/data/flickr8k --out runs/ablation --epochs 4
+    python scripts/ablation.py --out runs/ablation --table-only      # print the table again
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+CELLS = ("rnn", "gru", "lstm")
+DECODINGS = {
+    "greedy": ["--method", "greedy"],
+    "beam3": ["--method", "beam", "--beam-size", "3"],
+    "sample T0.7": ["--method", "sample", "--temperature", "0.7", "--seed", "0"],
+}
+# the default model's recipe (scripts/train_default_model.sh) except for the epoch budget
+TRAIN_FLAGS = [
+    "--encoder", "efficientnet_lite2", "--embed-dim", "512", "--hidden-dim", "512", "--attention-dim", "512",
+    "--dropout", "0.5", "--min-word-count", "5", "--batch-size", "64", "--lr", "5e-4", "--warmup-steps", "300",
+    "--label-smoothing", "0.1", "--seed", "0",
+]  # fmt: skip
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="../shared/data/flickr8k")
+    parser.add_argument("--out", default="runs/ablation")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--cache-dir", default=".cache/features")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cells", nargs="+", default=list(CELLS), choices=CELLS)
+    parser.add_argument("--table-only", action="store_true", help="print the table from finished runs")
+    return parser
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def _slug(cell: str, attention: bool) -> str:
+    return f"{cell}-{'att' if attention else 'noatt'}"
+
+
+def run_one(args, cell: str, attention: bool) -> None:
+    run = Path(args.out) / _slug(cell, attention)
+    if not (run / "best.pt").is_file():
+        cmd = [
+            _bin("captioner-train"), "--data", args.data, "--output-dir", str(run), "--cache-dir", args.cache_dir,
+            "--cell", cell, "--attention" if attention else "--no-attention", "--epochs", str(args.epochs),
+            "--device", args.device, *TRAIN_FLAGS,
+        ]  # fmt: skip
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+    for name, flags in DECODINGS.items():
+        out = run / "test" / name.replace(" ", "-")
+        if (out / "metrics.json").is_file():
+            continue
+        cmd = [
+            _bin("captioner-eval"), "--checkpoint", str(run / "best.pt"), "--data", args.data, "--split", "test",
+            "--cache-dir", args.cache_dir, "--device", args.device, "--no-java", "--no-progress", "--out", str(out),
+            *flags,
+        ]  # fmt: skip
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+
+
+def _train_seconds(run: Path) -> float | None:
+    log = run / "log.jsonl"
+    if not log.is_file():
+        return None
+    ends = [r for r in map(json.loads, log.read_text().splitlines()) if r.get("event") == "end"]
+    return ends[-1]["wall_seconds"] if ends else None
+
+
+def table(out: str, cells=CELLS) -> str:
+    rows = [
+        "| cell | attention | decoding | BLEU-1 | BLEU-4 | ROUGE-L | CIDEr | train min |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for cell in cells:
+        for attention in (False, True):
+            run = Path(out) / _slug(cell, attention)
+            seconds = _train_seconds(run)
+            for name in DECODINGS:
+                path = run / "test" / name.replace(" ", "-") / "metrics.json"
+                if not path.is_file():
+                    continue
+                m = json.loads(path.read_text())["metrics"]
+                minutes = f"{seconds / 60:.1f}" if seconds is not None else "?"
+                rows.append(
+                    f"| {cell} | {'yes' if attention else 'no'} | {name} | {100 * m['BLEU-1']:.1f} | "
+                    f"{100 * m['BLEU-4']:.1f} | {100 * m['ROUGE-L']:.1f} | {m['CIDEr']:.3f} | {minutes} |"
+                )
+    return "\n".join(rows)
+
+
+def main(argv=None) -> None:
+    args = get_args_parser().parse_args(argv)
+    if not args.table_only:
+        for cell in args.cells:
+            for attention in (False, True):
+                run_one(args, cell, attention)
+    print(table(args.out, args.cells))
+
+
+if __name__ == "__main__":
+    main()
