@@ -94,7 +94,8 @@ def build_feature_cache(
     """Return the cached features for ``paths``, encoding (batched, with workers) only when needed."""
     paths = [str(p) for p in paths]
     fingerprint = encoder_fingerprint(encoder)
-    list_hash = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
+    # keyed by the resolved paths: `data/x` and `/home/me/data/x` share one cache
+    list_hash = hashlib.sha256("\n".join(os.path.realpath(p) for p in paths).encode()).hexdigest()[:16]
     folder = Path(cache_dir) / f"{encoder.name}-{fingerprint}"
     target = folder / f"{list_hash}.npy"
     if target.is_file() and target.with_suffix(".json").is_file():

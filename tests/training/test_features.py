@@ -39,6 +39,10 @@ def test_cache_matches_the_encoder_and_is_reused(images, tmp_path, monkeypatch):
     monkeypatch.setattr(encoder, "forward_features", no_encoding)
     again = build_feature_cache(encoder, images, tmp_path, num_workers=0, progress=False)
     assert again.path == store.path
+    # the same files named by relative paths (another working directory) reuse it too
+    monkeypatch.chdir(Path(images[0]).parent)
+    relative = build_feature_cache(encoder, [Path(p).name for p in images], tmp_path, num_workers=0, progress=False)
+    assert relative.path == store.path
 
 
 def test_fingerprint_changes_with_weights_and_preprocessing(images, tmp_path):
