@@ -5,8 +5,11 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_EXTRA_INDEX_URL=""
 ARG PIP_INDEX_URL=https://pypi.org/simple
 ARG TORCH_SPEC="torch==2.14.1 torchvision==0.29.1"
+# A CA bundle inside the base image for pip to trust (networks behind a TLS-inspecting proxy).
+ARG PIP_CERT_FILE=""
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
@@ -14,18 +17,24 @@ WORKDIR /app
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
-# Dependencies first (layer caching): torch from the CPU index, then the rest from pyproject.toml.
-RUN pip install --index-url "${TORCH_INDEX_URL}" --extra-index-url "${PIP_INDEX_URL}" ${TORCH_SPEC}
+# Dependencies first (layer caching): torch from its index (CPU wheels by default), then the rest
+# from pyproject.toml with the project's own packages as empty stand-ins.
+RUN if [ -n "$PIP_CERT_FILE" ]; then export PIP_CERT="$PIP_CERT_FILE"; fi \
+    && if [ -n "$TORCH_EXTRA_INDEX_URL" ]; then export PIP_EXTRA_INDEX_URL="$TORCH_EXTRA_INDEX_URL"; fi \
+    && pip install --index-url "$TORCH_INDEX_URL" $TORCH_SPEC
 COPY pyproject.toml README.md ./
-RUN mkdir -p captioner training service \
+RUN if [ -n "$PIP_CERT_FILE" ]; then export PIP_CERT="$PIP_CERT_FILE"; fi \
+    && mkdir -p captioner training service \
     && touch captioner/__init__.py training/__init__.py service/__init__.py \
-    && pip install --index-url "${PIP_INDEX_URL}" ".[serve]" \
-    && pip uninstall -y captioner
+    && pip install --index-url "$PIP_INDEX_URL" ".[serve]" \
+    && pip uninstall -y captioner \
+    && rm -rf build captioner.egg-info captioner training service
 
 COPY captioner ./captioner
 COPY training ./training
 COPY service ./service
-RUN pip install --no-deps --index-url "${PIP_INDEX_URL}" . \
+RUN if [ -n "$PIP_CERT_FILE" ]; then export PIP_CERT="$PIP_CERT_FILE"; fi \
+    && pip install --no-deps --index-url "$PIP_INDEX_URL" . \
     && useradd --create-home --uid 10001 captioner
 USER captioner
 

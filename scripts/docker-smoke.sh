@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# Build the Docker image, run it, caption a real photo through it, and remove the container.
+#
+#   scripts/docker-smoke.sh [PHOTO]
+#
+# Works with or without Docker Hub and PyPI's usual hosts:
+#   - starts dockerd when no daemon answers and dockerd is installed (as root);
+#   - uses BASE_IMAGE when it can be pulled (default python:3.11-slim-bookworm), otherwise builds a
+#     local Debian bookworm + python3 base with debootstrap, with this host's CA bundle copied in (for
+#     networks that reach the registries through a TLS-inspecting proxy), and imports it;
+#   - takes torch from TORCH_INDEX_URL (default: PyTorch's CPU wheel index); when that is unreachable
+#     and this host's pip is configured with local file:// indexes (an offline mirror), serves those
+#     on loopback for the build.
+# Environment: IMAGE (default captioner:smoke), BASE_IMAGE, TORCH_INDEX_URL, PIP_INDEX_URL, PORT
+# (default 8000 on the host), KEEP_IMAGE=0 to remove the built image at the end (kept by default).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+IMAGE="${IMAGE:-captioner:smoke}"
+BASE_IMAGE="${BASE_IMAGE:-python:3.11-slim-bookworm}"
+LOCAL_BASE="captioner-base:bookworm"
+TORCH_INDEX_URL="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
+PIP_INDEX_URL="${PIP_INDEX_URL:-https://pypi.org/simple}"
+PORT="${PORT:-8000}"
+# a Flickr8k test photo (two dogs in snow) unless one is given; EXPECT: a word the caption must contain
+PHOTO="${1:-../shared/data/flickr8k/images/3385593926_d3e9c21170.jpg}"
+if [[ $# -eq 0 ]]; then EXPECT="${EXPECT:-dog}"; else EXPECT="${EXPECT:-}"; fi
+CONTAINER="captioner-smoke-$$"
+HOST_CA=/etc/ssl/certs/ca-certificates.crt
+cleanup=()
+trap 'for c in "${cleanup[@]}"; do eval "$c" || true; done' EXIT
+
+say() { printf '\n== %s\n' "$*"; }
+die() { printf 'docker-smoke: %s\n' "$*" >&2; exit 1; }
+
+[[ -f "$PHOTO" ]] || die "no photo at $PHOTO (pass one: scripts/docker-smoke.sh PHOTO.jpg)"
+command -v docker >/dev/null || die "docker is not installed (Debian: apt-get install -y docker.io)"
+
+say "Docker daemon"
+if ! docker info >/dev/null 2>&1; then
+    command -v dockerd >/dev/null || die "no Docker daemon answers and dockerd is not installed"
+    [[ $(id -u) -eq 0 ]] || die "no Docker daemon answers; start it (sudo dockerd) or run this as root"
+    echo "starting dockerd (log: /tmp/dockerd.log)"
+    nohup dockerd >/tmp/dockerd.log 2>&1 &
+    for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+    docker info >/dev/null 2>&1 || die "dockerd did not start; see /tmp/dockerd.log"
+fi
+docker version --format 'server {{.Server.Version}}, client {{.Client.Version}}'
+
+say "Base image"
+if docker image inspect "$BASE_IMAGE" >/dev/null 2>&1 || timeout 120 docker pull -q "$BASE_IMAGE" >/dev/null 2>&1; then
+    base="$BASE_IMAGE"
+    echo "using $base"
+elif docker image inspect "$LOCAL_BASE" >/dev/null 2>&1; then
+    base="$LOCAL_BASE"
+    echo "$BASE_IMAGE cannot be pulled; using the local $base built earlier"
+else
+    command -v debootstrap >/dev/null || die "$BASE_IMAGE cannot be pulled and debootstrap is not installed"
+    echo "$BASE_IMAGE cannot be pulled; building $LOCAL_BASE with debootstrap (a few minutes)"
+    rootfs=$(mktemp -d /tmp/captioner-rootfs.XXXXXX)
+    cleanup+=("rm -rf '$rootfs'")
+    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+        bookworm "$rootfs" http://deb.debian.org/debian >/tmp/debootstrap.log 2>&1 \
+        || die "debootstrap failed; see /tmp/debootstrap.log"
+    [[ -f "$HOST_CA" ]] && cp "$HOST_CA" "$rootfs/etc/ssl/certs/ca-certificates.crt"
+    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+    tar -C "$rootfs" -c . | docker import -c 'ENV LANG=C.UTF-8' - "$LOCAL_BASE" >/dev/null
+    base="$LOCAL_BASE"
+    echo "built $base ($(docker image inspect -f '{{.Size}}' "$base" | awk '{printf "%.0f MB", $1/1e6}'))"
+fi
+
+say "Package indexes"
+build_args=(--build-arg "BASE_IMAGE=$base" --build-arg "PIP_INDEX_URL=$PIP_INDEX_URL")
+# the local base carries this host's CA bundle (a pulled base keeps its own)
+[[ "$base" == "$LOCAL_BASE" ]] && build_args+=(--build-arg "PIP_CERT_FILE=/etc/ssl/certs/ca-certificates.crt")
+if curl -fsS -m 20 -o /dev/null "$TORCH_INDEX_URL/torch/"; then
+    echo "torch from $TORCH_INDEX_URL"
+    build_args+=(--build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL")
+else
+    # An offline mirror this host's pip already uses (pip config: extra-index-url = file:///...).
+    mapfile -t local_indexes < <(pip config list 2>/dev/null | grep -oE 'file://[^ '"'"']+' | sed 's|^file://||' | sort -u)
+    [[ ${#local_indexes[@]} -gt 0 ]] \
+        || die "$TORCH_INDEX_URL is unreachable and pip has no local file:// index; set TORCH_INDEX_URL"
+    mirror_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    python3 -m http.server "$mirror_port" --bind 127.0.0.1 --directory / >/tmp/captioner-mirror.log 2>&1 &
+    cleanup+=("kill $!")
+    urls=("${local_indexes[@]/#/http://127.0.0.1:$mirror_port}")
+    echo "$TORCH_INDEX_URL is unreachable; serving this host's pip mirrors on loopback (then $PIP_INDEX_URL"
+    echo "for what they lack): ${urls[*]}"
+    echo "(these hold PyPI's CUDA build of torch, so this image is several GB; the default CPU index keeps it small)"
+    build_args+=(--build-arg "TORCH_INDEX_URL=${urls[0]}" --build-arg "TORCH_EXTRA_INDEX_URL=${urls[*]:1} $PIP_INDEX_URL")
+fi
+
+say "docker build -t $IMAGE"
+started=$SECONDS
+docker build --network host "${build_args[@]}" -t "$IMAGE" . 2>&1 | tail -n 15
+[[ ${PIPESTATUS[0]} -eq 0 ]] || die "docker build failed"
+echo "built in $((SECONDS - started)) s; image size $(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB", $1/1e9}')"
+if [[ "${KEEP_IMAGE:-1}" == 0 ]]; then cleanup+=("docker rmi -f '$IMAGE' >/dev/null"); fi
+
+say "docker run (no arguments: the embedded default model)"
+docker run -d --name "$CONTAINER" -p "127.0.0.1:$PORT:8000" "$IMAGE" >/dev/null
+cleanup+=("docker rm -f '$CONTAINER' >/dev/null")
+url="http://127.0.0.1:$PORT"
+for _ in $(seq 120); do
+    curl -fsS -m 2 "$url/health" >/dev/null 2>&1 && break
+    [[ "$(docker inspect -f '{{.State.Running}}' "$CONTAINER")" == true ]] || { docker logs "$CONTAINER"; die "the container exited"; }
+    sleep 1
+done
+curl -fsS "$url/health" || { docker logs "$CONTAINER"; die "/health did not answer in 120 s"; }
+echo
+for _ in $(seq 60); do curl -fsS -m 2 "$url/ready" >/dev/null 2>&1 && break; sleep 1; done
+curl -fsS "$url/ready"; echo
+echo "user in the container: $(docker exec "$CONTAINER" id -un)"
+
+say "POST $PHOTO to /caption"
+response=$(curl -sS -w '\n%{http_code}' -F "image=@$PHOTO" "$url/caption?method=beam&beam_size=3")
+code=${response##*$'\n'}
+body=${response%$'\n'*}
+echo "HTTP $code"
+echo "$body" | python3 -c 'import json, sys; r = json.load(sys.stdin); print("caption:", r["captions"][0]["text"]); print("model:", r["model_id"], " timing:", r["timing"])'
+[[ "$code" == 200 ]] || die "/caption answered $code"
+caption=$(echo "$body" | python3 -c 'import json, sys; print(json.load(sys.stdin)["captions"][0]["text"])')
+[[ $(wc -w <<<"$caption") -ge 3 ]] || die "the caption is too short to be real: '$caption'"
+if [[ -n "$EXPECT" ]]; then
+    grep -qw "${EXPECT}s\?" <<<"$caption" || die "the caption should mention '$EXPECT': '$caption'"
+    echo "the caption mentions '$EXPECT'"
+fi
+
+again=$(curl -fsS -F "image=@$PHOTO" "$url/caption?method=beam&beam_size=3")
+echo "$again" | python3 -c 'import json, sys; r = json.load(sys.stdin); print("again:", r["captions"][0]["text"], " timing:", r["timing"])'
+
+say "bad input gets a JSON error, not a 500"
+bad=$(curl -sS -w ' HTTP %{http_code}' -F "image=@README.md" "$url/caption")
+echo "$bad"
+[[ "$bad" == *'HTTP 415' ]] || die "README.md as an image should give 415"
+
+say "health check as Docker sees it"
+for _ in $(seq 90); do
+    status=$(docker inspect -f '{{.State.Health.Status}}' "$CONTAINER")
+    [[ "$status" != starting ]] && break
+    sleep 1
+done
+echo "container health: $status"
+[[ "$status" == healthy ]] || die "Docker's HEALTHCHECK reports $status"
+
+say "docker-smoke: passed"
