@@ -1,9 +1,11 @@
 """Serving benchmark: the real ``captioner-serve`` on loopback versus the bare model, in one run.
 
-For one image, the bare encoder + decoder time (``Captioner.caption_pixels`` on an already preprocessed
-tensor) is measured in this process first. Then the server is started twice, with micro-batching and
-without it (``CAPTIONER_MAX_BATCH_SIZE=1``), one at a time so they never share the CPU, and driven over
-HTTP at concurrency 1, 8 and 32 with real photos. Prints a table and the two goal ratios:
+The bare model is encoder + decoder (``Captioner.caption_pixels`` on an already preprocessed tensor)
+in this process, on the same photos the server gets. The server is started twice, with micro-batching
+and without it (``CAPTIONER_MAX_BATCH_SIZE=1``), one at a time so they never share the CPU, and driven
+over HTTP at concurrency 1, 8 and 32 with real photos. At concurrency 1, rounds of server requests and
+bare-model runs take turns, so both are timed in the same machine state (on a shared VM the CPU's
+speed drifts by tens of percent within minutes). Prints a table and the two goal ratios:
 
     p50 latency at concurrency 1            <= 1.15 x bare model time
     throughput at concurrency 8, batching   >= 1.3 x throughput without it
@@ -48,7 +50,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--method", default="beam", choices=["greedy", "beam", "sample"])
     parser.add_argument("--requests", type=int, default=96, help="timed requests per concurrency level")
-    parser.add_argument("--bare-runs", type=int, default=64, help="timed runs of the bare model")
+    parser.add_argument("--rounds", type=int, default=8, help="alternating server / bare rounds at concurrency 1")
+    parser.add_argument("--round-size", type=int, default=8, help="requests (and bare runs) per round")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-batch-size", type=int, default=32, help="the micro-batching server's limit")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="the micro-batching server's wait")
@@ -89,30 +92,39 @@ def _median_ms(fn, runs: int) -> float:
     return statistics.median(times)
 
 
-def measure_bare(
-    checkpoint: Path | None, device: str, images: list[bytes], options: DecodingOptions, runs: int
-) -> dict:
-    """Median ms of encoder + decoder for one preprocessed image, and of the preprocessing itself.
+class Bare:
+    """The bare model in this process: encoder + decoder on already preprocessed photos.
 
-    The runs cycle through the same photos the server is sent: beam search takes longer on a photo whose
+    Runs cycle through the same photos the server is sent: beam search takes longer on a photo whose
     caption is longer, so timing one photo would compare the server against a different workload.
     """
-    model = Captioner.from_checkpoint(checkpoint, device=device)
-    pixels = [model.preprocess([image]) for image in images]  # each (1, 3, S, S)
-    turn = iter(range(1 << 30))
 
-    def run_model() -> None:
-        model.caption_pixels(pixels[next(turn) % len(pixels)], options)
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
+    def __init__(self, checkpoint: Path | None, device: str, images: list[bytes], options: DecodingOptions) -> None:
+        self.model = Captioner.from_checkpoint(checkpoint, device=device)
+        self.images = images
+        self.pixels = [self.model.preprocess([image]) for image in images]  # each (1, 3, S, S)
+        self.options = options
+        self.turn = 0
+        self.run(5)  # warm-up
 
-    for _ in range(5):
-        run_model()
-    result = {
-        "model_ms": _median_ms(run_model, runs),
-        "preprocess_ms": _median_ms(lambda: model.preprocess([load_image(images[next(turn) % len(images)])]), runs),
-    }
-    return result
+    def _next(self) -> int:
+        self.turn += 1
+        return self.turn % len(self.images)
+
+    def run(self, runs: int) -> list[float]:
+        """ms of encoder + decoder for ``runs`` single photos."""
+        times = []
+        for _ in range(runs):
+            pixels = self.pixels[self._next()]
+            started = time.perf_counter()
+            self.model.caption_pixels(pixels, self.options)
+            if self.model.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - started) * 1000.0)
+        return times
+
+    def preprocess_ms(self, runs: int) -> float:
+        return _median_ms(lambda: self.model.preprocess([load_image(self.images[self._next()])]), runs)
 
 
 class Server:
@@ -189,20 +201,45 @@ async def drive(url: str, photos: list[tuple[str, bytes]], params: dict, concurr
     return Level("", concurrency, latencies, seconds, batch_sizes, model_ms, decode_ms, handler_ms)
 
 
+def _merge(rounds: list[Level]) -> Level:
+    def cat(name: str) -> list[float]:
+        return [x for r in rounds for x in getattr(r, name)]
+
+    return Level(
+        "", rounds[0].concurrency, cat("latencies_ms"), sum(r.seconds for r in rounds), cat("batch_sizes"),
+        cat("model_ms"), cat("decode_ms"), cat("handler_ms"),
+    )  # fmt: skip
+
+
 def bench_server(
-    setting: str, env: dict[str, str], args: argparse.Namespace, photos: list[tuple[str, bytes]], params: dict
-) -> list[Level]:
+    setting: str,
+    env: dict[str, str],
+    args: argparse.Namespace,
+    photos: list[tuple[str, bytes]],
+    params: dict,
+    bare: Bare | None = None,
+) -> tuple[list[Level], list[float]]:
+    """Each concurrency level against a fresh server; with ``bare``, concurrency 1 alternates rounds of
+    server requests and bare-model runs, so both see the same machine (a shared CPU's speed drifts)."""
     server = Server(args.checkpoint, args.device, env, args.threads)
+    bare_ms: list[float] = []
     try:
         url = server.wait_ready()
         levels = []
         for concurrency in args.concurrency:
             asyncio.run(drive(url, photos, params, concurrency, max(2 * concurrency, 8)))  # warm-up
-            total = args.requests if concurrency > 1 else max(args.requests // 2, 20)
-            level = asyncio.run(drive(url, photos, params, concurrency, total))
+            if concurrency == 1 and bare is not None:
+                rounds = []
+                for _ in range(args.rounds):
+                    rounds.append(asyncio.run(drive(url, photos, params, 1, args.round_size)))
+                    bare_ms += bare.run(args.round_size)
+                level = _merge(rounds)
+            else:
+                total = args.requests if concurrency > 1 else max(args.requests // 2, 20)
+                level = asyncio.run(drive(url, photos, params, concurrency, total))
             level.setting = setting
             levels.append(level)
-        return levels
+        return levels, bare_ms
     finally:
         server.stop()
 
@@ -220,16 +257,14 @@ def main(argv: list[str] | None = None) -> int:
     options = DecodingOptions(method=args.method)
     params = {"method": args.method}
 
-    # The bare model is timed before, between and after the two servers and the fastest median kept,
-    # so a burst of background load on a shared machine cannot flatter the server's ratio.
+    bare = Bare(args.checkpoint, args.device, [data for _, data in photos], options)
     load_before = os.getloadavg()[0]
-    bares = [measure_bare(args.checkpoint, args.device, [data for _, data in photos], options, args.bare_runs)]
     batching = {"CAPTIONER_MAX_BATCH_SIZE": str(args.max_batch_size), "CAPTIONER_MAX_WAIT_MS": str(args.max_wait_ms)}
-    levels = bench_server("micro-batching", batching, args, photos, params)
-    bares.append(measure_bare(args.checkpoint, args.device, [data for _, data in photos], options, args.bare_runs))
-    levels += bench_server("no batching", {"CAPTIONER_MAX_BATCH_SIZE": "1"}, args, photos, params)
-    bares.append(measure_bare(args.checkpoint, args.device, [data for _, data in photos], options, args.bare_runs))
-    bare = min(bares, key=lambda b: b["model_ms"])
+    levels, bare_ms = bench_server("micro-batching", batching, args, photos, params, bare)
+    more, _ = bench_server("no batching", {"CAPTIONER_MAX_BATCH_SIZE": "1"}, args, photos, params)
+    levels += more
+    bare_p50 = statistics.median(bare_ms) if bare_ms else statistics.median(bare.run(args.round_size * args.rounds))
+    preprocess_ms = bare.preprocess_ms(32)
 
     print(f"\ncheckpoint: {args.checkpoint or DEFAULT_CHECKPOINT}   device: {args.device}   method: {args.method}")
     print(f"torch threads: {torch.get_num_threads()}   CPUs: {os.cpu_count()}   photos: {len(photos)} ({args.images})")
@@ -239,10 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(header)
     print("|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|")
-    for name, ms in (("bare model, 1 image", bare["model_ms"]),
-                     ("bare model + preprocessing", bare["model_ms"] + bare["preprocess_ms"])):
-        print(f"| {name:<28} | {1:>5} | {args.bare_runs:>8} | {ms:>8.1f} | {'':>8} | {1000.0 / ms:>7.1f} "
-              f"| {1:>10} | {bare['model_ms']:>14.1f} |")
+    for name, ms in (("bare model, 1 image", bare_p50), ("bare model + preprocessing", bare_p50 + preprocess_ms)):
+        print(f"| {name:<28} | {1:>5} | {len(bare_ms):>8} | {ms:>8.1f} | {'':>8} | {1000.0 / ms:>7.1f} "
+              f"| {1:>10} | {bare_p50:>14.1f} |")
     for level in levels:
         print(f"| {'server, ' + level.setting:<28} | {level.concurrency:>5} | {len(level.latencies_ms):>8} | "
               f"{level.percentile(50):>8.1f} | {level.percentile(95):>8.1f} | {level.throughput:>7.1f} | "
@@ -254,8 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  upload decoding {statistics.median(single.decode_ms):.1f} | tensor + encoder + decoder "
               f"{statistics.median(single.model_ms):.1f} | whole handler {handler:.1f} | "
               f"HTTP outside the handler {single.percentile(50) - handler:.1f}")
-    medians = ", ".join(f"{b['model_ms']:.1f}" for b in bares)
-    print(f"bare model medians before / between / after the servers: {medians} ms (the fastest is used)")
+    print(f"concurrency 1 and the bare model took turns: {args.rounds} rounds of {args.round_size} each")
     print(f"1-minute load average: {load_before:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
 
     def find(setting: str, concurrency: int) -> Level | None:
@@ -264,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     single, with8, without8 = find("micro-batching", 1), find("micro-batching", 8), find("no batching", 8)
     print()
     if single is not None:
-        ratio = single.percentile(50) / bare["model_ms"]
+        ratio = single.percentile(50) / bare_p50
         verdict = "met" if ratio <= 1.15 else "NOT met"
         print(f"p50 at concurrency 1 / bare model time: {ratio:.2f}x   (goal <= 1.15x: {verdict})")
     if with8 is not None and without8 is not None:
