@@ -2,8 +2,8 @@
 
 Trains vanilla RNN, GRU and LSTM decoders with and without soft attention (six runs, same
 hyper-parameters and epochs, checkpoint picked on the dev split), scores each on the test split with
-greedy, beam-3 and sampled (T=0.7) decoding, and prints a markdown table. Runs that already have a
-``best.pt`` and scores are reused, so an interrupted ablation picks up where it stopped.
+greedy, beam-3 and sampled (T=0.7) decoding, and prints a markdown table. Finished runs and scores
+are reused and an interrupted run resumes from its ``last.pt``, so a stopped ablation picks up where it was.
 
     python scripts/ablation.py --data ../shared/data/flickr8k --out runs/ablation --epochs 2
     python scripts/ablation.py --out runs/ablation --table-only      # print the table again
@@ -53,11 +53,11 @@ def _slug(cell: str, attention: bool) -> str:
 
 def run_one(args, cell: str, attention: bool) -> None:
     run = Path(args.out) / _slug(cell, attention)
-    if not (run / "best.pt").is_file():
+    if _train_time(run)[0] is None:  # not finished: train, resuming from last.pt when a run was cut short
         cmd = [
             _bin("captioner-train"), "--data", args.data, "--output-dir", str(run), "--cache-dir", args.cache_dir,
             "--cell", cell, "--attention" if attention else "--no-attention", "--epochs", str(args.epochs),
-            "--device", args.device, *TRAIN_FLAGS,
+            "--device", args.device, "--resume", *TRAIN_FLAGS,
         ]  # fmt: skip
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
