@@ -51,6 +51,11 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(data, f)
+        # mkstemp makes the file owner-only; give it the permissions a plain open() would (the umask's),
+        # or a container running as another user cannot read a mounted checkpoint
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 
 from captioner.checkpoint import CheckpointError, clean_state_dict, load_checkpoint, save_checkpoint
@@ -17,7 +18,7 @@ from captioner.config import DecoderConfig, EncoderConfig, ModelConfig
 from captioner.decoder import CaptionDecoder
 from captioner.decoding import DecodingOptions, Hypothesis, decode
 from captioner.encoders import ImageEncoder, build_encoder
-from captioner.transforms import DEFAULT_MAX_PIXELS, ImageSource, Preprocess, preprocess_images
+from captioner.transforms import DEFAULT_MAX_PIXELS, ImageSource, Preprocess, preprocess_images, to_tensor
 from captioner.vocab import Vocabulary
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "default.pt"
@@ -156,6 +157,10 @@ class Captioner(nn.Module):
     def preprocess(self, images: Sequence[ImageSource], *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
         """Images -> pixel batch ``(B, 3, S, S)`` exactly as the model was trained on."""
         return preprocess_images(images, self.preprocess_config, max_pixels=max_pixels)
+
+    def crops_to_pixels(self, crops: Sequence[Image.Image]) -> torch.Tensor:
+        """Crops made by ``transforms.resize_crop`` -> the normalised batch ``(B, 3, S, S)``."""
+        return to_tensor(crops, self.preprocess_config)
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:

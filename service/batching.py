@@ -41,7 +41,6 @@ from PIL import Image
 
 from captioner.decoding import DecodingOptions
 from captioner.model import Captioner, CaptionResult
-from captioner.transforms import to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +194,7 @@ class MicroBatcher:
     def _run(self, batch: list[_Job]) -> list[CaptionResult]:
         """On the model thread: one tensor conversion + encoder pass for the batch, a decoder pass per options group."""
         # Decoded, resized and cropped on the upload threads: only the tensor conversion is left.
-        pixels = to_tensor([job.image for job in batch], self.model.preprocess_config)  # (B, 3, S, S)
+        pixels = self.model.crops_to_pixels([job.image for job in batch])  # (B, 3, S, S)
         grid = self.model.encode(pixels)  # (B, C, h, w)
         results: list[CaptionResult | None] = [None] * len(batch)
         for rows, options in _group_by_options(batch):

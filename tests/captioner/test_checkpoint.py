@@ -1,3 +1,6 @@
+import os
+import stat
+
 import numpy as np
 import pytest
 import torch
@@ -123,6 +126,16 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         model.save(path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_saved_file_has_the_umask_permissions_not_owner_only(tmp_path):
+    # a checkpoint mounted into the Docker image is read by another user: mkstemp's 0600 would lock it out
+    old = os.umask(0o022)
+    try:
+        tiny_captioner().save(tmp_path / "model.pt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "model.pt").stat().st_mode) == 0o644
 
 
 def test_caption_accepts_paths_bytes_and_pil(tmp_path):

@@ -30,7 +30,7 @@ class _GatedModel:
         self.encoded: list[int] = []  # batch sizes seen by the encoder
         self.thread_names: list[str] = []
 
-    def preprocess(self, images: list[torch.Tensor], *, max_pixels: int | None) -> torch.Tensor:
+    def crops_to_pixels(self, images: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(images)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -249,7 +249,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(tiny_check
 
 
 def test_torch_work_runs_only_on_the_model_thread(client, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Transform, encoder and decoder all run on the one model thread (one OpenMP team; see batching.py)."""
+    """Tensor conversion, encoder and decoder all run on the one model thread (one OpenMP team; see batching.py)."""
     model = client.app.state.loaded.model
     seen: list[str] = []
 
@@ -262,9 +262,9 @@ def test_torch_work_runs_only_on_the_model_thread(client, monkeypatch: pytest.Mo
 
         monkeypatch.setattr(model, name, wrapper)
 
-    for name in ("preprocess", "encode", "caption_features"):
+    for name in ("crops_to_pixels", "encode", "caption_features"):
         spy(name)
     response = client.post("/caption", params={"method": "greedy"}, files={"image": ("x.png", images.png())})
     assert response.status_code == 200
-    assert [s.split("@")[0] for s in seen] == ["preprocess", "encode", "caption_features"]
+    assert [s.split("@")[0] for s in seen] == ["crops_to_pixels", "encode", "caption_features"]
     assert all(s.split("@")[1].startswith("captioner-model") for s in seen), seen
