@@ -110,3 +110,16 @@ def test_animated_gif_uses_the_first_frame(client: TestClient, model: Captioner)
 def test_other_supported_formats(client: TestClient, fmt: str) -> None:
     served = _served(client, images.encode(images.pattern(seed=20), fmt), f"x.{fmt.lower()}")
     assert isinstance(served["text"], str)
+
+
+def test_large_jpeg_reports_its_full_size_and_matches_the_library(client: TestClient, model: Captioner) -> None:
+    # decoded at a reduced DCT scale on the upload thread: the reported size is still the photo's own,
+    # and the caption is what the library gives for the same bytes (one preprocessing path)
+    crop = model.preprocess_config.crop
+    big = images.pattern(8 * crop + 40, 6 * crop + 30, seed=21)
+    data = images.encode(big, "JPEG", quality=90)
+    response = client.post("/caption", params={"method": "greedy"}, files={"image": ("big.jpg", data)})
+    assert response.status_code == 200
+    assert response.json()["image"] == {"width": big.width, "height": big.height}
+    caption = model.caption([data], method="greedy")[0].captions[0]
+    _assert_same(response.json()["captions"][0], (caption.text, caption.log_prob))
