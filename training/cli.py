@@ -7,6 +7,7 @@ import dataclasses
 import inspect
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -129,7 +130,8 @@ def train_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("captioner-train: interrupted; resume with --resume (last.pt holds the last saved step)", file=sys.stderr)
         return 130
-    log.info("finished: %s", json.dumps(summary))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 has the validation scores
+        log.info("finished: %s", json.dumps(summary))
     return 0
 
 

@@ -255,6 +255,7 @@ def test_ddp_two_processes_on_gloo_agree(shapes, cache_dir, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0, stderr[-3000:]
+    assert stderr.count("finished:") == 1  # the summary comes from rank 0 only
     records = _log(out)
     agree = [r for r in records if "ranks_agree" in r]
     assert agree and agree[0]["ranks_agree"] is True and agree[0]["ddp_ranks"] == 2
