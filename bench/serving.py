@@ -281,7 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {'server, ' + level.setting:<28} | {level.concurrency:>5} | {len(level.latencies_ms):>8} | "
               f"{level.percentile(50):>8.1f} | {level.percentile(95):>8.1f} | {level.throughput:>7.1f} | "
               f"{statistics.mean(level.batch_sizes):>10.2f} | {statistics.median(level.model_ms):>14.1f} |")
-    single = next((lv for lv in levels if lv.setting == "micro-batching" and lv.concurrency == 1), None)
+    def find(setting: str, concurrency: int) -> Level | None:
+        return next((lv for lv in levels if lv.setting == setting and lv.concurrency == concurrency), None)
+
+    single, with8, without8 = find("micro-batching", 1), find("micro-batching", 8), find("no batching", 8)
     if single is not None:
         handler = statistics.median(single.handler_ms)
         print("\nwhere a request's time goes at concurrency 1 with micro-batching (server-side medians, ms):")
@@ -291,10 +294,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"concurrency 1 and the bare model took turns: {args.rounds} rounds of {args.round_size} each")
     print(f"1-minute load average: {load_before:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
 
-    def find(setting: str, concurrency: int) -> Level | None:
-        return next((lv for lv in levels if lv.setting == setting and lv.concurrency == concurrency), None)
-
-    single, with8, without8 = find("micro-batching", 1), find("micro-batching", 8), find("no batching", 8)
     print()
     if single is not None:
         ratio = single.percentile(50) / bare_p50

@@ -182,9 +182,19 @@ def build_transform(preprocess: Preprocess) -> Callable[[Image.Image], torch.Ten
     return transform
 
 
+def load_crop(
+    source: ImageSource, preprocess: Preprocess, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """``source`` -> the encoder's RGB crop (PIL only, no torch); ``info["original_size"]`` is the
+    upright size of the image it came from."""
+    image = load_image(source, max_pixels=max_pixels, min_size=preprocess.resize)
+    crop = resize_crop(image, preprocess)
+    crop.info["original_size"] = image.info["original_size"]
+    return crop
+
+
 def preprocess_images(
     sources: Sequence[ImageSource], preprocess: Preprocess, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
 ) -> torch.Tensor:
     """Load and preprocess several images into one batch ``(B, 3, crop, crop)``."""
-    crops = [resize_crop(load_image(s, max_pixels=max_pixels, min_size=preprocess.resize), preprocess) for s in sources]
-    return to_tensor(crops, preprocess)
+    return to_tensor([load_crop(s, preprocess, max_pixels=max_pixels) for s in sources], preprocess)

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from captioner.encoders import ImageEncoder
-from captioner.transforms import ImageError, load_image, resize_crop, to_tensor
+from captioner.transforms import ImageError, load_crop, to_tensor
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -50,8 +50,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, bool, str]:
         try:
-            image = load_image(self.paths[index], min_size=self.preprocess.resize)
-            return to_tensor([resize_crop(image, self.preprocess)], self.preprocess)[0], True, ""
+            return to_tensor([load_crop(self.paths[index], self.preprocess)], self.preprocess)[0], True, ""
         except ImageError as exc:  # reported by the builder, never raised inside a worker
             return torch.zeros(3, self.preprocess.crop, self.preprocess.crop), False, str(exc)
 

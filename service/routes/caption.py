@@ -13,7 +13,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from captioner.model import CaptionResult
-from captioner.transforms import ImageError, Preprocess, load_image, resize_crop
+from captioner.transforms import ImageError, Preprocess, load_crop
 from service.batching import BatcherStopped
 from service.deps import ApiKeyDep, BatcherDep, LoadedDep, SettingsDep
 from service.errors import ApiError, describe_validation_errors, image_error
@@ -157,9 +157,8 @@ def _decode(data: bytes, max_pixels: int, preprocess: Preprocess) -> tuple[Image
     thread only converts the small crop to a tensor; the full-size image is dropped at once.
     """
     try:
-        image = load_image(data, max_pixels=max_pixels, min_size=preprocess.resize)
-        size = image.info["original_size"]
-        return resize_crop(image, preprocess), size
+        crop = load_crop(data, preprocess, max_pixels=max_pixels)
+        return crop, crop.info["original_size"]
     except ImageError as exc:
         raise image_error(exc) from None
     except Exception as exc:  # image decoders fail in many ways on hostile input; a bad upload is never a 500
