@@ -117,7 +117,11 @@ def main(argv=None) -> None:
     if not args.table_only:
         for cell in args.cells:
             for attention in (False, True):
-                run_one(args, cell, attention)
+                try:
+                    run_one(args, cell, attention)
+                except subprocess.CalledProcessError as exc:  # the command printed its own reason above
+                    sys.exit(f"ablation: {Path(exc.cmd[0]).name} failed (exit {exc.returncode}) for {cell}, "
+                             f"attention={attention}; rerun to resume")
     print(table(args.out, args.cells))
 
 
