@@ -36,6 +36,7 @@ import torch
 
 from captioner.decoding import DecodingOptions
 from captioner.model import DEFAULT_CHECKPOINT, Captioner
+from captioner.runtime import tune_malloc
 from captioner.transforms import load_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +61,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="torch threads for the bare model and the servers (OMP_NUM_THREADS); default: torch's choice. "
         "1 gives steadier numbers on a machine shared with other CPU-heavy work",
     )
+    parser.add_argument(
+        "--malloc-mmap-threshold-mb", type=int, default=64,
+        help="the servers' CAPTIONER_MALLOC_MMAP_THRESHOLD_MB, applied to the bare model in this process too "
+        "(captioner.runtime.tune_malloc), so both run with the same allocator; 0: glibc's defaults for both",
+    )
     return parser
 
 
@@ -73,6 +79,7 @@ class Level:
     model_ms: list[float]  # the server's own transform + encoder + decoder time for each request's batch
     decode_ms: list[float]  # the server's upload decoding (JPEG -> RGB) time per request
     handler_ms: list[float]  # the server's time inside the handler, upload parsing included
+    peak_rss_mb: float | None = None  # the server process's peak resident memory so far
 
     @property
     def throughput(self) -> float:
@@ -162,6 +169,15 @@ class Server:
             time.sleep(0.05)
         return self.url
 
+    def peak_rss_mb(self) -> float | None:
+        """The server process's peak resident memory (Linux), read before it stops."""
+        try:
+            status = Path(f"/proc/{self.process.pid}/status").read_text()
+        except OSError:
+            return None
+        match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+        return int(match.group(1)) / 1024 if match else None
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
@@ -238,6 +254,7 @@ def bench_server(
                 total = args.requests if concurrency > 1 else max(args.requests // 2, 20)
                 level = asyncio.run(drive(url, photos, params, concurrency, total))
             level.setting = setting
+            level.peak_rss_mb = server.peak_rss_mb()
             levels.append(level)
         return levels, bare_ms
     finally:
@@ -248,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.malloc_mmap_threshold_mb:
+        tune_malloc(args.malloc_mmap_threshold_mb * 1024 * 1024)  # the same allocator as the servers
     if args.checkpoint is None and not DEFAULT_CHECKPOINT.is_file():
         raise SystemExit("no bundled default model yet: pass --checkpoint PATH")
     files = sorted(args.images.glob("*.jpg"))[:32]
@@ -259,28 +278,32 @@ def main(argv: list[str] | None = None) -> int:
 
     bare = Bare(args.checkpoint, args.device, [data for _, data in photos], options)
     load_before = os.getloadavg()[0]
+    malloc = {"CAPTIONER_MALLOC_MMAP_THRESHOLD_MB": str(args.malloc_mmap_threshold_mb)}
     batching = {"CAPTIONER_MAX_BATCH_SIZE": str(args.max_batch_size), "CAPTIONER_MAX_WAIT_MS": str(args.max_wait_ms)}
-    levels, bare_ms = bench_server("micro-batching", batching, args, photos, params, bare)
-    more, _ = bench_server("no batching", {"CAPTIONER_MAX_BATCH_SIZE": "1"}, args, photos, params)
+    levels, bare_ms = bench_server("micro-batching", {**malloc, **batching}, args, photos, params, bare)
+    more, _ = bench_server("no batching", {**malloc, "CAPTIONER_MAX_BATCH_SIZE": "1"}, args, photos, params)
     levels += more
     bare_p50 = statistics.median(bare_ms) if bare_ms else statistics.median(bare.run(args.round_size * args.rounds))
     preprocess_ms = bare.preprocess_ms(32)
 
     print(f"\ncheckpoint: {args.checkpoint or DEFAULT_CHECKPOINT}   device: {args.device}   method: {args.method}")
+    mb = args.malloc_mmap_threshold_mb
+    print(f"malloc (bare and servers): {f'mmap threshold {mb} MiB, trim {2 * mb} MiB' if mb else 'glibc defaults'}")
     print(f"torch threads: {torch.get_num_threads()}   CPUs: {os.cpu_count()}   photos: {len(photos)} ({args.images})")
     header = (
         f"| {'setting':<28} | {'conc.':>5} | {'requests':>8} | {'p50 ms':>8} | {'p95 ms':>8} | {'req/s':>7} "
-        f"| {'mean batch':>10} | {'model ms/batch':>14} |"
+        f"| {'mean batch':>10} | {'model ms/batch':>14} | {'peak RSS MB':>11} |"
     )
     print(header)
     print("|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|")
     for name, ms in (("bare model, 1 image", bare_p50), ("bare model + preprocessing", bare_p50 + preprocess_ms)):
         print(f"| {name:<28} | {1:>5} | {len(bare_ms):>8} | {ms:>8.1f} | {'':>8} | {1000.0 / ms:>7.1f} "
-              f"| {1:>10} | {bare_p50:>14.1f} |")
+              f"| {1:>10} | {bare_p50:>14.1f} | {'':>11} |")
     for level in levels:
         print(f"| {'server, ' + level.setting:<28} | {level.concurrency:>5} | {len(level.latencies_ms):>8} | "
               f"{level.percentile(50):>8.1f} | {level.percentile(95):>8.1f} | {level.throughput:>7.1f} | "
-              f"{statistics.mean(level.batch_sizes):>10.2f} | {statistics.median(level.model_ms):>14.1f} |")
+              f"{statistics.mean(level.batch_sizes):>10.2f} | {statistics.median(level.model_ms):>14.1f} | "
+              f"{level.peak_rss_mb or float('nan'):>11.0f} |")
     def find(setting: str, concurrency: int) -> Level | None:
         return next((lv for lv in levels if lv.setting == setting and lv.concurrency == concurrency), None)
 

@@ -18,6 +18,7 @@ from captioner.checkpoint import CheckpointError
 from captioner.decoding import DecodingOptions
 from captioner.encoders import EncoderWeightsError, file_sha256
 from captioner.model import DEFAULT_CHECKPOINT, Captioner
+from captioner.runtime import tune_malloc
 from service.batching import MicroBatcher, ModelThread
 from service.deps import LoadedModel
 from service.errors import install_error_handlers
@@ -61,6 +62,8 @@ def _warm_up(model: Captioner) -> None:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
+    if settings.malloc_mmap_threshold_mb:  # before the model's first allocation; see captioner.runtime
+        tune_malloc(settings.malloc_mmap_threshold_mb * 1024 * 1024)
     thread = ModelThread()  # loading and warm-up happen on it too: torch never runs on another thread
     try:
         loaded = await thread.run(load_model, settings)

@@ -25,6 +25,13 @@ class Settings(BaseSettings):
         5.0, ge=0.0, le=10_000.0, description="how long a batch waits for requests that are already arriving"
     )
     decode_threads: int = Field(2, ge=1, le=64, description="threads decoding uploads (PIL; torch has its own)")
+    malloc_mmap_threshold_mb: int = Field(
+        64,
+        ge=0,
+        le=1024,
+        description="keep freed tensor memory below this size for reuse instead of returning it to the kernel "
+        "(glibc; see captioner.runtime); 0 leaves malloc as it is",
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated; when set, /caption and /model need one of them"
     )

@@ -101,6 +101,25 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
         Settings()
 
 
+@pytest.mark.parametrize(("megabytes", "expected"), [(None, [64 * 2**20]), (8, [8 * 2**20]), (0, [])])
+def test_startup_tunes_malloc_unless_switched_off(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, megabytes: int | None, expected: list[int]
+) -> None:
+    """The thresholds are set at startup, before the model loads (see captioner.runtime)."""
+    import service.app
+
+    calls: list[int] = []
+    monkeypatch.setattr(service.app, "tune_malloc", lambda threshold: calls.append(threshold) or True)
+    if megabytes is not None:
+        monkeypatch.setenv("CAPTIONER_MALLOC_MMAP_THRESHOLD_MB", str(megabytes))
+    with TestClient(create_app(Settings(checkpoint=tiny_checkpoint))) as client:
+        assert client.get("/ready").status_code == 200
+    assert calls == expected
+    monkeypatch.setenv("CAPTIONER_MALLOC_MMAP_THRESHOLD_MB", "-1")
+    with pytest.raises(ValueError, match="malloc_mmap_threshold_mb"):
+        Settings()
+
+
 def test_missing_checkpoint_fails_startup_with_one_line(tmp_path: Path) -> None:
     app = create_app(Settings(checkpoint=tmp_path / "absent.pt"))
     with pytest.raises(ModelLoadError) as failure, TestClient(app):
