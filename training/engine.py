@@ -1,4 +1,5 @@
-"""Training loop: teacher-forced cross-entropy on cached features, validation, checkpoints, resume, DDP."""
+"""Training loop: teacher-forced cross-entropy on cached features, then optionally self-critical
+sequence training (CIDEr-D as the reward, ``training/scst.py``); validation, checkpoints, resume, DDP."""
 
 from __future__ import annotations
 
@@ -25,9 +26,11 @@ from captioner import Captioner, DecodingOptions, EncoderConfig, Vocabulary
 from captioner.checkpoint import load_checkpoint, save_checkpoint
 from captioner.decoding import decode
 from captioner.model import resolve_device
+from captioner.text import tokenize
 from training.data import CaptionCorpus, ImageRecord, load_corpus
 from training.features import FeatureStore, ImageFiles, build_feature_cache, progress_bar
 from training.metrics import compute_metrics
+from training.scst import CiderD, leave_one_out_advantage, sample_captions, scst_loss
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,12 @@ class TrainConfig:
     attention_reg: float = 1.0  # Show-Attend-Tell doubly stochastic regulariser weight
     finetune_after: int | None = None  # epoch from which the encoder's last stage trains too (reads images)
     encoder_lr: float = 1e-5
+    # self-critical sequence training (training/scst.py): after cross-entropy, optimise CIDEr-D itself
+    scst_after: int | None = None  # epoch from which training is self-critical (None: cross-entropy only)
+    scst_samples: int = 5  # captions sampled per image; each one's baseline is the mean reward of the others
+    scst_batch_images: int = 32  # images per step (per process under DDP)
+    scst_lr: float = 2e-5  # constant decoder learning rate during self-critical epochs
+    scst_max_length: int = 16  # sampled captions end after this many words
     # run control
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -98,6 +107,26 @@ class TrainConfig:
             raise ValueError(f"unknown encoder {self.encoder!r}; expected one of {', '.join(ENCODERS)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.scst_after is not None:
+            if self.scst_after < 0:
+                raise ValueError(f"scst_after must be >= 0, got {self.scst_after}")
+            if self.finetune_after is not None:
+                raise ValueError(
+                    "scst_after and finetune_after cannot be combined: self-critical training reads the feature "
+                    "cache, which a fine-tuned encoder would have made stale"
+                )
+            if self.scst_samples < 2:
+                raise ValueError(f"scst_samples must be >= 2 (the baseline is the others), got {self.scst_samples}")
+            for name in ("scst_batch_images", "scst_max_length"):
+                if getattr(self, name) < 1:
+                    raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            if self.scst_lr <= 0:
+                raise ValueError(f"scst_lr must be > 0, got {self.scst_lr}")
+
+    @property
+    def cross_entropy_epochs(self) -> int:
+        """Epochs trained with cross-entropy (the learning-rate schedule spans these)."""
+        return self.epochs if self.scst_after is None else min(self.epochs, self.scst_after)
 
     def decoder_kwargs(self) -> dict[str, Any]:
         names = (
@@ -236,8 +265,12 @@ class _TrainModule(nn.Module):
         super().__init__()
         self.encoder, self.decoder = model.encoder, model.decoder
 
-    def forward(self, inputs: torch.Tensor, captions: torch.Tensor, from_pixels: bool):
+    def forward(self, inputs: torch.Tensor, captions: torch.Tensor | None, from_pixels: bool, sample=None):
+        """Teacher-forced logits for ``captions``; with ``sample=(samples, max_length)``, sampled captions
+        and their log-probabilities instead (self-critical training). Either way through DDP's hooks."""
         grid = self.encoder.forward_features(inputs) if from_pixels else inputs  # (B, C, h, w)
+        if sample is not None:
+            return sample_captions(self.decoder, grid, *sample)
         return self.decoder(grid, captions)
 
 
@@ -295,7 +328,9 @@ class Trainer:
         self._cache_features()
         self.optimizer = self._make_optimizer()
         self.steps_per_epoch = max(1, len(self._epoch_batches(0)))
-        self.total_steps = self.steps_per_epoch * config.epochs
+        self.total_steps = self.steps_per_epoch * config.cross_entropy_epochs
+        self.cider: CiderD | None = None  # the self-critical reward, built when its first epoch starts
+        self.last_reward: float | None = None  # mean CIDEr-D of the last self-critical epoch's samples
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.amp_dtype = None
         if config.amp and self.device.type == "cuda":
@@ -406,6 +441,9 @@ class Trainer:
 
     def _finetuning(self, epoch: int) -> bool:
         return self.config.finetune_after is not None and epoch >= self.config.finetune_after
+
+    def _self_critical(self, epoch: int) -> bool:
+        return self.config.scst_after is not None and epoch >= self.config.scst_after
 
     def _training_state(self) -> dict[str, Any]:
         return {
@@ -544,7 +582,7 @@ class Trainer:
         while self.epoch < c.epochs:
             if self._finetuning(self.epoch):
                 self._start_finetuning()
-            result = self._run_epoch()
+            result = self._run_scst_epoch() if self._self_critical(self.epoch) else self._run_epoch()
             if result == "max_steps":
                 stopped = "max_steps"
                 break
@@ -607,6 +645,101 @@ class Trainer:
         bar.close()
         self.last_train_loss = float(np.mean(losses)) if losses else float("nan")
         self.last_rate = seen * self.dist.world / max(time.perf_counter() - start, 1e-9)
+        self.last_reward = None
+        return "done"
+
+    # -- self-critical epochs -------------------------------------------------------------------------
+
+    def _scst_rows(self) -> list[int]:
+        """Training images with features (an unreadable image has none) and at least one reference."""
+        split = self.train_split
+        skip = set(split.features.failed)
+        return [i for i, r in enumerate(split.records) if str(r.path) not in skip and r.captions]
+
+    def _scst_batches(self, epoch: int) -> list[list[int]]:
+        """Batches of training-image rows: a seeded shuffle per epoch, split evenly across processes."""
+        c = self.config
+        rows = self._scst_rows()
+        batches = epoch_batches(
+            [0] * len(rows), c.scst_batch_images, seed=c.seed, epoch=epoch, rank=self.dist.rank, world=self.dist.world
+        )
+        return [[rows[i] for i in batch] for batch in batches]
+
+    def _build_reward(self) -> CiderD:
+        started = time.perf_counter()
+        references = [[tokenize(caption) for caption in r.captions] for r in self.train_split.records]
+        reward = CiderD(references)
+        if self.dist.main:
+            seconds = time.perf_counter() - started
+            log.info("CIDEr-D reward over %d training images built in %.1fs", len(reward), seconds)
+        return reward
+
+    def scst_step(self, rows: list[int]) -> tuple[float, float]:
+        """One self-critical step on training images ``rows``; returns (loss, mean CIDEr-D of the samples)."""
+        c = self.config
+        if self.cider is None:
+            self.cider = self._build_reward()
+        grid = self.train_split.features.get(rows).to(self.device, non_blocking=True).float()
+        with torch.autocast(
+            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+        ):
+            tokens, log_probs, mask = self.module(grid, None, False, sample=(c.scst_samples, c.scst_max_length))
+        images = [row for row in rows for _ in range(c.scst_samples)]
+        captions = [self.vocab.decode_tokens(row) for row in tokens.tolist()]
+        rewards = torch.as_tensor(self.cider.scores(images, captions), dtype=torch.float32, device=self.device)
+        loss = scst_loss(log_probs.float(), mask, leave_one_out_advantage(rewards, c.scst_samples))
+        for group in self.optimizer.param_groups[:1]:  # the decoder's; the frozen encoder's stays as it is
+            group["lr"] = c.scst_lr
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        if c.grad_clip > 0:
+            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            nn.utils.clip_grad_norm_(params, c.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach()), float(rewards.mean())
+
+    def _run_scst_epoch(self) -> str:
+        c = self.config
+        self.module.train()
+        batches = self._scst_batches(self.epoch)
+        bar = progress_bar(
+            len(batches), f"epoch {self.epoch + 1}/{c.epochs} (self-critical)", c.progress and self.dist.main,
+            unit="step",
+        )  # fmt: skip
+        bar.update(self.step_in_epoch)
+        start, seen, losses, rewards = time.perf_counter(), 0, [], []
+        for rows in batches[self.step_in_epoch :]:
+            loss, reward = self.scst_step(rows)
+            losses.append(loss)
+            rewards.append(reward)
+            seen += len(rows) * c.scst_samples
+            self.step_in_epoch += 1
+            self.global_step += 1
+            rate = seen * self.dist.world / (time.perf_counter() - start)
+            bar.update(1)
+            bar.set_postfix(reward=f"{reward:.3f}", captions_per_s=f"{rate:.0f}")
+            if self.global_step % 50 == 0:
+                self._log(
+                    {
+                        "step": self.global_step,
+                        "scst_loss": loss,
+                        "scst_reward": reward,
+                        "lr": c.scst_lr,
+                        "captions_per_s": rate,
+                    }
+                )
+            if c.max_steps is not None and self.global_step >= c.max_steps:
+                bar.close()
+                self.save_last()
+                return "max_steps"
+            if self.global_step % c.checkpoint_every == 0:
+                self.save_last()
+        bar.close()
+        self.last_train_loss = float(np.mean(losses)) if losses else float("nan")
+        self.last_rate = seen * self.dist.world / max(time.perf_counter() - start, 1e-9)
+        self.last_reward = float(np.mean(rewards)) if rewards else float("nan")
         return "done"
 
     def _end_epoch(self) -> bool:
@@ -630,8 +763,10 @@ class Trainer:
                 {
                     "epoch": self.epoch,
                     "step": self.global_step,
+                    "objective": "cross-entropy" if self.last_reward is None else "self-critical",
                     "train_loss": self.last_train_loss,
                     "captions_per_s": self.last_rate,
+                    **({"train_CIDEr_reward": self.last_reward} if self.last_reward is not None else {}),
                     **{f"val_{k}": v for k, v in metrics.items()},
                     "best_CIDEr": self.best_score,
                 }

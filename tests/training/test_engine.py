@@ -92,6 +92,43 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(shapes, cache_di
     assert a["training"]["scheduler"]["last_epoch"] == b["training"]["scheduler"]["last_epoch"]
 
 
+def test_self_critical_epochs_raise_the_cider_reward(shapes, cache_dir, tmp_path):
+    """Cross-entropy for 3 epochs, then 6 self-critical epochs that optimise CIDEr-D on sampled captions.
+
+    (Seeds 0, 1 and 2 all took the samples' mean reward from 0.8-1.1 to 1.6-1.8 and the greedy val
+    CIDEr from 0.7-1.1 to 2.1-2.5 with these settings.)"""
+    config = _config(
+        shapes, tmp_path, cache_dir, epochs=9, scst_after=3, scst_batch_images=4, scst_lr=3e-3, patience=100
+    )
+    summary = train(config)
+    assert summary["epoch"] == 9
+    epochs = [r for r in _log(tmp_path) if "val_loss" in r]
+    assert [r["objective"] for r in epochs] == ["cross-entropy"] * 3 + ["self-critical"] * 6
+    assert "train_CIDEr_reward" not in epochs[2]
+    rewards = [r["train_CIDEr_reward"] for r in epochs[3:]]
+    assert rewards[-1] > 1.3 * rewards[0]  # the samples' CIDEr-D rises as the policy improves
+    assert max(r["val_CIDEr"] for r in epochs[3:]) > 1.3 * epochs[2]["val_CIDEr"]
+    assert epochs[-1]["step"] - epochs[2]["step"] == 6 * 6  # 24 images / 4 per step, 6 epochs
+    state = torch.load(tmp_path / "last.pt", weights_only=True)["training"]
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(3e-3)  # constant during SCST
+
+
+def test_resume_inside_a_self_critical_epoch_matches_an_uninterrupted_run(shapes, cache_dir, tmp_path):
+    settings = dict(epochs=3, scst_after=2, scst_batch_images=8, scst_lr=1e-3)
+    whole = tmp_path / "whole"
+    train(_config(shapes, whole, cache_dir, **settings))
+    steps_per_epoch = len(epoch_batches([5] * 24 * 5, 16, seed=0, epoch=0))
+    parts = tmp_path / "parts"
+    first = train(_config(shapes, parts, cache_dir, max_steps=2 * steps_per_epoch + 1, **settings))
+    assert first["stopped"] == "max_steps"
+    train(_config(shapes, parts, cache_dir, resume=True, **settings))
+    a = torch.load(whole / "last.pt", weights_only=True)
+    b = torch.load(parts / "last.pt", weights_only=True)
+    assert a["training"]["global_step"] == b["training"]["global_step"] == 2 * steps_per_epoch + 3
+    for key, value in a["decoder_state"].items():
+        assert torch.equal(value, b["decoder_state"][key]), key
+
+
 def test_vanilla_rnn_and_gru_cells_train(shapes, cache_dir, tmp_path):
     for cell in ("rnn", "gru"):
         summary = train(_config(shapes, tmp_path / cell, cache_dir, epochs=2, cell=cell, attention=False))
@@ -176,6 +213,8 @@ def test_train_and_eval_clis(shapes, cache_dir, tmp_path, capsys):
         (["--data", "/nonexistent/flickr"], "/nonexistent/flickr"),
         (["--data", "x", "--schedule", "linear"], "unknown schedule 'linear'"),
         (["--data", "x", "--encoder", "vgg"], "unknown encoder 'vgg'"),
+        (["--data", "x", "--scst-after", "2", "--finetune-after", "1"], "cannot be combined"),
+        (["--data", "x", "--scst-after", "2", "--scst-samples", "1"], "scst_samples must be >= 2"),
     ],
 )
 def test_train_cli_errors_are_one_line(argv, message, tmp_path, capsys):

@@ -1,0 +1,133 @@
+"""Self-critical sequence training: the CIDEr-D reward, sampling with gradients, the baseline, the loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from captioner.config import DecoderConfig
+from captioner.decoder import CaptionDecoder
+from captioner.text import tokenize
+from captioner.vocab import Vocabulary
+from training.metrics import compute_cider_d
+from training.scst import CiderD, leave_one_out_advantage, sample_captions, scst_loss
+
+REFERENCES = [
+    ["A dog runs through the snow.", "A brown dog is running in snow", "a dog playing in the snow", "Dog in snow."],
+    ["Two children play on the beach.", "kids on a sandy beach", "Two kids are playing at the beach ."],
+    ["A man rides a bike down a hill.", "a cyclist on a mountain trail", "A man on a bicycle riding downhill"],
+    ["A woman in a red coat walks.", "a lady walking in a red jacket", "Woman walking down the street"],
+]
+CANDIDATES = [
+    "a dog runs in the snow",
+    "two kids play on the beach",
+    "a man is riding a bike",
+    "a man in a red coat",
+]
+
+
+def _tokens(captions):
+    return [tokenize(c) for c in captions]
+
+
+def test_cider_d_equals_coco_caption_cider_when_the_corpus_is_the_scored_set() -> None:
+    refs = [_tokens(r) for r in REFERENCES]
+    hyps = _tokens(CANDIDATES)
+    expected = compute_cider_d(hyps, refs)  # equal to pycocoevalcap's Cider (tests/training/test_metrics.py)
+    ours = CiderD(refs).scores(range(len(hyps)), hyps)
+    np.testing.assert_allclose(ours, expected, rtol=1e-9, atol=1e-12)
+    assert ours[0] > 1.0 and ours[3] < ours[0]  # a near-reference caption scores high, a wrong one low
+
+
+def test_cider_d_rewards_the_right_image_and_penalises_length() -> None:
+    reward = CiderD([_tokens(r) for r in REFERENCES])
+    caption = tokenize("a dog runs through the snow")
+    assert reward.score(0, caption) > 5 * reward.score(1, caption)
+    assert reward.score(0, caption) > reward.score(0, caption + ["and", "the", "dog", "runs"] * 3)
+    assert reward.score(0, []) == 0.0
+
+
+def test_document_frequencies_come_from_the_whole_corpus() -> None:
+    """The same caption against the same references scores differently once the corpus is larger:
+    idf is computed over every image given, not over the images scored together."""
+    refs = [_tokens(r) for r in REFERENCES]
+    small, large = CiderD(refs[:2]), CiderD(refs)
+    caption = tokenize("a dog runs in the snow")
+    assert small.score(0, caption) != pytest.approx(large.score(0, caption))
+    with pytest.raises(ValueError, match="at least one"):
+        CiderD([])
+
+
+def _decoder(vocab_size: int = 12, attention: bool = True) -> CaptionDecoder:
+    torch.manual_seed(0)
+    config = DecoderConfig(vocab_size, 8, embed_dim=16, hidden_dim=16, attention=attention, attention_dim=8)
+    return CaptionDecoder(config)
+
+
+@pytest.mark.parametrize("attention", [True, False])
+def test_sampling_feeds_words_back_and_keeps_gradients(attention: bool) -> None:
+    decoder = _decoder(attention=attention)
+    grid = torch.randn(3, 8, 2, 2)
+    torch.manual_seed(1)
+    tokens, log_probs, mask = sample_captions(decoder, grid, samples=4, max_length=6)
+    assert tokens.shape == log_probs.shape == mask.shape
+    assert tokens.shape[0] == 12 and tokens.shape[1] <= 7
+    banned = {Vocabulary.pad_id, Vocabulary.bos_id, Vocabulary.unk_id}
+    for row, row_mask in zip(tokens.tolist(), mask.tolist(), strict=True):
+        length = sum(row_mask)
+        assert row[length - 1] == Vocabulary.eos_id  # every caption ends with <end>, at max_length at the latest
+        assert all(t not in banned for t in row[:length])
+        assert all(t == Vocabulary.pad_id for t in row[length:])
+        assert row_mask == [True] * length + [False] * (len(row) - length)
+    assert torch.isfinite(log_probs).all()
+    assert (log_probs[~mask] == 0).all() and (log_probs[mask] < 0).all()
+    log_probs.sum().backward()
+    assert decoder.head.weight.grad is not None and decoder.head.weight.grad.abs().sum() > 0
+    assert decoder.init_state_proj.weight.grad.abs().sum() > 0  # through the image, too
+
+
+def _teacher_forced(decoder: CaptionDecoder, grid: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of ``tokens`` fed to the decoder as a caption, with the sampler's banned words."""
+    samples = tokens.shape[0] // grid.shape[0]
+    captions = torch.cat([torch.full((tokens.shape[0], 1), Vocabulary.bos_id), tokens], dim=1)
+    logits, _ = decoder(grid.repeat_interleave(samples, dim=0), captions)
+    banned = torch.zeros(logits.shape[-1], dtype=torch.bool)
+    banned[[Vocabulary.pad_id, Vocabulary.bos_id, Vocabulary.unk_id]] = True
+    return logits.masked_fill(banned, float("-inf")).log_softmax(-1).gather(2, tokens.unsqueeze(2)).squeeze(2)
+
+
+def test_sampled_log_probs_are_the_decoders_own() -> None:
+    """Teacher-forcing the sampled words through the decoder gives the same log-probabilities."""
+    decoder = _decoder().eval()
+    grid = torch.randn(2, 8, 2, 2)
+    torch.manual_seed(3)
+    tokens, log_probs, mask = sample_captions(decoder, grid, samples=2, max_length=5)
+    expected = _teacher_forced(decoder, grid, tokens)
+    torch.testing.assert_close(log_probs[mask], expected[mask], rtol=1e-5, atol=1e-5)
+
+
+def test_leave_one_out_baseline() -> None:
+    rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 10.0])
+    advantage = leave_one_out_advantage(rewards, samples=3)
+    torch.testing.assert_close(advantage, torch.tensor([-1.5, 0.0, 1.5, 0.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match=">= 2 samples"):
+        leave_one_out_advantage(rewards, samples=1)
+
+
+def test_a_gradient_step_makes_the_better_sample_more_likely() -> None:
+    decoder = _decoder().train()
+    decoder.dropout.p = 0.0
+    grid = torch.randn(1, 8, 2, 2)
+    torch.manual_seed(5)
+    tokens, log_probs, mask = sample_captions(decoder, grid, samples=2, max_length=4)
+    assert not torch.equal(tokens[0], tokens[1])
+    rewards = torch.tensor([1.0, 0.0])  # the first sample is the better one
+    loss = scst_loss(log_probs, mask, leave_one_out_advantage(rewards, 2))
+    optimizer = torch.optim.SGD(decoder.parameters(), lr=0.1)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = _teacher_forced(decoder, grid, tokens).masked_fill(~mask, 0.0).sum(1)
+    before = log_probs.detach().sum(1)
+    assert after[0] > before[0] and after[1] < before[1]
