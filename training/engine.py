@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -255,6 +255,12 @@ def epoch_batches(
         if share:
             batches.append(group[rank * share : (rank + 1) * share])
     return batches
+
+
+class _Step(NamedTuple):
+    loss: float
+    reward: float | None  # self-critical steps: the samples' mean CIDEr-D
+    captions: int  # captions trained on (teacher-forced, or sampled)
 
 
 # -- model wrapper for DDP ----------------------------------------------------------------------------
@@ -582,7 +588,7 @@ class Trainer:
         while self.epoch < c.epochs:
             if self._finetuning(self.epoch):
                 self._start_finetuning()
-            result = self._run_scst_epoch() if self._self_critical(self.epoch) else self._run_epoch()
+            result = self._run_epoch()
             if result == "max_steps":
                 stopped = "max_steps"
                 break
@@ -611,31 +617,43 @@ class Trainer:
         }
 
     def _run_epoch(self) -> str:
+        """One epoch of cross-entropy steps or, from ``scst_after``, self-critical ones; resumes mid-epoch."""
         c = self.config
         self.module.train()
-        bar = progress_bar(
-            self.steps_per_epoch, f"epoch {self.epoch + 1}/{c.epochs}", c.progress and self.dist.main, unit="step"
-        )
+        if self._self_critical(self.epoch):
+            batches = self._scst_batches(self.epoch)
+            total, title = len(batches), f"epoch {self.epoch + 1}/{c.epochs} (self-critical)"
+            steps = (
+                _Step(*self.scst_step(rows), captions=len(rows) * c.scst_samples)
+                for rows in batches[self.step_in_epoch :]
+            )
+        else:
+            total, title = self.steps_per_epoch, f"epoch {self.epoch + 1}/{c.epochs}"
+            steps = (
+                _Step(self.train_step(inputs, captions, from_pixels), None, captions=len(captions))
+                for inputs, captions, from_pixels in self._train_batches(self.epoch)
+            )
+        bar = progress_bar(total, title, c.progress and self.dist.main, unit="step")
         bar.update(self.step_in_epoch)
-        start, seen, losses = time.perf_counter(), 0, []
-        for inputs, captions, from_pixels in self._train_batches(self.epoch):
-            loss = self.train_step(inputs, captions, from_pixels)
-            losses.append(loss)
-            seen += len(captions)
+        start, seen, losses, rewards = time.perf_counter(), 0, [], []
+        for step in steps:
+            losses.append(step.loss)
+            if step.reward is not None:
+                rewards.append(step.reward)
+            seen += step.captions
             self.step_in_epoch += 1
             self.global_step += 1
             rate = seen * self.dist.world / (time.perf_counter() - start)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", captions_per_s=f"{rate:.0f}")
+            shown = {"loss": f"{step.loss:.3f}"} if step.reward is None else {"reward": f"{step.reward:.3f}"}
+            bar.set_postfix(**shown, captions_per_s=f"{rate:.0f}")
             if self.global_step % 50 == 0:
-                self._log(
-                    {
-                        "step": self.global_step,
-                        "train_loss": loss,
-                        "lr": self.scheduler.get_last_lr()[0],
-                        "captions_per_s": rate,
-                    }
-                )
+                if step.reward is None:
+                    logged = {"train_loss": step.loss}
+                else:
+                    logged = {"scst_loss": step.loss, "scst_reward": step.reward}
+                lr = self.optimizer.param_groups[0]["lr"]
+                self._log({"step": self.global_step, **logged, "lr": lr, "captions_per_s": rate})
             if c.max_steps is not None and self.global_step >= c.max_steps:
                 bar.close()
                 self.save_last()
@@ -645,7 +663,7 @@ class Trainer:
         bar.close()
         self.last_train_loss = float(np.mean(losses)) if losses else float("nan")
         self.last_rate = seen * self.dist.world / max(time.perf_counter() - start, 1e-9)
-        self.last_reward = None
+        self.last_reward = float(np.mean(rewards)) if rewards else None
         return "done"
 
     # -- self-critical epochs -------------------------------------------------------------------------
@@ -699,48 +717,6 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return float(loss.detach()), float(rewards.mean())
-
-    def _run_scst_epoch(self) -> str:
-        c = self.config
-        self.module.train()
-        batches = self._scst_batches(self.epoch)
-        bar = progress_bar(
-            len(batches), f"epoch {self.epoch + 1}/{c.epochs} (self-critical)", c.progress and self.dist.main,
-            unit="step",
-        )  # fmt: skip
-        bar.update(self.step_in_epoch)
-        start, seen, losses, rewards = time.perf_counter(), 0, [], []
-        for rows in batches[self.step_in_epoch :]:
-            loss, reward = self.scst_step(rows)
-            losses.append(loss)
-            rewards.append(reward)
-            seen += len(rows) * c.scst_samples
-            self.step_in_epoch += 1
-            self.global_step += 1
-            rate = seen * self.dist.world / (time.perf_counter() - start)
-            bar.update(1)
-            bar.set_postfix(reward=f"{reward:.3f}", captions_per_s=f"{rate:.0f}")
-            if self.global_step % 50 == 0:
-                self._log(
-                    {
-                        "step": self.global_step,
-                        "scst_loss": loss,
-                        "scst_reward": reward,
-                        "lr": c.scst_lr,
-                        "captions_per_s": rate,
-                    }
-                )
-            if c.max_steps is not None and self.global_step >= c.max_steps:
-                bar.close()
-                self.save_last()
-                return "max_steps"
-            if self.global_step % c.checkpoint_every == 0:
-                self.save_last()
-        bar.close()
-        self.last_train_loss = float(np.mean(losses)) if losses else float("nan")
-        self.last_rate = seen * self.dist.world / max(time.perf_counter() - start, 1e-9)
-        self.last_reward = float(np.mean(rewards)) if rewards else float("nan")
-        return "done"
 
     def _end_epoch(self) -> bool:
         """Validate, log, checkpoint; returns True when early stopping says stop."""
