@@ -279,9 +279,13 @@ def test_ddp_two_processes_on_gloo_agree(shapes, cache_dir, tmp_path):
         "--attention-dim",
         "8",
         "--epochs",
-        "2",
+        "3",
         "--batch-size",
         "8",
+        "--scst-after",  # the third epoch self-critical: its sampled gradients must be all-reduced too
+        "2",
+        "--scst-batch-images",
+        "4",
         *QUICK_FLAGS,
     ]
     proc = subprocess.Popen(
@@ -299,9 +303,11 @@ def test_ddp_two_processes_on_gloo_agree(shapes, cache_dir, tmp_path):
     agree = [r for r in records if "ranks_agree" in r]
     assert agree and agree[0]["ranks_agree"] is True and agree[0]["ddp_ranks"] == 2
     epochs = [r for r in records if "val_loss" in r]
-    assert len(epochs) == 2  # only rank 0 writes
-    # global batches of 2 x 8 captions: 7 full + one of 8 split 4/4 = 8 steps per epoch on each rank
-    assert epochs[-1]["step"] == 16
+    assert len(epochs) == 3  # only rank 0 writes
+    assert [r["objective"] for r in epochs] == ["cross-entropy", "cross-entropy", "self-critical"]
+    # global batches of 2 x 8 captions: 7 full + one of 8 split 4/4 = 8 steps per epoch on each rank;
+    # then 24 images in global batches of 2 x 4: 3 self-critical steps
+    assert epochs[1]["step"] == 16 and epochs[2]["step"] == 19
 
 
 def test_epoch_batches_shard_evenly_and_bucket_by_length():
