@@ -11,7 +11,7 @@ gave back, and each fresh page costs a zero-filled page fault.
 
 It matters most off the main thread. A thread that is not the main one allocates from its own malloc
 arena, whose heaps are trimmed eagerly; the service runs all torch work on such a thread. Measured
-on this project's 2-core test VM with the default model (beam 3, one image, 2 torch threads;
+on this project's 2-core test VM with the cross-entropy default model (beam 3, one image, 2 torch threads;
 medians of 4 interleaved process runs):
 
 ================================  ==============
