@@ -74,7 +74,7 @@ class TrainConfig:
     scst_after: int | None = None  # epoch from which training is self-critical (None: cross-entropy only)
     scst_samples: int = 5  # captions sampled per image; each one's baseline is the mean reward of the others
     scst_batch_images: int = 32  # images per step (per process under DDP)
-    scst_lr: float = 2e-5  # constant decoder learning rate during self-critical epochs
+    scst_lr: float = 1e-4  # constant decoder learning rate during self-critical epochs (the default model's)
     scst_max_length: int = 16  # sampled captions end after this many words
     # run control
     seed: int = 0
