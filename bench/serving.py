@@ -262,7 +262,10 @@ def bench_server(
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if not 0 <= args.malloc_mmap_threshold_mb <= 1024:
+        parser.error(f"--malloc-mmap-threshold-mb must be in [0, 1024], got {args.malloc_mmap_threshold_mb}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.malloc_mmap_threshold_mb:
