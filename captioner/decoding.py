@@ -118,18 +118,19 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-def _step(decoder: CaptionDecoder, tokens: torch.Tensor, state):
+NEVER_PRODUCED = (Vocabulary.pad_id, Vocabulary.bos_id, Vocabulary.unk_id)
+
+
+def next_word_logits(decoder: CaptionDecoder, tokens: torch.Tensor, state):
     """One decoder step in fp32; ``<pad>``, ``<start>`` and ``<unk>`` can never be produced.
 
     ``<unk>`` stands for the rare words cut from the vocabulary: a caption saying "a man with a
-    <unk>" is worse for a reader than the model's best real word.
+    <unk>" is worse for a reader than the model's best real word. Out of place, so gradients flow
+    through it (self-critical training samples with it).
     """
     logits, state, alpha = decoder.step(tokens, state)
-    logits = logits.float()  # (B, V)
-    logits[:, Vocabulary.pad_id] = float("-inf")
-    logits[:, Vocabulary.bos_id] = float("-inf")
-    logits[:, Vocabulary.unk_id] = float("-inf")
-    return logits, state, alpha
+    banned = torch.tensor(NEVER_PRODUCED, device=logits.device)
+    return logits.float().index_fill(-1, banned, float("-inf")), state, alpha  # (B, V)
 
 
 def _rollout(decoder: CaptionDecoder, grid: torch.Tensor, max_length: int, choose) -> list[Hypothesis]:
@@ -142,7 +143,7 @@ def _rollout(decoder: CaptionDecoder, grid: torch.Tensor, max_length: int, choos
     log_prob = torch.zeros(batch, device=device)
     words, alphas = [], []
     for t in range(max_length + 1):
-        logits, state, alpha = _step(decoder, tokens, state)  # (B, V)
+        logits, state, alpha = next_word_logits(decoder, tokens, state)  # (B, V)
         # Out of room at max_length: the caption ends there.
         tokens = torch.full_like(tokens, eos) if t == max_length else choose(logits)
         step_logp = logits.log_softmax(-1).gather(1, tokens.unsqueeze(1)).squeeze(1)  # (B,)
@@ -190,7 +191,7 @@ def beam_search(decoder: CaptionDecoder, grid: torch.Tensor, options: DecodingOp
     att_history = None
     offsets = (torch.arange(batch, device=device) * k).unsqueeze(1)  # (B, 1)
     for t in range(options.max_length + 1):
-        logits, state, alpha = _step(decoder, tokens, state)
+        logits, state, alpha = next_word_logits(decoder, tokens, state)
         logp = logits.log_softmax(-1)  # (B*K, V)
         vocab = logp.shape[-1]
         if t == options.max_length:  # out of room: every live beam must end now

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from captioner.decoder import CaptionDecoder
+from captioner.decoding import next_word_logits
 from captioner.vocab import Vocabulary
 
 Tokens = Sequence[str]
@@ -101,13 +102,11 @@ def sample_captions(
     rows = grid.shape[0] * samples
     state = decoder.init_state(grid).repeat_interleave(samples)
     tokens = torch.full((rows,), Vocabulary.bos_id, dtype=torch.long, device=grid.device)
-    banned = torch.zeros(decoder.config.vocab_size, dtype=torch.bool, device=grid.device)
-    banned[[Vocabulary.pad_id, Vocabulary.bos_id, Vocabulary.unk_id]] = True
     finished = torch.zeros(rows, dtype=torch.bool, device=grid.device)
     chosen, log_probs, masks = [], [], []
     for t in range(max_length + 1):
-        logits, state, _ = decoder.step(tokens, state)
-        logp = logits.float().masked_fill(banned, float("-inf")).log_softmax(-1)  # (R, V)
+        logits, state, _ = next_word_logits(decoder, tokens, state)
+        logp = logits.log_softmax(-1)  # (R, V)
         if t == max_length:
             tokens = torch.full_like(tokens, Vocabulary.eos_id)
         else:
