@@ -547,6 +547,12 @@ class Trainer:
         ):
             logits, alphas = self.module(inputs if from_pixels else inputs.float(), captions, from_pixels)
             loss = caption_loss(logits, alphas, captions, self.config)
+        self._optimize(loss)
+        self.scheduler.step()
+        return float(loss.detach())
+
+    def _optimize(self, loss: torch.Tensor) -> None:
+        """Backward, clip the global gradient norm, step (through the grad scaler), clear the gradients."""
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         if self.config.grad_clip > 0:
@@ -555,8 +561,6 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return float(loss.detach())
 
     def fit(self) -> dict[str, Any]:
         c = self.config
@@ -706,16 +710,8 @@ class Trainer:
         captions = [self.vocab.decode_tokens(row) for row in tokens.tolist()]
         rewards = torch.as_tensor(self.cider.scores(images, captions), dtype=torch.float32, device=self.device)
         loss = scst_loss(log_probs.float(), mask, leave_one_out_advantage(rewards, c.scst_samples))
-        for group in self.optimizer.param_groups[:1]:  # the decoder's; the frozen encoder's stays as it is
-            group["lr"] = c.scst_lr
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        if c.grad_clip > 0:
-            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-            nn.utils.clip_grad_norm_(params, c.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.param_groups[0]["lr"] = c.scst_lr  # the decoder's; the frozen encoder's stays as it is
+        self._optimize(loss)
         return float(loss.detach()), float(rewards.mean())
 
     def _end_epoch(self) -> bool:
