@@ -54,6 +54,11 @@ def _config(data, out, cache, **overrides) -> TrainConfig:
 QUICK_FLAGS = ["--min-word-count", "1", "--num-workers", "0", "--no-progress", "--device", "cpu"]
 
 
+def _cross_entropy_steps_per_epoch() -> int:
+    """Steps per cross-entropy epoch on the shapes data (24 images x 5 captions) at _config's batch size 16."""
+    return len(epoch_batches([5] * 24 * 5, 16, seed=0, epoch=0))
+
+
 def _log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
@@ -78,7 +83,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(shapes, cache_di
     whole = tmp_path / "whole"
     train(_config(shapes, whole, cache_dir, epochs=2, attention=True))
     parts = tmp_path / "parts"
-    steps_per_epoch = len(epoch_batches([5] * 24 * 5, 16, seed=0, epoch=0))
+    steps_per_epoch = _cross_entropy_steps_per_epoch()
     first = train(_config(shapes, parts, cache_dir, epochs=2, max_steps=steps_per_epoch + 3))  # killed mid-epoch 2
     assert first["stopped"] == "max_steps" and first["global_step"] == steps_per_epoch + 3
     second = train(_config(shapes, parts, cache_dir, epochs=2, resume=True))
@@ -117,7 +122,7 @@ def test_resume_inside_a_self_critical_epoch_matches_an_uninterrupted_run(shapes
     settings = dict(epochs=3, scst_after=2, scst_batch_images=8, scst_lr=1e-3)
     whole = tmp_path / "whole"
     train(_config(shapes, whole, cache_dir, **settings))
-    steps_per_epoch = len(epoch_batches([5] * 24 * 5, 16, seed=0, epoch=0))
+    steps_per_epoch = _cross_entropy_steps_per_epoch()
     parts = tmp_path / "parts"
     first = train(_config(shapes, parts, cache_dir, max_steps=2 * steps_per_epoch + 1, **settings))
     assert first["stopped"] == "max_steps"
