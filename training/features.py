@@ -116,6 +116,9 @@ def build_feature_cache(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
+        # Iterating a DataLoader draws a worker seed from its generator; with the global one, a run that
+        # built its cache would train differently from the same run finding the cache already there.
+        generator=torch.Generator(),
     )
     failed: dict[str, str] = {}
     amp = device.type == "cuda"

@@ -67,3 +67,12 @@ def test_unreadable_images_are_reported_not_fatal(images, tmp_path):
     assert set(store.failed) == {str(bad), missing}
     assert "truncated" in store.failed[str(bad)].lower() and "no such file" in store.failed[missing]
     assert not list((tmp_path / "cache").rglob("*.tmp.npy"))  # no leftovers
+
+
+def test_building_the_cache_leaves_the_global_random_state_alone(images, tmp_path):
+    """A run that builds its cache must train exactly like one that finds it built (same dropout masks)."""
+    encoder = _encoder()
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    build_feature_cache(encoder, images, tmp_path, batch_size=4, num_workers=0, progress=False)
+    assert torch.equal(torch.get_rng_state(), before)
