@@ -38,6 +38,7 @@ from captioner.decoding import DecodingOptions
 from captioner.model import DEFAULT_CHECKPOINT, Captioner
 from captioner.runtime import tune_malloc
 from captioner.transforms import load_image
+from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "coco-mini" / "train2017"
@@ -62,7 +63,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "1 gives steadier numbers on a machine shared with other CPU-heavy work",
     )
     parser.add_argument(
-        "--malloc-mmap-threshold-mb", type=int, default=64,
+        "--malloc-mmap-threshold-mb", type=int, default=Settings.model_fields["malloc_mmap_threshold_mb"].default,
         help="the servers' CAPTIONER_MALLOC_MMAP_THRESHOLD_MB, applied to the bare model in this process too "
         "(captioner.runtime.tune_malloc), so both run with the same allocator; 0: glibc's defaults for both",
     )

@@ -8,6 +8,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from captioner.runtime import DEFAULT_MMAP_THRESHOLD
 from captioner.transforms import DEFAULT_MAX_PIXELS
 
 
@@ -26,7 +27,7 @@ class Settings(BaseSettings):
     )
     decode_threads: int = Field(2, ge=1, le=64, description="threads decoding uploads (PIL; torch has its own)")
     malloc_mmap_threshold_mb: int = Field(
-        64,
+        DEFAULT_MMAP_THRESHOLD // 2**20,
         ge=0,
         le=1024,
         description="keep freed tensor memory below this size for reuse instead of returning it to the kernel "
