@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import json
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -13,7 +16,7 @@ import pytest
 
 from service import cli
 from tests.service import images
-from tests.service.server import Server, running_server
+from tests.service.server import ROOT, Server, running_server
 
 MAX_UPLOAD = 300_000
 
@@ -92,3 +95,36 @@ def test_missing_checkpoint_fails_at_start_with_one_line(tmp_path: Path, capfd: 
     assert "Traceback" not in output, output
     errors = [line for line in output.splitlines() if "cannot load the model" in line]
     assert len(errors) == 1 and f"checkpoint not found: {missing}" in errors[0], output
+
+
+def _bench_serving():
+    spec = importlib.util.spec_from_file_location("bench_serving", ROOT / "bench" / "serving.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_serving_benchmark_client_gets_the_same_answers_as_httpx(server: Server) -> None:
+    """bench/serving.py times pre-encoded requests over its own keep-alive connections: they must be real requests."""
+    bench = _bench_serving()
+    uploads = [(f"{i}.png", images.png(seed=300 + i)) for i in range(3)]
+    params = {"method": "greedy"}
+    requests = [bench.encode_request(server.url, name, data, params) for name, data in uploads]
+
+    async def send_all() -> list[tuple[int, bytes]]:
+        connection = await bench.Connection.open(server.url)
+        try:
+            return [await connection.send(request) for request in requests + requests]  # one connection, kept alive
+        finally:
+            await connection.close()
+
+    answers = asyncio.run(send_all())
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        expected = [client.post("/caption", params=params, files={"image": u}).json()["captions"] for u in uploads]
+    assert [status for status, _ in answers] == [200] * 6
+    assert [json.loads(body)["captions"] for _, body in answers] == expected + expected
+
+    level = asyncio.run(bench.drive(server.url, requests, 3, 7))
+    assert len(level.latencies_ms) == len(level.model_ms) == len(level.batch_sizes) == 7
+    assert level.seconds > 0 and all(ms > 0 for ms in level.latencies_ms)
