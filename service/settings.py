@@ -25,6 +25,13 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(
         5.0, ge=0.0, le=10_000.0, description="how long a batch waits for requests that are already arriving"
     )
+    encoder_chunk_size: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="most images per encoder pass within a batch; unset: 8 on CPU (faster per image than big "
+        "batches), the whole batch on GPU",
+    )
     decode_threads: int = Field(2, ge=1, le=64, description="threads decoding uploads (PIL; torch has its own)")
     malloc_mmap_threshold_mb: int = Field(
         DEFAULT_MMAP_THRESHOLD // 2**20,

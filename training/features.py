@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from captioner.encoders import ImageEncoder
+from captioner.encoders import ImageEncoder, default_chunk_size
 from captioner.transforms import ImageError, load_crop, to_tensor
 
 log = logging.getLogger(__name__)
@@ -122,12 +122,13 @@ def build_feature_cache(
     )
     failed: dict[str, str] = {}
     amp = device.type == "cuda"
+    chunk_size = default_chunk_size(device)  # the loader's batches keep the decoding workers busy; see CPU_CHUNK_SIZE
     start, row = time.perf_counter(), 0
     bar = progress_bar(len(paths), f"encoding {len(paths)} images", progress)
     try:
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             for pixels, ok, errors in loader:
-                grid = encoder.forward_features(pixels.to(device, non_blocking=True))  # (B, C, h, w)
+                grid = encoder.forward_features(pixels.to(device, non_blocking=True), chunk_size=chunk_size)
                 array[row : row + len(pixels)] = grid.float().cpu().numpy().astype(np.float16)
                 for i in torch.nonzero(~ok).flatten().tolist():
                     failed[paths[row + i]] = errors[i]

@@ -5,10 +5,12 @@ import torch
 
 from captioner.config import EncoderConfig
 from captioner.encoders import (
+    CPU_CHUNK_SIZE,
     ENCODERS,
     EncoderWeightsError,
     _package_weights_file,
     build_encoder,
+    default_chunk_size,
     file_sha256,
 )
 
@@ -95,3 +97,31 @@ def test_frozen_by_default_and_last_stage_trainable():
     lite = build_encoder(EncoderConfig("efficientnet_lite0", weights="imagenet", trainable=True))
     names = {n for n, p in lite.named_parameters() if p.requires_grad}
     assert "body._conv_head.weight" in names and "body._conv_stem.weight" not in names
+
+
+def _counting_passes(encoder) -> list[int]:
+    """Record the batch size of every pass through the encoder's body."""
+    passes: list[int] = []
+    features = encoder._features
+    encoder._features = lambda images: passes.append(images.shape[0]) or features(images)
+    return passes
+
+
+def test_chunked_features_equal_one_pass():
+    encoder = build_encoder(EncoderConfig("resnet18", weights=None))
+    passes = _counting_passes(encoder)
+    images = torch.randn(7, 3, 64, 64)
+    with torch.inference_mode():
+        whole = encoder.forward_features(images)
+        chunked = encoder.forward_features(images, chunk_size=3)
+        small = encoder.forward_features(images[:2], chunk_size=3)
+    assert passes == [7, 3, 3, 1, 2]
+    assert chunked.shape == whole.shape and torch.allclose(chunked, whole, atol=1e-5)
+    assert torch.allclose(small, whole[:2], atol=1e-5)
+    with pytest.raises(ValueError, match="chunk_size"):
+        encoder.forward_features(images, chunk_size=0)
+
+
+def test_chunks_on_cpu_only_by_default():
+    assert default_chunk_size("cpu") == CPU_CHUNK_SIZE
+    assert default_chunk_size(torch.device("cuda", 0)) is None

@@ -62,3 +62,20 @@ def test_mismatched_parts_are_refused():
         Captioner(encoder, CaptionDecoder(DecoderConfig(vocab_size=99, feature_dim=512)), tiny_vocab())
     with pytest.raises(ValueError, match="feature_dim"):
         Captioner(encoder, CaptionDecoder(DecoderConfig(vocab_size=len(tiny_vocab()), feature_dim=64)), tiny_vocab())
+
+
+def test_encode_runs_the_encoder_in_chunks():
+    """On CPU a big batch goes through the encoder a few images at a time (CPU_CHUNK_SIZE), or as set."""
+    from captioner.encoders import CPU_CHUNK_SIZE
+
+    model = Captioner.build(EncoderConfig("resnet18", weights=None), tiny_vocab(), embed_dim=8, hidden_dim=8).eval()
+    passes: list[int] = []
+    features = model.encoder._features
+    model.encoder._features = lambda images: passes.append(images.shape[0]) or features(images)
+    pixels = torch.randn(CPU_CHUNK_SIZE + 2, 3, 64, 64)
+    default = model.encode(pixels)
+    assert passes == [CPU_CHUNK_SIZE, 2]
+    passes.clear()
+    model.encoder_chunk_size = 4
+    assert torch.allclose(model.encode(pixels), default, atol=1e-5)
+    assert passes == [4] * (CPU_CHUNK_SIZE // 4) + [2]

@@ -96,9 +96,21 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert (settings.max_batch_size, settings.max_wait_ms) == (4, 2.5)
     assert settings.api_keys == ["a", "b", "c"]
     assert settings.cors_origins == ["https://x.org", "https://y.org"]
+    assert settings.encoder_chunk_size is None  # unset: the library's choice for the device
     monkeypatch.setenv("CAPTIONER_MAX_BATCH_SIZE", "0")
     with pytest.raises(ValueError, match="max_batch_size"):
         Settings()
+    monkeypatch.setenv("CAPTIONER_MAX_BATCH_SIZE", "4")
+    monkeypatch.setenv("CAPTIONER_ENCODER_CHUNK_SIZE", "0")
+    with pytest.raises(ValueError, match="encoder_chunk_size"):
+        Settings()
+
+
+def test_encoder_chunk_size_setting_reaches_the_model(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAPTIONER_ENCODER_CHUNK_SIZE", "3")
+    with TestClient(create_app(Settings(checkpoint=tiny_checkpoint))) as client:
+        assert client.get("/ready").status_code == 200
+        assert client.app.state.loaded.model.encoder_chunk_size == 3
 
 
 @pytest.mark.parametrize(("megabytes", "expected"), [(None, [64 * 2**20]), (8, [8 * 2**20]), (0, [])])
