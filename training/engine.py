@@ -89,6 +89,7 @@ class TrainConfig:
     checkpoint_every: int = 1000  # also save last.pt every this many steps
     max_steps: int | None = None  # stop (and save last.pt) after this many optimizer steps in total
     resume: bool = False  # continue from output_dir/last.pt
+    init_from: str | None = None  # start from a trained checkpoint's model ("default": the bundled one)
     half_checkpoint: bool = False  # store best.pt's weights in fp16
     limit_images: int | None = None  # use at most this many images per split (quick runs, tests)
     progress: bool = True  # progress bars
@@ -316,6 +317,9 @@ class Trainer:
         resume_state = self._resume_state()
         if resume_state is not None:
             self.model = Captioner.from_state(resume_state, source=str(self.out / "last.pt"))
+        elif config.init_from is not None:
+            self.model = self._initial_model(config.init_from)
+            config = self.config
         else:
             vocab = Vocabulary.build(self.corpus.train_captions(), min_count=config.min_word_count)
             encoder = EncoderConfig(config.encoder, config.encoder_weights, trainable=False)
@@ -381,6 +385,24 @@ class Trainer:
         if not state.get("training"):
             raise ValueError(f"{last} holds no training state to resume from")
         return state
+
+    def _initial_model(self, source: str) -> Captioner:
+        """``--init-from``: the trained model to start from; the run's config takes its architecture."""
+        model = Captioner.from_checkpoint(None if source == "default" else source, device="cpu")
+        model.encoder.set_trainable(False)  # --finetune-after unfreezes the last stage when it says so
+        enc, dec = model.config.encoder, model.config.decoder
+        architecture = {name: getattr(dec, name) for name in self.config.decoder_kwargs()}
+        self.config = dataclasses.replace(self.config, encoder=enc.name, encoder_weights=enc.weights, **architecture)
+        words = [w for caption in self.corpus.train_captions() for w in model.vocab.encode(caption, add_special=False)]
+        unknown = sum(w == model.vocab.unk_id for w in words) / max(1, len(words))
+        if self.dist.main:
+            log.info(
+                "starting from %s: %s encoder, %s decoder (%s), vocabulary of %d; %.1f%% of the training words "
+                "are not in it and train as <unk>",
+                source, enc.name, dec.cell, "attention" if dec.attention else "no attention", len(model.vocab),
+                100 * unknown,
+            )  # fmt: skip
+        return model
 
     def _cache_features(self) -> None:
         c = self.config

@@ -12,7 +12,7 @@ import torch
 from captioner import Captioner
 from tests.helpers import make_flickr_folder, require_data
 from training.cli import eval_main, parse_train_config, train_main
-from training.engine import TrainConfig, epoch_batches, train
+from training.engine import TrainConfig, Trainer, epoch_batches, train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -132,6 +132,42 @@ def test_resume_inside_a_self_critical_epoch_matches_an_uninterrupted_run(shapes
     assert a["training"]["global_step"] == b["training"]["global_step"] == 2 * steps_per_epoch + 3
     for key, value in a["decoder_state"].items():
         assert torch.equal(value, b["decoder_state"][key]), key
+
+
+def test_init_from_starts_a_new_run_from_a_trained_model(shapes, cache_dir, tmp_path):
+    """--init-from: the checkpoint's architecture, vocabulary and weights, whatever the flags say; a new
+    optimizer, schedule and step count; config.json records the architecture that actually trained."""
+    first = tmp_path / "first"
+    train(_config(shapes, first, cache_dir, epochs=2, cell="gru", hidden_dim=24, min_word_count=1))
+    trained = Captioner.from_checkpoint(first / "best.pt")
+    second = tmp_path / "second"
+    config = _config(
+        shapes, second, cache_dir, epochs=2, scst_after=1, scst_batch_images=8, scst_lr=1e-3,
+        init_from=str(first / "best.pt"), cell="lstm", hidden_dim=32, min_word_count=4,
+    )  # fmt: skip
+    trainer = Trainer(config)
+    assert (trainer.config.cell, trainer.config.hidden_dim) == ("gru", 24)
+    assert trainer.vocab.tokens == trained.vocab.tokens  # not rebuilt with min_word_count=4
+    for key, value in trained.decoder.state_dict().items():
+        assert torch.equal(trainer.model.decoder.state_dict()[key], value), key
+    assert trainer.global_step == 0 and trainer.epoch == 0
+    summary = trainer.fit()
+    assert summary["epoch"] == 2
+    assert json.loads((second / "config.json").read_text())["cell"] == "gru"
+    epochs = [r for r in _log(second) if "val_loss" in r]
+    assert [r["objective"] for r in epochs] == ["cross-entropy", "self-critical"]
+    # It starts where the first run ended, far above what one epoch from scratch reaches.
+    scratch = train(_config(shapes, tmp_path / "scratch", cache_dir, epochs=1, cell="gru", hidden_dim=24))
+    first_best = max(r["val_CIDEr"] for r in _log(first) if "val_loss" in r)
+    assert epochs[0]["val_CIDEr"] > scratch["best_metrics"]["CIDEr"]
+    assert epochs[0]["val_CIDEr"] > 0.5 * first_best, (epochs[0]["val_CIDEr"], first_best)
+
+
+def test_init_from_a_missing_checkpoint_is_one_line(shapes, cache_dir, tmp_path, capsys):
+    argv = ["--data", str(shapes), "--init-from", str(tmp_path / "absent.pt"), "--cache-dir", str(cache_dir)]
+    assert train_main([*argv, "--output-dir", str(tmp_path / "run"), *QUICK_FLAGS]) == 2
+    err = capsys.readouterr().err
+    assert "absent.pt" in err and "Traceback" not in err
 
 
 def test_vanilla_rnn_and_gru_cells_train(shapes, cache_dir, tmp_path):
