@@ -14,6 +14,11 @@ const captionList = $("#captions");
 const apiKeyInput = $("#api-key");
 
 const MAX_PREVIEW = 640; // preview width/height in CSS pixels
+// A large photo is scaled down here before it is sent, to this short side: twice the model's own
+// resize (from GET /model), so the server's resize still does the final resampling. A 12-megapixel
+// phone photo then uploads as ~100 KiB instead of several MiB, and never trips the byte limit.
+let uploadShortSide = 600;
+const SCALABLE_TYPES = ["image/jpeg", "image/png", "image/webp", "image/bmp"]; // not GIF: the server takes frame 0
 let currentFile = null;
 let currentImage = null; // HTMLImageElement of the chosen file
 
@@ -104,6 +109,8 @@ async function loadModelInfo() {
     const response = await fetch("/model", { headers: authHeaders() });
     if (!response.ok) return;
     const info = await response.json();
+    const preprocess = info.encoder && info.encoder.preprocess;
+    if (preprocess && preprocess.resize) uploadShortSide = 2 * preprocess.resize;
     $("#model").textContent = `${info.id} · ${info.encoder.name} · ${info.vocab_size} words` +
       (info.attention ? " · attention" : "");
   } catch (err) {
@@ -126,19 +133,20 @@ function authHeaders() {
 form.addEventListener("submit", async (event) => {
   event.preventDefault();
   if (!currentFile) return;
-  const body = new FormData();
-  body.append("image", currentFile, currentFile.name);
-  body.append("method", methodSelect.value);
-  for (const label of form.querySelectorAll("[data-methods]")) {
-    const input = label.querySelector("input");
-    if (!label.hidden && input.value !== "") body.append(input.name, input.value);
-  }
-  body.append("attention", $("#attention").checked ? "true" : "false");
   submitButton.disabled = true;
-  setStatus("Captioning…");
   captionList.replaceChildren();
   drawImage();
   try {
+    const upload = await scaledUpload();
+    const body = new FormData();
+    body.append("image", upload.blob, upload.name);
+    body.append("method", methodSelect.value);
+    for (const label of form.querySelectorAll("[data-methods]")) {
+      const input = label.querySelector("input");
+      if (!label.hidden && input.value !== "") body.append(input.name, input.value);
+    }
+    body.append("attention", $("#attention").checked ? "true" : "false");
+    setStatus("Captioning…" + upload.note);
     const response = await fetch("/caption", { method: "POST", body, headers: authHeaders() });
     const data = await response.json().catch(() => ({}));
     if (!response.ok) {
@@ -146,7 +154,7 @@ form.addEventListener("submit", async (event) => {
       setStatus(`Error ${response.status}: ${message}`, true);
       return;
     }
-    showCaptions(data);
+    showCaptions(data, upload.note);
   } catch (err) {
     setStatus(`Request failed: ${err}`, true);
   } finally {
@@ -154,11 +162,35 @@ form.addEventListener("submit", async (event) => {
   }
 });
 
-function showCaptions(data) {
+async function scaledUpload() {
+  // The chosen file as it is, or, when it is a large photo the browser can draw, a JPEG scaled to
+  // uploadShortSide (upright: the browser applies the EXIF orientation when drawing).
+  const original = { blob: currentFile, name: currentFile.name, note: "" };
+  if (!currentImage || !SCALABLE_TYPES.includes(currentFile.type)) return original;
+  const width = currentImage.naturalWidth;
+  const height = currentImage.naturalHeight;
+  const scale = uploadShortSide / Math.min(width, height);
+  if (scale > 0.75) return original; // already about the size the model needs
+  const out = document.createElement("canvas");
+  out.width = Math.max(1, Math.round(width * scale));
+  out.height = Math.max(1, Math.round(height * scale));
+  const outCtx = out.getContext("2d");
+  outCtx.fillStyle = "#fff"; // transparent pixels become white, as the server composites them
+  outCtx.fillRect(0, 0, out.width, out.height);
+  outCtx.imageSmoothingQuality = "high";
+  outCtx.drawImage(currentImage, 0, 0, out.width, out.height);
+  const blob = await new Promise((resolve) => out.toBlob(resolve, "image/jpeg", 0.92));
+  if (!blob || blob.size >= currentFile.size) return original;
+  const name = currentFile.name.replace(/\.[^.]*$/, "") + ".jpg";
+  const note = ` (sent scaled to ${out.width}×${out.height}, ${Math.round(blob.size / 1024)} KiB)`;
+  return { blob, name, note };
+}
+
+function showCaptions(data, note = "") {
   const t = data.timing;
   const hint = data.attention_shape ? " Hover a word to see where the model looked." : "";
   setStatus(`${t.total_ms.toFixed(0)} ms (model ${t.model_ms.toFixed(0)} ms, batch of ${t.batch_size}) · ` +
-    `${data.model_id}.${hint}`);
+    `${data.model_id}${note}.${hint}`);
   for (const caption of data.captions) {
     const item = document.createElement("li");
     item.className = "caption" + (caption.attention ? " has-attention" : "");

@@ -103,3 +103,39 @@ def test_caption_a_photo_in_the_browser(photo: Path, browser, server: Server) ->
     assert not page_errors, page_errors
     assert not outside, f"the page fetched from outside the server: {outside}"
     page.close()
+
+
+def test_a_large_photo_is_scaled_down_in_the_browser_before_upload(
+    photo: Path, browser, server: Server, tmp_path: Path
+) -> None:
+    """A big phone-style JPEG (EXIF: rotate 90°) goes up as an upright JPEG at twice the model's resize."""
+    from PIL import Image
+
+    big = tmp_path / "big.jpg"
+    with Image.open(photo) as image:
+        exif = Image.Exif()
+        exif[0x0112] = 6  # orientation: the stored pixels must be turned 90° clockwise to stand upright
+        image.convert("RGB").resize((2000, 1500)).save(big, quality=95, exif=exif)
+    short = 2 * 256  # the tiny model's ResNet preprocessing resizes the short side to 256
+    long = round(short * 2000 / 1500)
+    expect = sync_api.expect
+    page = browser.new_page()
+    page_errors: list[str] = []
+    page.on("pageerror", lambda error: page_errors.append(str(error)))
+    page.goto(f"{server.url}/")
+    expect(page.locator("#model")).to_contain_text("resnet18")  # GET /model answered: the page knows the resize
+    page.set_input_files("#file", str(big))
+    expect(page.locator("#preview-box")).to_be_visible()
+    page.select_option("#method", "greedy")
+    with page.expect_request(lambda r: r.url.endswith("/caption")) as sent, page.expect_response(
+        lambda r: r.url.endswith("/caption")
+    ) as answered:
+        page.click("#submit")
+    body = answered.value.json()
+    assert answered.value.status == 200, body
+    assert body["image"] == {"width": short, "height": long}  # upright 1500 x 2000, scaled
+    assert int(sent.value.header_value("content-length")) < big.stat().st_size / 3
+    expect(page.locator("#status")).to_contain_text(f"sent scaled to {short}×{long}")
+    expect(page.locator("#captions .caption").first).to_be_visible()
+    assert not page_errors, page_errors
+    page.close()
