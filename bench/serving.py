@@ -1,12 +1,13 @@
 """Serving benchmark: the real ``captioner-serve`` on loopback versus the bare model, in one run.
 
 The bare model is encoder + decoder (``Captioner.caption_pixels`` on an already preprocessed tensor)
-in this process, on the same photos the server gets. The server is started twice, with micro-batching
-and without it (``CAPTIONER_MAX_BATCH_SIZE=1``), one at a time so they never share the CPU, and driven
-over HTTP at concurrency 1, 8 and 32 with real photos, each request encoded once before timing and
-sent over keep-alive connections (see :class:`Connection`). At concurrency 1, rounds of server requests and
-bare-model runs take turns, so both are timed in the same machine state (on a shared VM the CPU's
-speed drifts by tens of percent within minutes). Prints a table and the two goal ratios:
+in this process, on the same photos the servers get. Two servers run side by side, one with
+micro-batching and one without (``CAPTIONER_MAX_BATCH_SIZE=1``), and are driven over HTTP at
+concurrency 1, 8 and 32 with real photos, each request encoded once before timing and sent over
+keep-alive connections (see :class:`Connection`). At each level the servers take turns round by
+round (an idle server takes no CPU), and at concurrency 1 the bare model takes a turn too, so every
+number is timed in the same machine state: on a shared VM the CPU's speed drifts by tens of percent
+within minutes. Prints a table and the two goal ratios:
 
     p50 latency at concurrency 1            <= 1.15 x bare model time
     throughput at concurrency 8, batching   >= 1.3 x throughput without it
@@ -14,7 +15,7 @@ speed drifts by tens of percent within minutes). Prints a table and the two goal
 Usage::
 
     python bench/serving.py --checkpoint runs/best.pt            # default: the bundled model
-    python bench/serving.py --checkpoint tiny.pt --requests 64 --method greedy
+    python bench/serving.py --checkpoint tiny.pt --rounds 3 --method greedy
 """
 
 from __future__ import annotations
@@ -55,9 +56,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of JPEG photos")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--method", default="beam", choices=["greedy", "beam", "sample"])
-    parser.add_argument("--requests", type=int, default=96, help="timed requests per concurrency level")
-    parser.add_argument("--rounds", type=int, default=8, help="alternating server / bare rounds at concurrency 1")
-    parser.add_argument("--round-size", type=int, default=8, help="requests (and bare runs) per round")
+    parser.add_argument(
+        "--rounds", type=int, default=6,
+        help="rounds per concurrency level; in each, every server (and at concurrency 1 the bare model) takes a turn",
+    )
+    parser.add_argument(
+        "--round-size", type=int, default=8,
+        help="requests (and bare runs) per turn at concurrency 1; at concurrency C, max(4 C, this)",
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-batch-size", type=int, default=32, help="the micro-batching server's limit")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="the micro-batching server's wait")
@@ -287,44 +293,51 @@ def _merge(rounds: list[Level]) -> Level:
     )  # fmt: skip
 
 
-def bench_server(
-    setting: str,
-    env: dict[str, str],
+def bench_servers(
+    envs: dict[str, dict[str, str]],
     args: argparse.Namespace,
     photos: list[tuple[str, bytes]],
     params: dict[str, str],
-    bare: Bare | None = None,
+    bare: Bare,
 ) -> tuple[list[Level], list[float]]:
-    """Each concurrency level against a fresh server; with ``bare``, concurrency 1 alternates rounds of
-    server requests and bare-model runs, so both see the same machine (a shared CPU's speed drifts)."""
-    server = Server(args.checkpoint, args.device, env, args.threads)
+    """All servers run side by side (an idle one takes no CPU) and, at each concurrency level, take
+    turns round by round, with the bare model taking its turn at concurrency 1: every setting is
+    timed in the same machine state, so the ratios hold even though a shared VM's speed drifts by
+    tens of percent within minutes."""
+    servers = {setting: Server(args.checkpoint, args.device, env, args.threads) for setting, env in envs.items()}
     bare_ms: list[float] = []
     try:
-        url = server.wait_ready()
-        requests = [encode_request(url, name, data, params) for name, data in photos]
+        urls = {setting: server.wait_ready() for setting, server in servers.items()}
+        requests = {
+            setting: [encode_request(url, name, data, params) for name, data in photos] for setting, url in urls.items()
+        }
         levels = []
         for concurrency in args.concurrency:
-            asyncio.run(drive(url, requests, concurrency, max(2 * concurrency, 8)))  # warm-up
-            if concurrency == 1 and bare is not None:
-                rounds = []
-                for _ in range(args.rounds):
-                    rounds.append(asyncio.run(drive(url, requests, 1, args.round_size)))
+            for setting, url in urls.items():
+                asyncio.run(drive(url, requests[setting], concurrency, max(2 * concurrency, 8)))  # warm-up
+            per_round = args.round_size if concurrency == 1 else max(4 * concurrency, args.round_size)
+            rounds: dict[str, list[Level]] = {setting: [] for setting in servers}
+            for _ in range(args.rounds):
+                for setting, url in urls.items():
+                    rounds[setting].append(asyncio.run(drive(url, requests[setting], concurrency, per_round)))
+                if concurrency == 1:
                     bare_ms += bare.run(args.round_size)
-                level = _merge(rounds)
-            else:
-                total = args.requests if concurrency > 1 else max(args.requests // 2, 20)
-                level = asyncio.run(drive(url, requests, concurrency, total))
-            level.setting = setting
-            level.peak_rss_mb = server.peak_rss_mb()
-            levels.append(level)
+            for setting, server in servers.items():
+                level = _merge(rounds[setting])
+                level.setting = setting
+                level.peak_rss_mb = server.peak_rss_mb()
+                levels.append(level)
         return levels, bare_ms
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.round_size < 1:
+        parser.error("--rounds and --round-size must be >= 1")
     if args.encoder_chunk_size is not None and not 1 <= args.encoder_chunk_size <= 1024:
         parser.error(f"--encoder-chunk-size must be in [1, 1024], got {args.encoder_chunk_size}")
     if not 0 <= args.malloc_mmap_threshold_mb <= 1024:
@@ -348,9 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.encoder_chunk_size is not None:
         common["CAPTIONER_ENCODER_CHUNK_SIZE"] = str(args.encoder_chunk_size)
     batching = {"CAPTIONER_MAX_BATCH_SIZE": str(args.max_batch_size), "CAPTIONER_MAX_WAIT_MS": str(args.max_wait_ms)}
-    levels, bare_ms = bench_server("micro-batching", {**common, **batching}, args, photos, params, bare)
-    more, _ = bench_server("no batching", {**common, "CAPTIONER_MAX_BATCH_SIZE": "1"}, args, photos, params)
-    levels += more
+    envs = {"micro-batching": {**common, **batching}, "no batching": {**common, "CAPTIONER_MAX_BATCH_SIZE": "1"}}
+    levels, bare_ms = bench_servers(envs, args, photos, params, bare)
     bare_p50 = statistics.median(bare_ms) if bare_ms else statistics.median(bare.run(args.round_size * args.rounds))
     preprocess_ms = bare.preprocess_ms(32)
 
@@ -387,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             f"(upload parsing, thread hand-offs, response) {handler - decode - model:.1f} | "
             f"HTTP outside the handler {single.percentile(50) - handler:.1f}"
         )
-    print(f"concurrency 1 and the bare model took turns: {args.rounds} rounds of {args.round_size} each")
+    print(f"the servers (and at concurrency 1 the bare model) took turns: {args.rounds} rounds per level")
     print(f"1-minute load average: {load_before:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
 
     print()

@@ -128,3 +128,19 @@ def test_serving_benchmark_client_gets_the_same_answers_as_httpx(server: Server)
     level = asyncio.run(bench.drive(server.url, requests, 3, 7))
     assert len(level.latencies_ms) == len(level.model_ms) == len(level.batch_sizes) == 7
     assert level.seconds > 0 and all(ms > 0 for ms in level.latencies_ms)
+
+
+def test_serving_benchmark_runs_end_to_end(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    """Both servers side by side, taking turns with the bare model; the table and both verdicts print."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        (photos / f"{i}.jpg").write_bytes(images.encode(images.pattern(seed=400 + i), "JPEG"))
+    bench = _bench_serving()
+    argv = ["--checkpoint", str(tiny_checkpoint), "--images", str(photos), "--method", "greedy"]
+    assert bench.main([*argv, "--concurrency", "1", "2", "--rounds", "2", "--round-size", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:4]) for line in out.splitlines() if line.startswith("|")}
+    for setting in ("server, micro-batching", "server, no batching"):
+        assert {(setting, "1", "4"), (setting, "2", "16")} <= rows, out  # 2 rounds of 2 / of max(4 x 2, 2)
+    assert "p50 at concurrency 1 / bare model time" in out and "where a request's time goes" in out
