@@ -19,8 +19,8 @@ log = logging.getLogger(__name__)
 
 # On CPU, per image the encoder is fastest in batches of a few images and slows as batches grow: a big
 # batch's activations no longer fit the cores' caches. EfficientNet-Lite2 at 260 px on the 2-core test
-# VM, ms per image (bench/encoder_batch.py): 30.0 one at a time, 27-29 in chunks of 2-8, 34.0 in
-# chunks of 16, 47.3 as one batch of 32. A GPU wants the whole batch.
+# VM, ms per image (bench/encoder_batch.py): 39.8 one at a time, 33.2 / 28.0 / 28.6 in chunks of
+# 2 / 4 / 8, 36.1 in chunks of 16, 60.9 as one batch of 32. A GPU wants the whole batch.
 CPU_CHUNK_SIZE = 8
 
 
