@@ -55,6 +55,14 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220), 
 SHAPES = ("square", "circle")
 
 
+def count_encoder_passes(encoder) -> list[int]:
+    """Record the batch size of every pass through ``encoder``'s body (an ``ImageEncoder``)."""
+    passes: list[int] = []
+    features = encoder._features
+    encoder._features = lambda images: passes.append(images.shape[0]) or features(images)
+    return passes
+
+
 def make_flickr_folder(root: Path, *, per_split: tuple[int, int, int] = (24, 8, 8)) -> Path:
     """A small data set in Flickr8k's distributed layout whose captions really describe the images."""
     from PIL import Image, ImageDraw

@@ -13,6 +13,7 @@ from captioner.encoders import (
     default_chunk_size,
     file_sha256,
 )
+from tests.helpers import count_encoder_passes
 
 RESNETS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 
@@ -99,17 +100,9 @@ def test_frozen_by_default_and_last_stage_trainable():
     assert "body._conv_head.weight" in names and "body._conv_stem.weight" not in names
 
 
-def _counting_passes(encoder) -> list[int]:
-    """Record the batch size of every pass through the encoder's body."""
-    passes: list[int] = []
-    features = encoder._features
-    encoder._features = lambda images: passes.append(images.shape[0]) or features(images)
-    return passes
-
-
 def test_chunked_features_equal_one_pass():
     encoder = build_encoder(EncoderConfig("resnet18", weights=None))
-    passes = _counting_passes(encoder)
+    passes = count_encoder_passes(encoder)
     images = torch.randn(7, 3, 64, 64)
     with torch.inference_mode():
         whole = encoder.forward_features(images)

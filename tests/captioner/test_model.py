@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from captioner import Captioner, DecodingOptions, EncoderConfig
-from tests.helpers import tiny_vocab
+from tests.helpers import count_encoder_passes, tiny_vocab
 
 ENCODERS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "efficientnet_lite0", "efficientnet_lite2"]
 
@@ -69,9 +69,7 @@ def test_encode_runs_the_encoder_in_chunks():
     from captioner.encoders import CPU_CHUNK_SIZE
 
     model = Captioner.build(EncoderConfig("resnet18", weights=None), tiny_vocab(), embed_dim=8, hidden_dim=8).eval()
-    passes: list[int] = []
-    features = model.encoder._features
-    model.encoder._features = lambda images: passes.append(images.shape[0]) or features(images)
+    passes = count_encoder_passes(model.encoder)
     pixels = torch.randn(CPU_CHUNK_SIZE + 2, 3, 64, 64)
     default = model.encode(pixels)
     assert passes == [CPU_CHUNK_SIZE, 2]
