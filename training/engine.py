@@ -85,7 +85,7 @@ class TrainConfig:
     val_method: str = "greedy"  # decoding for validation metrics: greedy | beam
     val_beam_size: int = 3
     val_max_images: int | None = None  # cap validation images per epoch (None: all)
-    patience: int = 5  # early stopping: epochs without a better val CIDEr
+    patience: int = 5  # early stopping: epochs without a better val CIDEr (within a phase: see Trainer.fit)
     checkpoint_every: int = 1000  # also save last.pt every this many steps
     max_steps: int | None = None  # stop (and save last.pt) after this many optimizer steps in total
     resume: bool = False  # continue from output_dir/last.pt
@@ -151,6 +151,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    group: Any = None  # the trainer's own collectives' process group; None: the default one (see setup_distributed)
 
     @property
     def main(self) -> bool:
@@ -158,7 +159,7 @@ class Dist:
 
     def barrier(self) -> None:
         if self.world > 1:
-            dist.barrier()
+            dist.barrier(group=self.group)
 
 
 def setup_distributed(device: str) -> Dist:
@@ -171,6 +172,13 @@ def setup_distributed(device: str) -> Dist:
     info = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     if backend == "nccl":
         torch.cuda.set_device(info.local_rank)
+    else:
+        # Gloo's worker threads let go of a collective's tensors only after the call has returned, and need the GIL
+        # for it. DDP keeps the default group, and so its threads, alive to interpreter exit, past
+        # destroy_process_group: a rank that exited right after the checksum all_gather could be aborted in such a
+        # thread ("terminate called without an active exception"). So the trainer's own collectives (tensors made
+        # in Python; DDP's buckets are not) get a group of their own, which train() frees, joining its threads.
+        info.group = dist.new_group(backend="gloo")
     return info
 
 
@@ -618,7 +626,12 @@ class Trainer:
             if result == "max_steps":
                 stopped = "max_steps"
                 break
-            if self._end_epoch():
+            stop = self._end_epoch()
+            if self._cross_entropy_phase_ends(stop):
+                # Patience counts within a phase: running out of it while self-critical epochs are still to
+                # come ends the cross-entropy phase, not the run, so a recipe's self-critical budget is kept.
+                self._start_self_critical(early=stop)
+            elif stop:
                 stopped = "early_stopping"
                 break
         self._check_ranks_agree()
@@ -641,6 +654,29 @@ class Trainer:
             "best_score": self.best_score,
             "best_metrics": self.best_metrics,
         }
+
+    def _cross_entropy_phase_ends(self, stop: bool) -> bool:
+        """Whether the epoch just ended was the last cross-entropy one of a run with self-critical epochs to come."""
+        c = self.config
+        if c.scst_after is None or c.scst_after >= c.epochs or self._self_critical(self.epoch - 1):
+            return False
+        return stop or self._self_critical(self.epoch)
+
+    def _start_self_critical(self, early: bool) -> None:
+        """Go on to the self-critical epochs from the current weights, with patience counted afresh."""
+        c = self.config
+        if early:
+            log.info(
+                "early stopping after epoch %d (no better val CIDEr for %d epochs) ends the cross-entropy phase; "
+                "self-critical training from epoch %d",
+                self.epoch,
+                c.patience,
+                c.scst_after + 1,
+            )
+            self._log({"event": "cross_entropy_stopped_early", "epoch": self.epoch, "step": self.global_step})
+        self.epoch = max(self.epoch, c.scst_after)
+        self.bad_epochs = 0
+        self.save_last()  # so that --resume starts the self-critical phase too
 
     def _run_epoch(self) -> str:
         """One epoch of cross-entropy steps or, from ``scst_after``, self-critical ones; resumes mid-epoch."""
@@ -770,7 +806,7 @@ class Trainer:
             self.save_last()
         if self.dist.world > 1:
             flag = torch.tensor([int(stop)], device=self.device if self.device.type == "cuda" else "cpu")
-            dist.broadcast(flag, 0)
+            dist.broadcast(flag, 0, group=self.dist.group)
             stop = bool(flag.item())
         return stop
 
@@ -842,7 +878,7 @@ class Trainer:
         flat = torch.cat([p.detach().double().flatten() for p in self.model.decoder.parameters()])
         checksum = torch.stack([flat.sum(), (flat * flat).sum()])  # on the device the backend expects
         gathered = [torch.zeros_like(checksum) for _ in range(self.dist.world)]
-        dist.all_gather(gathered, checksum)
+        dist.all_gather(gathered, checksum, group=self.dist.group)
         if self.dist.main:
             if not all(torch.equal(g, gathered[0]) for g in gathered):
                 raise RuntimeError(f"DDP ranks disagree on the final weights: {[g.tolist() for g in gathered]}")
@@ -857,3 +893,4 @@ def train(config: TrainConfig) -> dict[str, Any]:
     finally:
         if trainer.dist.world > 1:
             dist.destroy_process_group()
+            trainer.dist.group = None  # the last reference: freeing it waits for its gloo threads to finish

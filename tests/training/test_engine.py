@@ -197,6 +197,27 @@ def test_early_stopping_with_patience(shapes, cache_dir, tmp_path):
     assert summary["stopped"] == "early_stopping" and summary["epoch"] < 10
 
 
+def test_early_stopping_in_the_cross_entropy_phase_goes_on_to_the_self_critical_epochs(shapes, cache_dir, tmp_path):
+    """Patience counts within a phase: it ends cross-entropy early, and the self-critical epochs still run."""
+    config = _config(
+        shapes, tmp_path, cache_dir, epochs=7, scst_after=4, scst_batch_images=8, scst_lr=1e-9, lr=1e-9, patience=2
+    )
+    summary = train(config)
+    records = _log(tmp_path)
+    epochs = [r for r in records if "val_loss" in r]
+    # The weights barely move, so epochs 2 and 3 are no better than epoch 1: that ends cross-entropy, and
+    # self-critical training takes epochs 5-7; its patience starts afresh, so it stops after epoch 6, not 5.
+    assert [(r["epoch"], r["objective"]) for r in epochs] == [
+        (1, "cross-entropy"),
+        (2, "cross-entropy"),
+        (3, "cross-entropy"),
+        (5, "self-critical"),
+        (6, "self-critical"),
+    ]
+    assert [r["epoch"] for r in records if r.get("event") == "cross_entropy_stopped_early"] == [3]
+    assert summary["stopped"] == "early_stopping" and summary["epoch"] == 6
+
+
 def test_train_and_eval_clis(shapes, cache_dir, tmp_path, capsys):
     config = tmp_path / "config.yaml"
     config.write_text("encoder: efficientnet_lite0\nembed_dim: 16\nhidden_dim: 16\nattention_dim: 8\nepochs: 1\n")
