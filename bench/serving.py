@@ -57,27 +57,37 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--method", default="beam", choices=["greedy", "beam", "sample"])
     parser.add_argument(
-        "--rounds", type=int, default=6,
+        "--rounds",
+        type=int,
+        default=6,
         help="rounds per concurrency level; in each, every server (and at concurrency 1 the bare model) takes a turn",
     )
     parser.add_argument(
-        "--round-size", type=int, default=8,
+        "--round-size",
+        type=int,
+        default=8,
         help="requests (and bare runs) per turn at concurrency 1; at concurrency C, max(4 C, this)",
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-batch-size", type=int, default=32, help="the micro-batching server's limit")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="the micro-batching server's wait")
     parser.add_argument(
-        "--encoder-chunk-size", type=int, default=None,
+        "--encoder-chunk-size",
+        type=int,
+        default=None,
         help="the servers' CAPTIONER_ENCODER_CHUNK_SIZE (most images per encoder pass); default: the library's choice",
     )
     parser.add_argument(
-        "--threads", type=int, default=None,
+        "--threads",
+        type=int,
+        default=None,
         help="torch threads for the bare model and the servers (OMP_NUM_THREADS); default: torch's choice. "
         "1 gives steadier numbers on a machine shared with other CPU-heavy work",
     )
     parser.add_argument(
-        "--malloc-mmap-threshold-mb", type=int, default=Settings.model_fields["malloc_mmap_threshold_mb"].default,
+        "--malloc-mmap-threshold-mb",
+        type=int,
+        default=Settings.model_fields["malloc_mmap_threshold_mb"].default,
         help="the servers' CAPTIONER_MALLOC_MMAP_THRESHOLD_MB, applied to the bare model in this process too "
         "(captioner.runtime.tune_malloc), so both run with the same allocator; 0: glibc's defaults for both",
     )
@@ -161,8 +171,12 @@ class Server:
         if threads is not None:
             environ["OMP_NUM_THREADS"] = str(threads)
         self.process = subprocess.Popen(
-            args, cwd=ROOT, env={**environ, **env, "PYTHONUNBUFFERED": "1"}, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            args,
+            cwd=ROOT,
+            env={**environ, **env, "PYTHONUNBUFFERED": "1"},
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
         self.url: str | None = None
         self.log: list[str] = []
@@ -379,13 +393,18 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|")
     for name, ms in (("bare model, 1 image", bare_p50), ("bare model + preprocessing", bare_p50 + preprocess_ms)):
-        print(f"| {name:<28} | {1:>5} | {len(bare_ms):>8} | {ms:>8.1f} | {'':>8} | {1000.0 / ms:>7.1f} "
-              f"| {1:>10} | {bare_p50:>14.1f} | {'':>11} |")
+        print(
+            f"| {name:<28} | {1:>5} | {len(bare_ms):>8} | {ms:>8.1f} | {'':>8} | {1000.0 / ms:>7.1f} "
+            f"| {1:>10} | {bare_p50:>14.1f} | {'':>11} |"
+        )
     for level in levels:
-        print(f"| {'server, ' + level.setting:<28} | {level.concurrency:>5} | {len(level.latencies_ms):>8} | "
-              f"{level.percentile(50):>8.1f} | {level.percentile(95):>8.1f} | {level.throughput:>7.1f} | "
-              f"{statistics.mean(level.batch_sizes):>10.2f} | {statistics.median(level.model_ms):>14.1f} | "
-              f"{level.peak_rss_mb or float('nan'):>11.0f} |")
+        print(
+            f"| {'server, ' + level.setting:<28} | {level.concurrency:>5} | {len(level.latencies_ms):>8} | "
+            f"{level.percentile(50):>8.1f} | {level.percentile(95):>8.1f} | {level.throughput:>7.1f} | "
+            f"{statistics.mean(level.batch_sizes):>10.2f} | {statistics.median(level.model_ms):>14.1f} | "
+            f"{level.peak_rss_mb or float('nan'):>11.0f} |"
+        )
+
     def find(setting: str, concurrency: int) -> Level | None:
         return next((lv for lv in levels if lv.setting == setting and lv.concurrency == concurrency), None)
 

@@ -120,8 +120,10 @@ def main(argv=None) -> None:
                 try:
                     run_one(args, cell, attention)
                 except subprocess.CalledProcessError as exc:  # the command printed its own reason above
-                    sys.exit(f"ablation: {Path(exc.cmd[0]).name} failed (exit {exc.returncode}) for {cell}, "
-                             f"attention={attention}; rerun to resume")
+                    sys.exit(
+                        f"ablation: {Path(exc.cmd[0]).name} failed (exit {exc.returncode}) for {cell}, "
+                        f"attention={attention}; rerun to resume"
+                    )
     print(table(args.out, args.cells))
 
 

@@ -64,7 +64,9 @@ async def require_api_key(
     given = api_key or (bearer.credentials if bearer is not None else None)
     if given is None:
         raise ApiError(
-            401, "unauthorized", "missing API key: send it in the X-API-Key header (or Authorization: Bearer)",
+            401,
+            "unauthorized",
+            "missing API key: send it in the X-API-Key header (or Authorization: Bearer)",
             headers={"WWW-Authenticate": "Bearer"},
         )
     # Compare against every key in constant time so the response time does not reveal a prefix match.

@@ -15,18 +15,25 @@ class ServiceMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "captioner_requests", "HTTP requests by route and status", ["method", "route", "status"],
+            "captioner_requests",
+            "HTTP requests by route and status",
+            ["method", "route", "status"],
             registry=self.registry,
         )
         self.latency = Histogram(
-            "captioner_request_latency_seconds", "HTTP request latency by route", ["method", "route"],
-            buckets=_LATENCY_BUCKETS, registry=self.registry,
+            "captioner_request_latency_seconds",
+            "HTTP request latency by route",
+            ["method", "route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.batch_size = Histogram(
             "captioner_batch_size", "requests per model micro-batch", buckets=_BATCH_BUCKETS, registry=self.registry
         )
         self.batch_seconds = Histogram(
-            "captioner_batch_seconds", "encoder + decoder time per micro-batch", buckets=_LATENCY_BUCKETS,
+            "captioner_batch_seconds",
+            "encoder + decoder time per micro-batch",
+            buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
 

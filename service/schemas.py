@@ -46,25 +46,35 @@ class CaptionOptions(BaseModel):
 
     method: Literal["greedy", "sample", "beam"] = Field(_DEFAULTS.method, description=_RANGES["method"])
     max_length: int = Field(
-        _DEFAULTS.max_length, ge=MAX_LENGTH_RANGE[0], le=MAX_LENGTH_RANGE[1],
+        _DEFAULTS.max_length,
+        ge=MAX_LENGTH_RANGE[0],
+        le=MAX_LENGTH_RANGE[1],
         description=f"most words per caption; {_RANGES['max_length']}",
     )
     beam_size: int = Field(
-        _DEFAULTS.beam_size, ge=BEAM_SIZE_RANGE[0], le=BEAM_SIZE_RANGE[1],
+        _DEFAULTS.beam_size,
+        ge=BEAM_SIZE_RANGE[0],
+        le=BEAM_SIZE_RANGE[1],
         description=f"beams per image (beam); {_RANGES['beam_size']}",
     )
     length_penalty: float = Field(
-        _DEFAULTS.length_penalty, ge=LENGTH_PENALTY_RANGE[0], le=LENGTH_PENALTY_RANGE[1],
+        _DEFAULTS.length_penalty,
+        ge=LENGTH_PENALTY_RANGE[0],
+        le=LENGTH_PENALTY_RANGE[1],
         description=f"beam ranking by log_prob / (words + 1) ** length_penalty; {_RANGES['length_penalty']}",
     )
     temperature: float = Field(
-        _DEFAULTS.temperature, gt=0.0, le=TEMPERATURE_MAX,
+        _DEFAULTS.temperature,
+        gt=0.0,
+        le=TEMPERATURE_MAX,
         description=f"softmax temperature (sample); {_RANGES['temperature']}",
     )
     top_k: int = Field(_DEFAULTS.top_k, ge=0, description=f"sample from the k likeliest words; {_RANGES['top_k']}")
     top_p: float = Field(_DEFAULTS.top_p, gt=0.0, le=1.0, description=f"nucleus sampling; {_RANGES['top_p']}")
     num_captions: int = Field(
-        _DEFAULTS.num_captions, ge=NUM_CAPTIONS_RANGE[0], le=NUM_CAPTIONS_RANGE[1],
+        _DEFAULTS.num_captions,
+        ge=NUM_CAPTIONS_RANGE[0],
+        le=NUM_CAPTIONS_RANGE[1],
         description=f"captions returned (sample: draws, beam: best beams, <= beam_size); {_RANGES['num_captions']}",
     )
     seed: int | None = Field(
@@ -148,17 +158,22 @@ class CaptionResponse(BaseModel):
                         }
                     ],
                     "options": {
-                        "method": "beam", "max_length": 20, "beam_size": 3, "length_penalty": 0.0,
-                        "temperature": 1.0, "top_k": 0, "top_p": 1.0, "num_captions": 1, "seed": None,
+                        "method": "beam",
+                        "max_length": 20,
+                        "beam_size": 3,
+                        "length_penalty": 0.0,
+                        "temperature": 1.0,
+                        "top_k": 0,
+                        "top_p": 1.0,
+                        "num_captions": 1,
+                        "seed": None,
                         "attention": False,
                     },
                     "model_id": "default-3f2a9c1b7e4d",
                     "image": {"width": 640, "height": 480},
                     "attention_shape": None,
                     "attention_region": None,
-                    "timing": {
-                        "total_ms": 61.2, "decode_ms": 4.9, "queue_ms": 0.3, "model_ms": 51.0, "batch_size": 1
-                    },
+                    "timing": {"total_ms": 61.2, "decode_ms": 4.9, "queue_ms": 0.3, "model_ms": 51.0, "batch_size": 1},
                 }
             ]
         }

@@ -43,9 +43,7 @@ def _human(n: int) -> str:
 async def read_form(request: Request, *, max_file_bytes: int) -> Form:
     """Parse ``multipart/form-data`` from ``request``, refusing more than ``max_file_bytes`` per file."""
     max_body = max_file_bytes + FORM_OVERHEAD_BYTES
-    too_large = ApiError(
-        413, "payload_too_large", f"upload exceeds the limit of {_human(max_file_bytes)} per image"
-    )
+    too_large = ApiError(413, "payload_too_large", f"upload exceeds the limit of {_human(max_file_bytes)} per image")
     length = request.headers.get("content-length")
     if length is not None:
         if not length.isdigit():
@@ -60,7 +58,8 @@ async def read_form(request: Request, *, max_file_bytes: int) -> Form:
     media_type, params = parse_options_header(content_type)
     if media_type != b"multipart/form-data":
         raise ApiError(
-            415, "unsupported_media_type",
+            415,
+            "unsupported_media_type",
             f"expected multipart/form-data with the image in field 'image', got {media_type.decode('latin-1')!r}",
         )
     boundary = params.get(b"boundary")
@@ -121,9 +120,7 @@ async def read_form(request: Request, *, max_file_bytes: int) -> Form:
                 raise too_large
             parser.write(chunk)
         if received == 0:
-            raise ApiError(
-                400, "empty_body", "empty request: send multipart/form-data with the image in field 'image'"
-            )
+            raise ApiError(400, "empty_body", "empty request: send multipart/form-data with the image in field 'image'")
         parser.finalize()
     except MultipartParseError as exc:
         first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__

@@ -24,9 +24,7 @@ CAPTIONS = [
 
 
 def data_root() -> Path:
-    return Path(
-        os.environ.get("CAPTIONER_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data")
-    )
+    return Path(os.environ.get("CAPTIONER_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
 def require_data(*parts: str) -> Path:

@@ -119,9 +119,7 @@ async def caption(request: Request, loaded: LoadedDep, batcher: BatcherDep, sett
         model_id=loaded.id,
         image=ImageInfo(width=width, height=height),
         attention_shape=list(result.attention_shape) if with_attention else None,
-        attention_region=_crop_region(width, height, loaded.model.preprocess_config)
-        if with_attention
-        else None,
+        attention_region=_crop_region(width, height, loaded.model.preprocess_config) if with_attention else None,
         timing=Timing(
             total_ms=round((time.perf_counter() - started) * 1000.0, 3),
             decode_ms=round(decode_ms, 3),

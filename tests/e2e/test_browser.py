@@ -18,8 +18,14 @@ pytestmark = pytest.mark.browser
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 
 
@@ -127,9 +133,10 @@ def test_a_large_photo_is_scaled_down_in_the_browser_before_upload(
     page.set_input_files("#file", str(big))
     expect(page.locator("#preview-box")).to_be_visible()
     page.select_option("#method", "greedy")
-    with page.expect_request(lambda r: r.url.endswith("/caption")) as sent, page.expect_response(
-        lambda r: r.url.endswith("/caption")
-    ) as answered:
+    with (
+        page.expect_request(lambda r: r.url.endswith("/caption")) as sent,
+        page.expect_response(lambda r: r.url.endswith("/caption")) as answered,
+    ):
         page.click("#submit")
     body = answered.value.json()
     assert answered.value.status == 200, body

@@ -45,8 +45,12 @@ def _clean_env(extra: dict[str, str] | None) -> dict[str, str]:
 def launch(args: list[str], env: dict[str, str] | None = None) -> Server:
     """Start ``captioner-serve ARGS`` with its output collected line by line in the background."""
     process = subprocess.Popen(
-        [*serve_command(), *args], cwd=ROOT, env=_clean_env(env), text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [*serve_command(), *args],
+        cwd=ROOT,
+        env=_clean_env(env),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     server = Server(process)
 

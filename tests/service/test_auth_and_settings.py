@@ -72,8 +72,11 @@ def test_probes_metrics_and_page_stay_open(secured: TestClient) -> None:
 def test_cors(secured: TestClient) -> None:
     preflight = secured.options(
         "/caption",
-        headers={"Origin": "https://example.org", "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "x-api-key"},
+        headers={
+            "Origin": "https://example.org",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "x-api-key",
+        },
     )
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == "https://example.org"

@@ -164,9 +164,18 @@ def _stream_upload(client: TestClient, *, content_length: int | None, chunks: in
     if content_length is not None:
         headers.append((b"content-length", str(content_length).encode()))
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-        "path": "/caption", "raw_path": b"/caption", "query_string": b"", "root_path": "", "headers": headers,
-        "client": ("127.0.0.1", 1234), "server": ("test", 80),
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/caption",
+        "raw_path": b"/caption",
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 1234),
+        "server": ("test", 80),
     }
     client.portal.call(client.app, scope, receive, send)
     return messages[0]["status"], pulled

@@ -55,8 +55,16 @@ def test_caption_returns_captions_options_model_and_timing(client: TestClient, m
         assert got["attention"] is None  # not asked for
     assert body["captions"][0]["score"] >= body["captions"][1]["score"]
     assert body["options"] == {
-        "method": "beam", "max_length": 12, "beam_size": 3, "length_penalty": 0.0, "temperature": 1.0,
-        "top_k": 0, "top_p": 1.0, "num_captions": 2, "seed": None, "attention": False,
+        "method": "beam",
+        "max_length": 12,
+        "beam_size": 3,
+        "length_penalty": 0.0,
+        "temperature": 1.0,
+        "top_k": 0,
+        "top_p": 1.0,
+        "num_captions": 2,
+        "seed": None,
+        "attention": False,
     }
     assert body["model_id"] == client.get("/ready").json()["model_id"]
     assert body["image"] == {"width": 96, "height": 64}
@@ -156,8 +164,17 @@ def test_openapi_documents_caption_with_example_and_ranges(client: TestClient) -
     spec = client.get("/openapi.json").json()
     post = spec["paths"]["/caption"]["post"]
     params = {p["name"]: p for p in post["parameters"]}
-    assert set(params) >= {"method", "temperature", "top_k", "top_p", "beam_size", "num_captions", "max_length",
-                           "seed", "attention"}
+    assert set(params) >= {
+        "method",
+        "temperature",
+        "top_k",
+        "top_p",
+        "beam_size",
+        "num_captions",
+        "max_length",
+        "seed",
+        "attention",
+    }
     assert params["beam_size"]["schema"]["minimum"] == BEAM_SIZE_RANGE[0]
     assert params["beam_size"]["schema"]["maximum"] == BEAM_SIZE_RANGE[1]
     assert params["max_length"]["schema"]["maximum"] == MAX_LENGTH_RANGE[1]

@@ -62,8 +62,9 @@ def test_unreadable_images_are_reported_not_fatal(images, tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(Path(images[0]).read_bytes()[:200])
     missing = str(tmp_path / "missing.jpg")
-    store = build_feature_cache(_encoder(), [images[0], str(bad), missing], tmp_path / "cache", num_workers=2,
-                                progress=False)
+    store = build_feature_cache(
+        _encoder(), [images[0], str(bad), missing], tmp_path / "cache", num_workers=2, progress=False
+    )
     assert set(store.failed) == {str(bad), missing}
     assert "truncated" in store.failed[str(bad)].lower() and "no such file" in store.failed[missing]
     assert not list((tmp_path / "cache").rglob("*.tmp.npy"))  # no leftovers
