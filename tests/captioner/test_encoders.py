@@ -93,11 +93,29 @@ def test_frozen_by_default_and_last_stage_trainable():
     trainable = {n for n, p in tuned.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("body.7.") for n in trainable)  # layer4 only
     tuned.train()
-    assert tuned.body[7].training and not tuned.body[1].training  # frozen BatchNorm stays in eval
+    assert not any(m.training for m in tuned.modules())  # BatchNorm statistics never move, even when tuned
     assert all(k.startswith("body.") for k in tuned.state_dict())  # the last stage is not stored twice
     lite = build_encoder(EncoderConfig("efficientnet_lite0", weights="imagenet", trainable=True))
     names = {n for n, p in lite.named_parameters() if p.requires_grad}
     assert "body._conv_head.weight" in names and "body._conv_stem.weight" not in names
+
+
+def test_a_trainable_last_stage_computes_features_as_at_inference():
+    """Fine-tuning moves the last stage's weights, not how features are computed: no batch statistics."""
+    encoder = build_encoder(EncoderConfig("efficientnet_lite0", weights="imagenet", trainable=True))
+    statistics = {k: v.clone() for k, v in encoder.state_dict().items() if "running_" in k}
+    images = torch.randn(4, 3, 224, 224)
+    encoder.train()
+    training = encoder.forward_features(images)
+    training.square().mean().backward()
+    assert encoder.body._conv_head.weight.grad is not None  # the last stage does train
+    encoder.eval()
+    with torch.no_grad():
+        inference = encoder.forward_features(images)
+    torch.testing.assert_close(training.detach(), inference)
+    for key, value in encoder.state_dict().items():
+        if key in statistics:
+            assert torch.equal(value, statistics[key]), key
 
 
 def test_chunked_features_equal_one_pass():
