@@ -132,7 +132,7 @@ class Bare:
     """
 
     def __init__(self, checkpoint: Path | None, device: str, images: list[bytes], options: DecodingOptions) -> None:
-        self.model = Captioner.from_checkpoint(checkpoint, device=device)
+        self.model = Captioner.from_checkpoint(checkpoint, device=device).optimize_for_inference()  # as the server
         self.images = images
         self.pixels = [self.model.preprocess([image]) for image in images]  # each (1, 3, S, S)
         self.options = options

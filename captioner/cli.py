@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         options = decoding_options_from_args(args)
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        model = Captioner.from_checkpoint(args.checkpoint, device=args.device)
+        model = Captioner.from_checkpoint(args.checkpoint, device=args.device).optimize_for_inference()
     except (ValueError, CheckpointError, EncoderWeightsError) as exc:
         return _fail(str(exc))
 

@@ -138,8 +138,18 @@ class Captioner(nn.Module):
         encoder.preprocess = Preprocess.from_dict(data["preprocess"])  # what the model was trained with
         return cls(encoder, decoder, vocab, metadata=data.get("metadata") or {})
 
+    def optimize_for_inference(self) -> Captioner:
+        """Fold the encoder's BatchNorm layers into its convolutions (:meth:`ImageEncoder.fuse_for_inference`):
+        the same captions, a ~1.4x faster encoder on CPU. For serving and evaluation: the model can no
+        longer be trained or saved (load the checkpoint again for that). Returns the model, in eval mode."""
+        self.encoder.set_trainable(False)
+        self.encoder.fuse_for_inference()
+        return self.eval()
+
     def state_payload(self, *, half: bool = False, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
         """Everything a checkpoint holds about the model (the training loop adds its own state)."""
+        if self.encoder.fused:
+            raise RuntimeError("a model fused for inference cannot be saved: load the checkpoint again to save it")
         store_encoder = self.encoder.trainable or not self.encoder.from_package
         return {
             "config": self.config.to_dict(),

@@ -44,7 +44,7 @@ def load_model(settings: Settings) -> LoadedModel:
     """Load ``settings.checkpoint`` (unset: the bundled default model); raises :class:`ModelLoadError`."""
     path = Path(settings.checkpoint) if settings.checkpoint is not None else DEFAULT_CHECKPOINT
     try:
-        model = Captioner.from_checkpoint(settings.checkpoint, device=settings.device)
+        model = Captioner.from_checkpoint(settings.checkpoint, device=settings.device).optimize_for_inference()
     except (CheckpointError, EncoderWeightsError, ValueError) as exc:
         hint = "" if settings.checkpoint is not None else " (set CAPTIONER_CHECKPOINT or pass --checkpoint)"
         reason = " ".join(str(exc).split())  # one line, whatever the library's message looks like

@@ -136,3 +136,41 @@ def test_chunked_features_equal_one_pass():
 def test_chunks_on_cpu_only_by_default():
     assert default_chunk_size("cpu") == CPU_CHUNK_SIZE
     assert default_chunk_size(torch.device("cuda", 0)) is None
+
+
+def _randomise_batchnorm(encoder) -> None:
+    """Non-trivial running statistics and affine parameters, so that folding them is really tested."""
+    generator = torch.Generator().manual_seed(0)
+    for module in encoder.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
+
+
+@pytest.mark.parametrize(
+    ("name", "weights", "size"),
+    [("efficientnet_lite0", "imagenet", 224), ("resnet18", None, 64), ("resnet50", None, 64)],
+)
+def test_fusing_batchnorm_for_inference_keeps_the_features(name, weights, size):
+    encoder = build_encoder(EncoderConfig(name, weights=weights))
+    if weights is None:
+        _randomise_batchnorm(encoder)
+    images = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        before = encoder.forward_features(images)
+        encoder.fuse_for_inference()
+        after = encoder.forward_features(images)
+    assert encoder.fused
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.modules())  # every one was folded
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4 * float(before.abs().max()))
+    with pytest.raises(RuntimeError, match="cannot be trained"):
+        encoder.set_trainable(True)
+
+
+def test_a_trainable_encoder_is_not_fused():
+    encoder = build_encoder(EncoderConfig("resnet18", weights=None, trainable=True))
+    with pytest.raises(RuntimeError, match="trainable"):
+        encoder.fuse_for_inference()

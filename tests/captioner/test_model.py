@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from captioner import Captioner, DecodingOptions, EncoderConfig
-from tests.helpers import count_encoder_passes, tiny_vocab
+from tests.helpers import count_encoder_passes, tiny_captioner, tiny_vocab
 
 ENCODERS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "efficientnet_lite0", "efficientnet_lite2"]
 
@@ -77,3 +77,14 @@ def test_encode_runs_the_encoder_in_chunks():
     model.encoder_chunk_size = 4
     assert torch.allclose(model.encode(pixels), default, atol=1e-5)
     assert passes == [4] * (CPU_CHUNK_SIZE // 4) + [2]
+
+
+def test_a_model_optimized_for_inference_captions_the_same_and_cannot_be_saved(tmp_path):
+    model = tiny_captioner(seed=3)
+    images = torch.rand(2, 3, 64, 64)
+    expected = model.caption_pixels(images, DecodingOptions(method="beam", beam_size=3))
+    assert model.optimize_for_inference() is model
+    got = model.caption_pixels(images, DecodingOptions(method="beam", beam_size=3))
+    assert [c.text for r in got for c in r.captions] == [c.text for r in expected for c in r.captions]
+    with pytest.raises(RuntimeError, match="cannot be saved"):
+        model.save(tmp_path / "fused.pt")

@@ -114,6 +114,20 @@ def test_encoder_chunk_size_setting_reaches_the_model(tiny_checkpoint: Path, mon
     with TestClient(create_app(Settings(checkpoint=tiny_checkpoint))) as client:
         assert client.get("/ready").status_code == 200
         assert client.app.state.loaded.model.encoder_chunk_size == 3
+        assert client.app.state.loaded.model.encoder.fused  # BatchNorm folded for serving
+
+
+def test_the_service_model_is_fused_and_captions_as_the_checkpoint_does(tiny_checkpoint: Path) -> None:
+    from captioner import Captioner
+    from tests.service.images import png
+
+    data = png(seed=2)
+    unfused = Captioner.from_checkpoint(tiny_checkpoint)
+    expected = unfused.caption([data], method="greedy")[0].captions[0].text
+    with TestClient(create_app(Settings(checkpoint=tiny_checkpoint))) as client:
+        answer = client.post("/caption", params={"method": "greedy"}, files={"image": ("a.png", data, "image/png")})
+        assert answer.status_code == 200
+        assert answer.json()["captions"][0]["text"] == expected
 
 
 @pytest.mark.parametrize(("megabytes", "expected"), [(None, [64 * 2**20]), (8, [8 * 2**20]), (0, [])])
