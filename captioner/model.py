@@ -140,8 +140,9 @@ class Captioner(nn.Module):
 
     def optimize_for_inference(self) -> Captioner:
         """Fold the encoder's BatchNorm layers into its convolutions (:meth:`ImageEncoder.fuse_for_inference`):
-        the same captions, a ~1.4x faster encoder on CPU. For serving and evaluation: the model can no
-        longer be trained or saved (load the checkpoint again for that). Returns the model, in eval mode."""
+        the same captions, a ~1.4x faster encoder on CPU. For serving: the model can no longer be trained
+        or saved (load the checkpoint again for that), and its fused weights no longer match a training
+        run's feature cache (keyed by the weights), which evaluation reuses. Returns the model, in eval mode."""
         self.encoder.set_trainable(False)
         self.encoder.fuse_for_inference()
         return self.eval()

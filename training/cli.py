@@ -171,7 +171,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     options = decoding_options_from_args(args)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    model = Captioner.from_checkpoint(args.checkpoint, device=args.device).optimize_for_inference()
+    # not fused for inference: the feature cache is keyed by the encoder's weights, so an unfused encoder
+    # shares the cache the training run built (eval then runs only the decoder)
+    model = Captioner.from_checkpoint(args.checkpoint, device=args.device)
     corpus = load_corpus(args.data, format=args.format, images_dir=args.images_dir)
     records = corpus.split(args.split, restval_as_train=False)
     if not records:

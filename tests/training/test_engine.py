@@ -237,6 +237,7 @@ def test_train_and_eval_clis(shapes, cache_dir, tmp_path, capsys):
     assert train_main(argv) == 0
     assert json.loads((tmp_path / "run" / "config.json").read_text())["hidden_dim"] == 16
     out = tmp_path / "eval"
+    cache_folders = sorted(p.name for p in Path(cache_dir).iterdir())
     code = eval_main(
         [
             "--checkpoint",
@@ -259,6 +260,8 @@ def test_train_and_eval_clis(shapes, cache_dir, tmp_path, capsys):
             "cpu",
         ]
     )
+    # the checkpoint's encoder weights give the training run's cache folder: its features are reused
+    assert sorted(p.name for p in Path(cache_dir).iterdir()) == cache_folders
     assert code == 0
     printed = capsys.readouterr().out
     assert "CIDEr" in printed and "BLEU-4" in printed
