@@ -22,8 +22,19 @@ FORMAT_VERSION = 1
 _REQUIRED = ("config", "vocab", "preprocess", "encoder", "decoder_state")
 
 
+DEFAULT_MODEL_NAME = "default"  # what the command lines accept for the bundled default model
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint file that is missing, unreadable, of another format, or of another version."""
+
+
+def checkpoint_arg(value: str | os.PathLike | None) -> str | os.PathLike | None:
+    """A command line's checkpoint argument: ``default`` (or nothing) means the bundled model (``None``),
+    unless a file or folder of that name exists."""
+    if value is None or (str(value) == DEFAULT_MODEL_NAME and not Path(value).exists()):
+        return None
+    return value
 
 
 def clean_state_dict(state: dict[str, torch.Tensor], *, half: bool = False) -> dict[str, torch.Tensor]:
@@ -36,6 +47,20 @@ def clean_state_dict(state: dict[str, torch.Tensor], *, half: bool = False) -> d
             value = value.half()
         out[key] = value
     return out
+
+
+def to_jsonable(value: Any) -> Any:
+    """Checkpoint metadata as JSON values: tensors and numpy values become lists or numbers, tuples lists,
+    anything else unknown its string."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if hasattr(value, "tolist"):  # tensors and numpy values
+        return to_jsonable(value.tolist())
+    return str(value)
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:

@@ -9,9 +9,12 @@ import os
 import sys
 from dataclasses import asdict
 
-from captioner.checkpoint import CheckpointError
+from captioner.checkpoint import CheckpointError, checkpoint_arg
 from captioner.decoding import DecodingOptions
 from captioner.encoders import EncoderWeightsError
+from captioner.model import BACKENDS
+from captioner.onnx_backend import BackendUnavailable
+from captioner.onnx_export import QUANTIZE_CHOICES, ExportError
 from captioner.transforms import ImageError, load_image
 
 
@@ -20,19 +23,62 @@ def get_args_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     cap = sub.add_parser("caption", help="caption one or more images")
     cap.add_argument("images", nargs="+", metavar="IMG", help="image files (JPEG, PNG, GIF, WebP, ...)")
-    cap.add_argument("--checkpoint", default=None, help="model checkpoint (default: the bundled default model)")
+    cap.add_argument(
+        "--checkpoint",
+        default=None,
+        help="model checkpoint, an ONNX export folder (with --backend onnxruntime), or 'default' (the bundled model; "
+        "the default)",
+    )
     add_decoding_args(cap)
     cap.add_argument("--batch-size", type=int, default=32, help="images run through the model together")
     cap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    add_backend_arg(cap)
     cap.add_argument("--json", action="store_true", help="print one JSON document instead of text lines")
     info = sub.add_parser("info", help="describe a checkpoint")
-    info.add_argument("checkpoint", nargs="?", default=None)
-    export = sub.add_parser("export", help="write a model-only copy of a checkpoint (drops optimizer state)")
-    export.add_argument("source", help="checkpoint to read (e.g. runs/x/best.pt or last.pt)")
-    export.add_argument("target", help="file to write")
-    export.add_argument("--half", action="store_true", help="store weights in fp16 (half the size)")
-    export.add_argument("--metadata", default=None, help="JSON file merged into the checkpoint's metadata")
+    info.add_argument("checkpoint", nargs="?", default=None, help="checkpoint file or 'default' (the default)")
+    export = sub.add_parser(
+        "export",
+        help="write a model-only copy of a checkpoint (pt: drops optimizer state) or its ONNX graphs (onnx)",
+        description="--format pt (the default) writes a model-only checkpoint file; --format onnx writes a folder "
+        "with encoder.onnx, decoder_init.onnx, decoder_step.onnx and captioner.json, checked against PyTorch.",
+    )
+    export.add_argument("source", help="checkpoint to read (e.g. runs/x/best.pt or last.pt), or 'default'")
+    export.add_argument("target", help="file to write (pt) or folder to write (onnx)")
+    export.add_argument("--format", default="pt", choices=["pt", "onnx"], help="output format (default: pt)")
+    export.add_argument("--half", action="store_true", help="pt: store weights in fp16 (half the size)")
+    export.add_argument("--metadata", default=None, help="JSON file merged into the model's metadata")
+    export.add_argument(
+        "--quantize",
+        default=None,
+        choices=QUANTIZE_CHOICES,
+        help="onnx: int8 encoder (static quantization, calibrated on --calibration-images; dynamic without them)",
+    )
+    export.add_argument(
+        "--calibration-images",
+        nargs="+",
+        default=None,
+        metavar="IMG",
+        help="onnx --quantize int8: photos like those the model will see (a few hundred), or folders of them",
+    )
+    export.add_argument(
+        "--check-images",
+        nargs="+",
+        default=None,
+        metavar="IMG",
+        help="onnx: photos for the export's self-check (default: synthetic pictures)",
+    )
     return parser
+
+
+def add_backend_arg(parser: argparse.ArgumentParser, default: str = "torch") -> None:
+    """``--backend``, shared by every command that captions."""
+    parser.add_argument(
+        "--backend",
+        default=default,
+        choices=BACKENDS,
+        help=f"torch, or onnxruntime (CPU; the 'onnx' extra; a .pt checkpoint is exported on first use and "
+        f"cached) (default: {default})",
+    )
 
 
 def add_decoding_args(parser: argparse.ArgumentParser, *, seed: int | None = None) -> None:
@@ -64,21 +110,18 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "info":
-            model = Captioner.from_checkpoint(args.checkpoint)
+            model = Captioner.from_checkpoint(checkpoint_arg(args.checkpoint))
             print(json.dumps(_describe(model), indent=2))
             return 0
         if args.command == "export":
-            model = Captioner.from_checkpoint(args.source)
-            if args.metadata:
-                model.metadata = _merge(model.metadata, _read_json_mapping(args.metadata))
-            model.save(args.target, half=args.half)
-            print(f"wrote {args.target} ({os.path.getsize(args.target) / 1e6:.1f} MB)")
-            return 0
+            return _export(args)
         options = decoding_options_from_args(args)
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        model = Captioner.from_checkpoint(args.checkpoint, device=args.device).optimize_for_inference()
-    except (ValueError, CheckpointError, EncoderWeightsError) as exc:
+        model = Captioner.from_checkpoint(
+            checkpoint_arg(args.checkpoint), device=args.device, backend=args.backend
+        ).optimize_for_inference()
+    except (ValueError, CheckpointError, EncoderWeightsError, BackendUnavailable, ExportError) as exc:
         return _fail(str(exc))
 
     failed = 0
@@ -104,6 +147,75 @@ def main(argv: list[str] | None = None) -> int:
         results.sort(key=lambda r: order[r["image"]])
         print(json.dumps({"options": options.to_dict(), "results": results}, indent=2))
     return 1 if failed else 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from captioner.encoders import file_sha256
+    from captioner.model import DEFAULT_CHECKPOINT, Captioner
+
+    source = checkpoint_arg(args.source)
+    model = Captioner.from_checkpoint(source)
+    if args.metadata:
+        model.metadata = _merge(model.metadata, _read_json_mapping(args.metadata))
+    if args.format == "pt":
+        if args.quantize or args.calibration_images or args.check_images:
+            raise ValueError("--quantize, --calibration-images and --check-images apply to --format onnx")
+        model.save(args.target, half=args.half)
+        print(f"wrote {args.target} ({os.path.getsize(args.target) / 1e6:.1f} MB)")
+        return 0
+    if args.half:
+        raise ValueError("--half applies to --format pt (use --quantize int8 for a smaller ONNX encoder)")
+    if args.calibration_images and not args.quantize:
+        raise ValueError("--calibration-images needs --quantize int8")
+    from captioner.onnx_backend import require_onnxruntime
+    from captioner.onnx_export import export_onnx
+
+    require_onnxruntime()
+    path = source if source is not None else DEFAULT_CHECKPOINT
+    print(f"exporting {path} to {args.target} (ONNX) and checking it against PyTorch ...", file=sys.stderr)
+    report = export_onnx(
+        model,
+        args.target,
+        source=str(path),
+        source_sha256=file_sha256(path),
+        quantize=args.quantize,
+        calibration_images=_image_paths(args.calibration_images),
+        check_images=_image_paths(args.check_images),
+    )
+    for name, size in report.files.items():
+        print(f"wrote {report.out_dir / name} ({size / 1e6:.1f} MB)")
+    check = report.check
+    print(
+        f"check passed on {check['images']} images: features differ by at most {check['feature_max_abs_diff']:.1e}, "
+        f"logits by at most {check['logit_max_abs_diff']:.1e}; beam-3 captions identical "
+        f"{check['beam3_captions_identical']}"
+    )
+    return 0
+
+
+def _image_paths(items: list[str] | None) -> list[str] | None:
+    """Image files named directly or found (sorted, recursively) in the folders named."""
+    if not items:
+        return None
+    from captioner.transforms import IMAGE_EXTENSIONS
+
+    paths: list[str] = []
+    for item in items:
+        if os.path.isdir(item):
+            found = sorted(
+                os.path.join(root, name)
+                for root, _, names in os.walk(item)
+                for name in names
+                if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+            )
+            if not found:
+                raise ValueError(f"no images in {item}")
+            paths += found
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            raise ValueError(f"no such file or folder: {item}")
+    return paths
 
 
 def _read_json_mapping(path: str) -> dict:

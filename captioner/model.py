@@ -21,6 +21,7 @@ from captioner.encoders import ImageEncoder, build_encoder, default_chunk_size
 from captioner.transforms import DEFAULT_MAX_PIXELS, ImageSource, Preprocess, preprocess_images, to_tensor
 from captioner.vocab import Vocabulary
 
+BACKENDS = ("torch", "onnxruntime")
 DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "default.pt"
 
 
@@ -70,6 +71,9 @@ class Captioner(nn.Module):
         self.metadata = dict(metadata or {})
         # Images per encoder pass; None: encoders.default_chunk_size (a few at a time on CPU, all on GPU).
         self.encoder_chunk_size: int | None = None
+        self.backend = "torch"  # or "onnxruntime": see from_checkpoint and captioner.onnx_backend
+        self.export_dir: Path | None = None  # the ONNX export the onnxruntime backend runs
+        self.export_parameters = 0  # parameter count recorded by that export
 
     # -- construction -----------------------------------------------------------------------------
 
@@ -91,17 +95,44 @@ class Captioner(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        if self.backend != "torch":
+            return torch.device("cpu")
         return next(self.decoder.parameters()).device
+
+    def parameter_count(self) -> int:
+        if self.backend != "torch":
+            return self.export_parameters
+        return sum(p.numel() for p in self.parameters())
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | os.PathLike | None = None, *, device: str | torch.device | None = "cpu"
+        cls,
+        path: str | os.PathLike | None = None,
+        *,
+        device: str | torch.device | None = "cpu",
+        backend: str = "torch",
     ) -> Captioner:
-        """Load a checkpoint (``None``: the bundled default model) onto ``device`` in eval mode."""
+        """Load a model (``None``: the bundled default) onto ``device`` in eval mode.
+
+        ``backend="torch"`` reads a ``.pt`` checkpoint. ``backend="onnxruntime"`` (CPU only; the ``onnx``
+        extra) runs an ONNX export (``captioner export CHECKPOINT DIR --format onnx``): ``path`` may be
+        such a folder, or a ``.pt`` checkpoint, exported on first use into a cache keyed by its sha256
+        (see :mod:`captioner.onnx_backend`).
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+        if backend == "onnxruntime":
+            if resolve_device(device).type != "cpu":
+                raise ValueError("the onnxruntime backend runs on CPU; use backend 'torch' for CUDA")
+            from captioner.onnx_backend import load_onnx_captioner
+
+            return load_onnx_captioner(path).eval()
         if path is None:
             if not DEFAULT_CHECKPOINT.is_file():
                 raise CheckpointError("no default model is bundled with this install; pass a checkpoint path")
             path = DEFAULT_CHECKPOINT
+        if Path(path).is_dir() and (Path(path) / "captioner.json").is_file():
+            raise CheckpointError(f"{path} is an ONNX export: load it with backend 'onnxruntime'")
         data = load_checkpoint(path)
         return cls.from_state(data, source=str(path)).to(resolve_device(device)).eval()
 
@@ -149,6 +180,8 @@ class Captioner(nn.Module):
 
     def state_payload(self, *, half: bool = False, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
         """Everything a checkpoint holds about the model (the training loop adds its own state)."""
+        if self.backend != "torch":
+            raise RuntimeError(f"a model on the {self.backend} backend cannot be saved: save the PyTorch checkpoint")
         if self.encoder.fused:
             raise RuntimeError("a model fused for inference cannot be saved: load the checkpoint again to save it")
         store_encoder = self.encoder.trainable or not self.encoder.from_package

@@ -22,6 +22,8 @@ ImageSource = Image.Image | bytes | str | os.PathLike
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_MAX_PIXELS = 40_000_000
+# File name endings taken as images when a folder is given (the formats the API documents).
+IMAGE_EXTENSIONS = frozenset((".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"))
 
 
 class ImageError(ValueError):

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from captioner import Captioner, DecodingOptions, EncoderConfig, Vocabulary
-from captioner.checkpoint import load_checkpoint, save_checkpoint
+from captioner.checkpoint import checkpoint_arg, load_checkpoint, save_checkpoint
 from captioner.decoding import decode
 from captioner.model import resolve_device
 from captioner.text import tokenize
@@ -396,7 +396,7 @@ class Trainer:
 
     def _initial_model(self, source: str) -> Captioner:
         """``--init-from``: the trained model to start from; the run's config takes its architecture."""
-        model = Captioner.from_checkpoint(None if source == "default" else source, device="cpu")
+        model = Captioner.from_checkpoint(checkpoint_arg(source), device="cpu")
         model.encoder.set_trainable(False)  # --finetune-after unfreezes the last stage when it says so
         enc, dec = model.config.encoder, model.config.decoder
         architecture = {name: getattr(dec, name) for name in self.config.decoder_kwargs()}

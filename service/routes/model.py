@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from fastapi import APIRouter
 
+from captioner.checkpoint import to_jsonable
 from service.deps import ApiKeyDep, LoadedDep
 from service.schemas import EncoderInfo, ErrorResponse, ModelInfo
 
@@ -24,7 +24,7 @@ _TRAINING_DATA_KEYS = ("training", "training_data", "data", "dataset")
 async def model_info(loaded: LoadedDep) -> ModelInfo:
     model = loaded.model
     config = model.config
-    metadata = _jsonable(model.metadata)
+    metadata = to_jsonable(model.metadata)
     training_data = next((metadata[k] for k in _TRAINING_DATA_KEYS if k in metadata), None)
     if isinstance(training_data, dict):  # the training engine's record: data, format, splits, epochs, config
         training_data = {k: v for k, v in training_data.items() if k != "config"}  # the config stays in metadata
@@ -42,21 +42,8 @@ async def model_info(loaded: LoadedDep) -> ModelInfo:
         decoder=dataclasses.asdict(config.decoder) if config.decoder is not None else {},
         vocab_size=len(model.vocab),
         attention=bool(config.decoder is not None and config.decoder.attention),
-        parameters=sum(p.numel() for p in model.parameters()),
+        parameters=model.parameter_count(),
         training_data=training_data,
         metrics=metrics if isinstance(metrics, dict) else None,
         metadata=metadata,
     )
-
-
-def _jsonable(value: Any) -> Any:
-    """Checkpoint metadata may hold tensors or tuples; turn them into JSON values."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, str | int | float | bool) or value is None:
-        return value
-    if hasattr(value, "tolist"):  # tensors and numpy values
-        return _jsonable(value.tolist())
-    return str(value)

@@ -1,0 +1,284 @@
+"""The ``onnxruntime`` backend: an exported model (:mod:`captioner.onnx_export`) run by ONNX Runtime on CPU.
+
+:class:`OnnxEncoder` and :class:`OnnxDecoder` have the interfaces :class:`~captioner.model.Captioner`
+and :mod:`captioner.decoding` use (``forward_features``; ``init_state``/``step`` on
+:class:`~captioner.decoder.DecoderState`), so every decoding method, option and the attention maps run
+through the one decoding module on either backend. Tensors cross into ONNX Runtime as numpy views of
+the torch tensors and come back as torch tensors over ONNX Runtime's output arrays (no copies).
+
+A ``.pt`` checkpoint is exported on first use into a cache keyed by its sha256:
+``$CAPTIONER_CACHE_DIR/onnx/v<EXPORT_VERSION>-<sha256[:16]>/``, where ``CAPTIONER_CACHE_DIR``
+defaults to ``$XDG_CACHE_HOME/captioner`` (``~/.cache/captioner``). Later loads find it there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from captioner.checkpoint import CheckpointError
+from captioner.config import DecoderConfig, ModelConfig
+from captioner.decoder import DecoderState
+from captioner.onnx_export import (
+    EXPORT_FORMAT,
+    EXPORT_VERSION,
+    GRAPH_FILES,
+    METADATA_FILE,
+    state_names,
+)
+from captioner.transforms import Preprocess
+
+log = logging.getLogger(__name__)
+
+EXTRA_HINT = "pip install 'captioner[onnx]'"
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend's package is not installed."""
+
+
+def require_onnxruntime():
+    """Import ``onnxruntime``, or raise :class:`BackendUnavailable` naming the extra that provides it."""
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise BackendUnavailable(
+            f"the onnxruntime backend needs the 'onnx' extra (onnxruntime is not installed): {EXTRA_HINT}"
+        ) from exc
+    return onnxruntime
+
+
+def onnxruntime_available() -> bool:
+    try:
+        require_onnxruntime()
+    except BackendUnavailable:
+        return False
+    return True
+
+
+def cache_dir() -> Path:
+    """Where exports made on first use live: ``$CAPTIONER_CACHE_DIR``, else ``$XDG_CACHE_HOME/captioner``."""
+    explicit = os.environ.get("CAPTIONER_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "captioner"
+
+
+def is_export_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / METADATA_FILE).is_file()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cached_export_dir(checkpoint: str | os.PathLike) -> Path:
+    """The cache folder for ``checkpoint``'s export, whether or not it exists yet."""
+    sha = _file_sha256(Path(checkpoint))
+    return cache_dir() / "onnx" / f"v{EXPORT_VERSION}-{sha[:16]}"
+
+
+def ensure_exported(checkpoint: str | os.PathLike) -> Path:
+    """The export of ``checkpoint`` in the cache, exporting it first when it is not there yet."""
+    checkpoint = Path(checkpoint)
+    sha = _file_sha256(checkpoint)
+    folder = cache_dir() / "onnx" / f"v{EXPORT_VERSION}-{sha[:16]}"
+    if _valid_export(folder, sha):
+        return folder
+    from captioner.checkpoint import load_checkpoint
+    from captioner.model import Captioner
+    from captioner.onnx_export import export_onnx
+
+    model = Captioner.from_state(load_checkpoint(checkpoint), source=str(checkpoint))
+    log.info("exporting %s to ONNX once (cached in %s; set CAPTIONER_CACHE_DIR to move it)", checkpoint, folder)
+    try:
+        export_onnx(model, folder, source=str(checkpoint), source_sha256=sha)
+    except PermissionError as exc:
+        raise CheckpointError(
+            f"cannot write the ONNX export of {checkpoint} to {folder} ({exc.strerror}); set CAPTIONER_CACHE_DIR "
+            f"to a writable folder, or export it beforehand with: captioner export {checkpoint} DIR --format onnx"
+        ) from exc
+    return folder
+
+
+def _valid_export(folder: Path, sha: str) -> bool:
+    try:
+        meta = json.loads((folder / METADATA_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        meta.get("format_version") == EXPORT_VERSION
+        and meta.get("source", {}).get("sha256") == sha
+        and all((folder / name).is_file() for name in GRAPH_FILES.values())
+    )
+
+
+def read_export_metadata(folder: str | os.PathLike) -> dict[str, Any]:
+    """``captioner.json`` of an export, validated; failures are one-line :class:`CheckpointError`."""
+    folder = Path(folder)
+    path = folder / METADATA_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{folder}: not an ONNX export (no {METADATA_FILE})") from exc
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc.__class__.__name__})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{path}: not a captioner ONNX export (no '{EXPORT_FORMAT}' marker)")
+    if meta.get("format_version") != EXPORT_VERSION:
+        raise CheckpointError(
+            f"{path}: export format version {meta.get('format_version')!r} is not supported (this captioner reads "
+            f"version {EXPORT_VERSION}); export the checkpoint again"
+        )
+    missing = [name for name in GRAPH_FILES.values() if not (folder / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{folder}: the export is incomplete (missing {', '.join(missing)})")
+    return meta
+
+
+def session_options(threads: int | None = None):
+    """One thread pool per session, as many threads as torch uses (``torch.get_num_threads``)."""
+    ort = require_onnxruntime()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: ORT warns about every initializer it folds
+    return options
+
+
+def _session(path: Path, threads: int | None):
+    ort = require_onnxruntime()
+    try:
+        return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own Fail / InvalidGraph / NoSuchFile types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise CheckpointError(f"{path}: ONNX Runtime cannot load it: {first}") from exc
+
+
+def _numpy(tensor: torch.Tensor):
+    return tensor.detach().contiguous().numpy()
+
+
+class OnnxEncoder:
+    """``encoder.onnx`` behind :class:`~captioner.encoders.ImageEncoder`'s inference interface."""
+
+    trainable = False
+    fused = True  # exported from the fused encoder; nothing left to fold
+    from_package = False
+
+    def __init__(self, folder: Path, meta: dict[str, Any], threads: int | None = None) -> None:
+        path = folder / meta["graphs"]["encoder"]
+        self.session = _session(path, threads)
+        identity = meta["encoder"]
+        self.name: str = identity["name"]
+        self.weights = identity.get("weights")
+        self.weights_sha256 = identity.get("weights_sha256")
+        self.preprocess = Preprocess.from_dict(meta["preprocess"])
+        self.feature_dim: int = meta["config"]["decoder"]["feature_dim"]
+        self.quantized = meta.get("quantization") is not None
+        self.graph_sha256 = _file_sha256(path)  # what the feature cache keys these features by
+
+    def forward_features(self, images: torch.Tensor, *, chunk_size: int | None = None) -> torch.Tensor:
+        """``(B, 3, S, S)`` -> ``(B, C, h, w)``, at most ``chunk_size`` images per run (all when None)."""
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        images = images.float().cpu()
+        parts = images.split(chunk_size) if chunk_size else (images,)
+        grids = [torch.from_numpy(self.session.run(["grid"], {"pixels": _numpy(p)})[0]) for p in parts]
+        return grids[0] if len(grids) == 1 else torch.cat(grids)
+
+    def identity(self) -> dict:
+        return {"name": self.name, "weights": self.weights, "weights_sha256": self.weights_sha256}
+
+    def set_trainable(self, trainable: bool) -> None:
+        if trainable:
+            raise RuntimeError("an ONNX Runtime encoder cannot be trained: load the checkpoint with backend='torch'")
+
+    def fuse_for_inference(self) -> OnnxEncoder:
+        return self
+
+    def to(self, device: torch.device | str) -> OnnxEncoder:
+        if torch.device(device).type != "cpu":
+            raise ValueError("the onnxruntime backend runs on CPU; use backend 'torch' for CUDA")
+        return self
+
+    def eval(self) -> OnnxEncoder:
+        return self
+
+
+class OnnxDecoder:
+    """``decoder_init.onnx`` + ``decoder_step.onnx`` behind ``CaptionDecoder.init_state`` / ``step``."""
+
+    training = False
+
+    def __init__(self, folder: Path, meta: dict[str, Any], threads: int | None = None) -> None:
+        self.config = DecoderConfig(**meta["config"]["decoder"])
+        self.init_session = _session(folder / meta["graphs"]["decoder_init"], threads)
+        self.step_session = _session(folder / meta["graphs"]["decoder_step"], threads)
+        io = meta["io"]
+        self._init_outputs: list[str] = io["decoder_init"]["outputs"]
+        self._step_inputs: list[str] = io["decoder_step"]["inputs"]
+        self._step_outputs: list[str] = io["decoder_step"]["outputs"]
+        self._n_hidden = len(state_names(self.config))
+
+    def init_state(self, grid: torch.Tensor) -> DecoderState:
+        outputs = self.init_session.run(self._init_outputs, {"grid": _numpy(grid.float().cpu())})
+        tensors = [torch.from_numpy(o) for o in outputs]
+        hidden = tuple(tensors[: self._n_hidden])
+        if self.config.attention:
+            return DecoderState(hidden, tensors[self._n_hidden], tensors[self._n_hidden + 1])
+        return DecoderState(hidden)
+
+    def step(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
+        parts = [tokens.long(), *state.hidden]
+        if self.config.attention:
+            parts += [state.memory, state.keys]
+        outputs = self.step_session.run(
+            self._step_outputs, {name: _numpy(t) for name, t in zip(self._step_inputs, parts, strict=True)}
+        )
+        tensors = [torch.from_numpy(o) for o in outputs]
+        hidden = tuple(tensors[1 : 1 + self._n_hidden])
+        alpha = tensors[1 + self._n_hidden] if self.config.attention else None
+        return tensors[0], DecoderState(hidden, state.memory, state.keys), alpha
+
+
+def load_onnx_captioner(path: str | os.PathLike | None, *, threads: int | None = None):
+    """A :class:`~captioner.model.Captioner` on ONNX Runtime from an export folder, a ``.pt`` checkpoint
+    (exported into the cache on first use) or ``None`` (the bundled default model)."""
+    from captioner.model import DEFAULT_CHECKPOINT, Captioner
+    from captioner.vocab import Vocabulary
+
+    require_onnxruntime()
+    if path is None:
+        if not DEFAULT_CHECKPOINT.is_file():
+            raise CheckpointError("no default model is bundled with this install; pass a checkpoint path")
+        path = DEFAULT_CHECKPOINT
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    folder = path if path.is_dir() else ensure_exported(path)
+    meta = read_export_metadata(folder)
+    try:
+        ModelConfig.from_dict(meta["config"])  # validates the decoder config
+        encoder = OnnxEncoder(folder, meta, threads)
+        decoder = OnnxDecoder(folder, meta, threads)
+        vocab = Vocabulary(meta["vocab"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{folder}: the export's {METADATA_FILE} does not match this captioner: {exc}") from exc
+    model = Captioner(encoder, decoder, vocab, metadata=meta.get("metadata") or {})  # type: ignore[arg-type]
+    model.backend = "onnxruntime"
+    model.export_dir = folder
+    model.export_parameters = int(meta.get("parameters") or 0)
+    return model

@@ -1,0 +1,354 @@
+"""Export a :class:`~captioner.model.Captioner` to ONNX: three graphs and one metadata file.
+
+An export folder holds::
+
+    encoder.onnx        pixels (B, 3, S, S) -> grid (B, C, h, w); the encoder fused for inference
+    decoder_init.onnx   grid -> the state before <start>: h [, c] (B, L, H) [, memory (B, N, E), keys (B, N, A)]
+    decoder_step.onnx   tokens (B,) + state -> logits (B, V), next_h [, next_c] [, alpha (B, N)]
+    captioner.json      vocabulary, preprocessing, model config, the source checkpoint's sha256, opset,
+                        versions, the names of every graph input and output, and the export's own check
+
+The batch dimension is dynamic in every graph. Decoding stays in Python (``captioner.decoding``): the
+two decoder graphs are exactly ``CaptionDecoder.init_state`` and ``CaptionDecoder.step``, so greedy,
+sampling and beam search run unchanged on either backend. ``--quantize int8`` stores an int8 encoder
+(see :mod:`captioner.onnx_quantize`); the decoder stays fp32.
+
+The export checks itself (:func:`check_export`) and refuses to finish when the graphs disagree with
+the PyTorch model beyond :data:`FEATURE_ATOL` / :data:`LOGIT_ATOL`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from captioner.checkpoint import to_jsonable
+from captioner.decoder import CaptionDecoder, DecoderState
+
+if TYPE_CHECKING:
+    from captioner.model import Captioner
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = "captioner-onnx"
+EXPORT_VERSION = 1
+METADATA_FILE = "captioner.json"
+GRAPH_FILES = {"encoder": "encoder.onnx", "decoder_init": "decoder_init.onnx", "decoder_step": "decoder_step.onnx"}
+OPSET = 18  # the dynamo exporter's lowest; ONNX Runtime 1.16+ runs it
+QUANTIZE_CHOICES = ("int8",)
+
+# What the self-check accepts between the fp32 graphs and PyTorch (measured on the default model:
+# features differ by at most ~3e-5 on values up to 6, step logits by ~4e-6).
+FEATURE_ATOL = 1e-3  # largest absolute difference of the encoder's feature grids
+LOGIT_ATOL = 1e-3  # largest absolute difference of next-word logits along the same words
+# int8 changes the features on purpose: the check asks only that they stay close in relative terms.
+INT8_FEATURE_RTOL = 0.25  # ||int8 - fp32|| / ||fp32|| over the check images
+
+
+class ExportError(RuntimeError):
+    """The export failed or its self-check found the graphs disagreeing with PyTorch."""
+
+
+def state_names(config) -> tuple[str, ...]:
+    """Names of the recurrent state tensors: ``h`` and, for the LSTM, ``c``."""
+    return ("h", "c") if config.cell == "lstm" else ("h",)
+
+
+def init_output_names(config) -> list[str]:
+    return [*state_names(config), *(("memory", "keys") if config.attention else ())]
+
+
+def step_input_names(config) -> list[str]:
+    return ["tokens", *init_output_names(config)]
+
+
+def step_output_names(config) -> list[str]:
+    return ["logits", *(f"next_{n}" for n in state_names(config)), *(("alpha",) if config.attention else ())]
+
+
+class _EncoderGraph(nn.Module):
+    def __init__(self, encoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.encoder.forward_features(pixels)
+
+
+class _InitGraph(nn.Module):
+    def __init__(self, decoder: CaptionDecoder) -> None:
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, grid: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        state = self.decoder.init_state(grid)
+        return (*state.hidden, *((state.memory, state.keys) if self.decoder.config.attention else ()))
+
+
+class _StepGraph(nn.Module):
+    def __init__(self, decoder: CaptionDecoder) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.n_hidden = len(state_names(decoder.config))
+
+    def forward(self, tokens: torch.Tensor, *state_parts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        hidden = tuple(state_parts[: self.n_hidden])
+        rest = state_parts[self.n_hidden :]
+        state = DecoderState(hidden, *rest) if rest else DecoderState(hidden)
+        logits, state, alpha = self.decoder.step(tokens, state)
+        return (logits, *state.hidden, *((alpha,) if alpha is not None else ()))
+
+
+@dataclass
+class ExportReport:
+    out_dir: Path
+    files: dict[str, int]  # file name -> bytes
+    check: dict[str, Any]
+
+
+def _export_graph(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str]) -> None:
+    """Export ``module(*args)`` with a dynamic batch (dimension 0 of every input)."""
+    batch = {0: torch.export.Dim("batch", min=1, max=4096)}
+    # one entry per positional parameter: the step graph's state arrives as one *args tuple
+    dynamic: tuple = (batch,) if len(args) == 1 else (batch, tuple(batch for _ in args[1:]))
+    # The dynamo exporter prints its progress and warns about internals; keep the user's terminal clean.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module,
+            args,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_shapes=dynamic,
+            opset_version=OPSET,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    if program is None:
+        raise ExportError(f"torch.onnx.export returned nothing for {path.name}")
+    program.save(str(path), external_data=False)
+
+
+def export_onnx(
+    model: Captioner,
+    out_dir: str | os.PathLike,
+    *,
+    source: str,
+    source_sha256: str,
+    quantize: str | None = None,
+    calibration_images: list[str] | None = None,
+    check_images: list[str] | None = None,
+) -> ExportReport:
+    """Write ``model`` (fused for inference in place) to ``out_dir`` and check the result.
+
+    ``out_dir`` must not exist, be empty, or hold an earlier export (which is replaced); the new export
+    is written to a temporary folder beside it and renamed into place only after its check passed, so
+    an interrupted or failing export never leaves a half-written folder at ``out_dir``.
+    """
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise ExportError(f"unknown quantization {quantize!r}; expected one of {', '.join(QUANTIZE_CHOICES)}")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / METADATA_FILE).is_file())):
+        raise ExportError(f"{out} exists and is not an earlier ONNX export; choose an empty or new folder")
+    model = model.to("cpu").optimize_for_inference()
+    if getattr(model, "backend", "torch") != "torch":
+        raise ExportError("export needs the PyTorch model; load the checkpoint with backend='torch'")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is owner-only; a container's other user must read it
+    try:
+        report = _write_export(model, tmp, source, source_sha256, quantize, calibration_images, check_images)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report.out_dir = out
+    return report
+
+
+def _write_export(
+    model: Captioner,
+    folder: Path,
+    source: str,
+    source_sha256: str,
+    quantize: str | None,
+    calibration_images: list[str] | None,
+    check_images: list[str] | None,
+) -> ExportReport:
+    import onnx
+
+    config = model.decoder.config
+    crop = model.preprocess_config.crop
+    with torch.no_grad():
+        pixels = torch.randn(2, 3, crop, crop)
+        grid = model.encoder.forward_features(pixels)
+        state = model.decoder.init_state(grid)
+        tokens = torch.full((2,), model.vocab.bos_id, dtype=torch.long)
+        step_args = (tokens, *state.hidden, *((state.memory, state.keys) if config.attention else ()))
+        try:
+            encoder_graph = _EncoderGraph(model.encoder)
+            _export_graph(encoder_graph, (pixels,), folder / GRAPH_FILES["encoder"], ["pixels"], ["grid"])
+            init_path = folder / GRAPH_FILES["decoder_init"]
+            _export_graph(_InitGraph(model.decoder), (grid,), init_path, ["grid"], init_output_names(config))
+            _export_graph(
+                _StepGraph(model.decoder),
+                step_args,
+                folder / GRAPH_FILES["decoder_step"],
+                step_input_names(config),
+                step_output_names(config),
+            )
+        except ExportError:
+            raise
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            raise ExportError(f"torch.onnx.export failed: {exc.__class__.__name__}: {first}") from exc
+    if quantize == "int8":
+        from captioner.onnx_quantize import quantize_encoder
+
+        quantization = quantize_encoder(folder / GRAPH_FILES["encoder"], model, calibration_images)
+    else:
+        quantization = None
+    metadata = {
+        "format": EXPORT_FORMAT,
+        "format_version": EXPORT_VERSION,
+        "graphs": GRAPH_FILES,
+        "io": {
+            "encoder": {"inputs": ["pixels"], "outputs": ["grid"]},
+            "decoder_init": {"inputs": ["grid"], "outputs": init_output_names(config)},
+            "decoder_step": {"inputs": step_input_names(config), "outputs": step_output_names(config)},
+        },
+        "config": model.config.to_dict(),
+        "vocab": list(model.vocab.tokens),
+        "preprocess": model.preprocess_config.to_dict(),
+        "encoder": model.encoder.identity(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "metadata": to_jsonable(model.metadata),
+        "source": {"checkpoint": source, "sha256": source_sha256},
+        "opset": OPSET,
+        "quantization": quantization,
+        "versions": _versions(onnx.__version__),
+    }
+    (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
+    check = check_export(model, folder, check_images)
+    metadata["check"] = check
+    (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir())}
+    return ExportReport(folder, files, check)
+
+
+def _versions(onnx_version: str) -> dict[str, str]:
+    import onnxruntime
+
+    from captioner import __version__
+
+    return {
+        "captioner": __version__,
+        "torch": torch.__version__,
+        "onnx": onnx_version,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+# -- the self-check ---------------------------------------------------------------------------------
+
+
+def check_images_for(model: Captioner, paths: list[str] | None, count: int = 4) -> torch.Tensor:
+    """Pixels for the check: the given images, else ``count`` fixed smooth random pictures."""
+    if paths:
+        return model.preprocess(paths)
+    generator = torch.Generator().manual_seed(0)
+    crop = model.preprocess_config.crop
+    coarse = torch.rand(count, 3, 8, 8, generator=generator)  # smooth blobs of colour, like a photo's layout
+    images = nn.functional.interpolate(coarse, size=(crop, crop), mode="bicubic", align_corners=False)
+    mean = torch.tensor(model.preprocess_config.mean).view(1, 3, 1, 1)
+    std = torch.tensor(model.preprocess_config.std).view(1, 3, 1, 1)
+    return ((images.clamp(0, 1) - mean) / std).contiguous()
+
+
+@torch.inference_mode()
+def check_export(model: Captioner, folder: Path, image_paths: list[str] | None = None) -> dict[str, Any]:
+    """Compare the export in ``folder`` with ``model`` (PyTorch, fused); raise :class:`ExportError` on a mismatch.
+
+    1. Encoder: the feature grids of the check images (fp32: largest absolute difference at most
+       :data:`FEATURE_ATOL`; int8: relative error at most :data:`INT8_FEATURE_RTOL`).
+    2. Decoder: both decoders get PyTorch's features and are fed the same words (PyTorch's greedy
+       caption); the next-word logits must agree within :data:`LOGIT_ATOL` at every step, and so must the
+       chosen word wherever PyTorch's best two words are further apart than twice that tolerance.
+    3. End to end (reported, not enforced): beam-3 captions of both backends on the check images.
+    """
+    from captioner.decoding import DecodingOptions, decode, next_word_logits
+    from captioner.onnx_backend import load_onnx_captioner
+
+    onnx_model = load_onnx_captioner(folder)
+    quantized = onnx_model.encoder.quantized
+    pixels = check_images_for(model, image_paths)
+    reference = model.encoder.forward_features(pixels)
+    features = onnx_model.encoder.forward_features(pixels)
+    feature_diff = float((features - reference).abs().max())
+    feature_rel = float((features - reference).norm() / reference.norm().clamp_min(1e-12))
+    if quantized:
+        if not feature_rel <= INT8_FEATURE_RTOL:
+            raise ExportError(
+                f"int8 encoder features differ from fp32 by {feature_rel:.3f} (relative); "
+                f"the limit is {INT8_FEATURE_RTOL}"
+            )
+    elif not feature_diff <= FEATURE_ATOL:
+        raise ExportError(
+            f"encoder features differ from PyTorch by up to {feature_diff:.2e}; the limit is {FEATURE_ATOL:.0e}"
+        )
+
+    greedy = decode(model.decoder, reference, DecodingOptions(method="greedy"))
+    logit_diff, steps = 0.0, 0
+    for row, hyps in enumerate(greedy):
+        words = [model.vocab.bos_id, *hyps[0].tokens]
+        torch_state = model.decoder.init_state(reference[row : row + 1])
+        onnx_state = onnx_model.decoder.init_state(reference[row : row + 1])
+        for t, word in enumerate(words):
+            token = torch.tensor([word])
+            torch_logits, torch_state, _ = next_word_logits(model.decoder, token, torch_state)
+            onnx_logits, onnx_state, _ = next_word_logits(onnx_model.decoder, token, onnx_state)
+            finite = torch.isfinite(torch_logits)
+            diff = float((torch_logits[finite] - onnx_logits[finite]).abs().max())
+            logit_diff, steps = max(logit_diff, diff), steps + 1
+            if not diff <= LOGIT_ATOL:
+                raise ExportError(
+                    f"decoder logits differ from PyTorch by {diff:.2e} at word {t} of check image {row}; "
+                    f"the limit is {LOGIT_ATOL:.0e}"
+                )
+            top2 = torch_logits[0].topk(2).values
+            if float(top2[0] - top2[1]) > 2 * LOGIT_ATOL and int(onnx_logits.argmax()) != int(torch_logits.argmax()):
+                raise ExportError(f"the decoders choose different words at word {t} of check image {row}")
+
+    beam = DecodingOptions(method="beam", beam_size=3)
+    torch_texts = [r.captions[0].text for r in model.caption_features(reference, beam)]
+    onnx_texts = [r.captions[0].text for r in onnx_model.caption_features(features, beam)]
+    same = sum(a == b for a, b in zip(torch_texts, onnx_texts, strict=True))
+    report = {
+        "images": int(pixels.shape[0]),
+        "image_source": "given images" if image_paths else "synthetic (smooth random colour fields)",
+        "feature_max_abs_diff": feature_diff,
+        "feature_relative_diff": feature_rel,
+        "logit_max_abs_diff": logit_diff,
+        "decoder_steps_compared": steps,
+        "beam3_captions_identical": f"{same}/{len(torch_texts)}",
+        "tolerances": {"feature_atol": FEATURE_ATOL, "logit_atol": LOGIT_ATOL, "int8_feature_rtol": INT8_FEATURE_RTOL},
+    }
+    log.info("ONNX export check passed: %s", report)
+    return report
