@@ -122,7 +122,7 @@ class Captioner(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
         if backend == "onnxruntime":
-            if resolve_device(device).type != "cpu":
+            if str(device) != "auto" and resolve_device(device).type != "cpu":  # auto: the CPU, for this backend
                 raise ValueError("the onnxruntime backend runs on CPU; use backend 'torch' for CUDA")
             from captioner.onnx_backend import load_onnx_captioner
 

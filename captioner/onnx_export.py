@@ -163,16 +163,19 @@ def export_onnx(
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / METADATA_FILE).is_file())):
         raise ExportError(f"{out} exists and is not an earlier ONNX export; choose an empty or new folder")
-    model = model.to("cpu").optimize_for_inference()
-    if getattr(model, "backend", "torch") != "torch":
+    if model.backend != "torch":
         raise ExportError("export needs the PyTorch model; load the checkpoint with backend='torch'")
+    parameters = model.parameter_count()  # before fusing, which folds BatchNorm's parameters away
+    model = model.to("cpu").optimize_for_inference()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is owner-only; a container's other user must read it
     try:
-        report = _write_export(model, tmp, source, source_sha256, quantize, calibration_images, check_images)
+        report = _write_export(
+            model, tmp, source, source_sha256, parameters, quantize, calibration_images, check_images
+        )
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -188,6 +191,7 @@ def _write_export(
     folder: Path,
     source: str,
     source_sha256: str,
+    parameters: int,
     quantize: str | None,
     calibration_images: list[str] | None,
     check_images: list[str] | None,
@@ -238,7 +242,7 @@ def _write_export(
         "vocab": list(model.vocab.tokens),
         "preprocess": model.preprocess_config.to_dict(),
         "encoder": model.encoder.identity(),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": parameters,
         "metadata": to_jsonable(model.metadata),
         "source": {"checkpoint": source, "sha256": source_sha256},
         "opset": OPSET,

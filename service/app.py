@@ -14,10 +14,12 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
 from captioner import __version__
-from captioner.checkpoint import CheckpointError
+from captioner.checkpoint import CheckpointError, checkpoint_arg
 from captioner.decoding import DecodingOptions
 from captioner.encoders import EncoderWeightsError, file_sha256
-from captioner.model import DEFAULT_CHECKPOINT, Captioner
+from captioner.model import DEFAULT_CHECKPOINT, Captioner, resolve_device
+from captioner.onnx_backend import BackendUnavailable, onnxruntime_available
+from captioner.onnx_export import METADATA_FILE, ExportError
 from captioner.runtime import tune_malloc
 from service.batching import MicroBatcher, ModelThread
 from service.deps import LoadedModel
@@ -40,17 +42,28 @@ class ModelLoadError(RuntimeError):
     """The checkpoint could not be loaded; the message is one line saying why."""
 
 
+def resolve_backend(settings: Settings) -> str:
+    """``auto``: onnxruntime when the model runs on CPU and onnxruntime is installed, else torch."""
+    if settings.backend != "auto":
+        return settings.backend
+    on_cpu = resolve_device(settings.device).type == "cpu"
+    return "onnxruntime" if on_cpu and onnxruntime_available() else "torch"
+
+
 def load_model(settings: Settings) -> LoadedModel:
     """Load ``settings.checkpoint`` (unset: the bundled default model); raises :class:`ModelLoadError`."""
-    path = Path(settings.checkpoint) if settings.checkpoint is not None else DEFAULT_CHECKPOINT
+    checkpoint = checkpoint_arg(settings.checkpoint)
+    path = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
     try:
-        model = Captioner.from_checkpoint(settings.checkpoint, device=settings.device).optimize_for_inference()
-    except (CheckpointError, EncoderWeightsError, ValueError) as exc:
+        backend = resolve_backend(settings)
+        model = Captioner.from_checkpoint(checkpoint, device=settings.device, backend=backend)
+        model = model.optimize_for_inference()
+    except (CheckpointError, EncoderWeightsError, ValueError, BackendUnavailable, ExportError) as exc:
         hint = "" if settings.checkpoint is not None else " (set CAPTIONER_CHECKPOINT or pass --checkpoint)"
         reason = " ".join(str(exc).split())  # one line, whatever the library's message looks like
         raise ModelLoadError(f"cannot load the model: {reason}{hint}") from exc
     model.encoder_chunk_size = settings.encoder_chunk_size
-    sha256 = file_sha256(path)
+    sha256 = file_sha256(path / METADATA_FILE if path.is_dir() else path)
     return LoadedModel(model, f"{path.stem}-{sha256[:12]}", str(path), sha256)
 
 
@@ -86,7 +99,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.decode_limiter = anyio.CapacityLimiter(settings.decode_threads)
     app.state.batcher = batcher
     app.state.loaded = loaded
-    log.info("serving %s from %s on %s", loaded.id, loaded.checkpoint, loaded.model.device)
+    log.info(
+        "serving %s from %s on %s with %s", loaded.id, loaded.checkpoint, loaded.model.device, loaded.model.backend
+    )
     try:
         yield
     finally:

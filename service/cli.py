@@ -25,6 +25,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
     parser.add_argument("--checkpoint", help="checkpoint file (default: CAPTIONER_CHECKPOINT, else the bundled model)")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: CAPTIONER_DEVICE, else cpu)")
+    parser.add_argument(
+        "--backend",
+        choices=["auto", "torch", "onnxruntime"],
+        help="onnxruntime (CPU) or torch; auto: onnxruntime on CPU when installed (default: CAPTIONER_BACKEND, "
+        "else auto)",
+    )
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument(
         "--no-access-log", dest="access_log", action="store_false", help="do not log a line per request"
@@ -55,7 +61,8 @@ class _OneLineStartupError:
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    overrides = {k: v for k, v in {"checkpoint": args.checkpoint, "device": args.device}.items() if v is not None}
+    given = {"checkpoint": args.checkpoint, "device": args.device, "backend": args.backend}
+    overrides = {k: v for k, v in given.items() if v is not None}
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:

@@ -193,6 +193,7 @@ class ModelInfo(BaseModel):
     id: str
     checkpoint: str
     checkpoint_sha256: str
+    backend: Literal["torch", "onnxruntime"] = Field(description="what runs the model")
     encoder: EncoderInfo
     decoder: dict[str, Any] = Field(description="the decoder's configuration")
     vocab_size: int

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -17,8 +17,17 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CAPTIONER_", extra="ignore", frozen=True)
 
-    checkpoint: Path | None = Field(None, description="checkpoint file; unset: the model bundled with captioner")
+    checkpoint: Path | None = Field(
+        None,
+        description="checkpoint file, an ONNX export folder (backend onnxruntime), or unset / 'default': the "
+        "model bundled with captioner",
+    )
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
+    backend: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto",
+        description="what runs the model: onnxruntime (CPU; the checkpoint is exported to ONNX on first use and "
+        "cached in CAPTIONER_CACHE_DIR) or torch; auto: onnxruntime on CPU when it is installed, else torch",
+    )
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest accepted image file")
     max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="largest accepted width x height")
     max_batch_size: int = Field(16, ge=1, le=1024, description="most requests run through the model together")

@@ -16,8 +16,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from captioner.checkpoint import CheckpointError
-from captioner.cli import add_decoding_args, decoding_options_from_args
+from captioner.checkpoint import CheckpointError, checkpoint_arg
+from captioner.cli import add_backend_arg, add_decoding_args, decoding_options_from_args
 from captioner.encoders import EncoderWeightsError
 
 log = logging.getLogger("training")
@@ -107,9 +107,19 @@ def _setup_logging() -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from captioner.onnx_backend import BackendUnavailable
+    from captioner.onnx_export import ExportError
     from training.data import DataError
 
-    return (ValueError, DataError, CheckpointError, EncoderWeightsError, FileNotFoundError)
+    return (
+        ValueError,
+        DataError,
+        CheckpointError,
+        EncoderWeightsError,
+        FileNotFoundError,
+        BackendUnavailable,
+        ExportError,
+    )
 
 
 def _one_line(exc: BaseException) -> str:
@@ -149,6 +159,7 @@ def get_eval_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     parser.add_argument("--device", default="auto")
+    add_backend_arg(parser)
     parser.add_argument("--cache-dir", default=".cache/features", help="feature cache folder")
     parser.add_argument("--out", default=None, help="folder for metrics.json and predictions.json")
     parser.add_argument(
@@ -172,8 +183,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     # not fused for inference: the feature cache is keyed by the encoder's weights, so an unfused encoder
-    # shares the cache the training run built (eval then runs only the decoder)
-    model = Captioner.from_checkpoint(args.checkpoint, device=args.device)
+    # shares the cache the training run built (eval then runs only the decoder). The onnxruntime backend's
+    # features are cached apart, keyed by its encoder graph.
+    model = Captioner.from_checkpoint(checkpoint_arg(args.checkpoint), device=args.device, backend=args.backend)
     corpus = load_corpus(args.data, format=args.format, images_dir=args.images_dir)
     records = corpus.split(args.split, restval_as_train=False)
     if not records:

@@ -29,9 +29,14 @@ CACHE_VERSION = 1
 
 
 def encoder_fingerprint(encoder: ImageEncoder) -> str:
-    """Hash of what determines the features: encoder name, its weights (all tensors) and preprocessing."""
+    """Hash of what determines the features: encoder name, its weights (all tensors) and preprocessing;
+    for an ONNX Runtime encoder (``captioner.onnx_backend.OnnxEncoder``), its graph file instead of the weights."""
     digest = hashlib.sha256()
     digest.update(json.dumps({"v": CACHE_VERSION, "name": encoder.name, "pre": encoder.preprocess.to_dict()}).encode())
+    graph_sha256 = getattr(encoder, "graph_sha256", None)
+    if graph_sha256 is not None:
+        digest.update(f"onnx:{graph_sha256}".encode())
+        return digest.hexdigest()[:16]
     for key, tensor in sorted(encoder.state_dict().items()):
         digest.update(key.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

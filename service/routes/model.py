@@ -33,6 +33,7 @@ async def model_info(loaded: LoadedDep) -> ModelInfo:
         id=loaded.id,
         checkpoint=loaded.checkpoint,
         checkpoint_sha256=loaded.checkpoint_sha256,
+        backend=model.backend,
         encoder=EncoderInfo(
             **model.encoder.identity(),
             trainable=config.encoder.trainable,

@@ -130,7 +130,9 @@ def test_model_info(client: TestClient, model: Captioner, tiny_checkpoint: Path)
     assert info["training_data"] == {"data": "unit-test captions", "format": "test", "splits": {"train": 5}}
     assert info["metrics"] == {"val": {"bleu4": 0.0}}
     assert info["metadata"]["training"]["config"] == {"epochs": 0}
-    assert info["parameters"] == sum(p.numel() for p in model.parameters())
+    # served on onnxruntime by default (CPU, onnxruntime installed); the count is the PyTorch model's
+    assert info["backend"] == model.backend == "onnxruntime"
+    assert info["parameters"] == sum(p.numel() for p in Captioner.from_checkpoint(tiny_checkpoint).parameters())
 
 
 def _sample_value(text: str, name: str, **labels: str) -> float:
