@@ -41,6 +41,7 @@ import torch
 from captioner.decoding import DecodingOptions
 from captioner.encoders import default_chunk_size
 from captioner.model import DEFAULT_CHECKPOINT, Captioner
+from captioner.onnx_backend import onnxruntime_available
 from captioner.runtime import tune_malloc
 from captioner.transforms import load_image
 from service.settings import Settings
@@ -55,6 +56,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", type=Path, default=None, help="default: the bundled model")
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of JPEG photos")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--backend",
+        choices=["torch", "onnxruntime"],
+        default="onnxruntime" if onnxruntime_available() else "torch",
+        help="what runs the model, in the bare model and the servers (CAPTIONER_BACKEND); default: the service's "
+        "own choice on CPU (onnxruntime when installed)",
+    )
     parser.add_argument("--method", default="beam", choices=["greedy", "beam", "sample"])
     parser.add_argument(
         "--rounds",
@@ -131,8 +139,16 @@ class Bare:
     caption is longer, so timing one photo would compare the server against a different workload.
     """
 
-    def __init__(self, checkpoint: Path | None, device: str, images: list[bytes], options: DecodingOptions) -> None:
-        self.model = Captioner.from_checkpoint(checkpoint, device=device).optimize_for_inference()  # as the server
+    def __init__(
+        self,
+        checkpoint: Path | None,
+        device: str,
+        images: list[bytes],
+        options: DecodingOptions,
+        backend: str = "torch",
+    ) -> None:
+        model = Captioner.from_checkpoint(checkpoint, device=device, backend=backend)
+        self.model = model.optimize_for_inference()  # as the server
         self.images = images
         self.pixels = [self.model.preprocess([image]) for image in images]  # each (1, 3, S, S)
         self.options = options
@@ -167,7 +183,8 @@ class Server:
         args += ["--device", device]
         if checkpoint is not None:
             args += ["--checkpoint", str(checkpoint)]
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")}
+        # the caller's settings stay out, but for where exports made on first use are cached
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_") or k == "CAPTIONER_CACHE_DIR"}
         if threads is not None:
             environ["OMP_NUM_THREADS"] = str(threads)
         self.process = subprocess.Popen(
@@ -369,9 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     options = DecodingOptions(method=args.method)
     params = {"method": args.method}
 
-    bare = Bare(args.checkpoint, args.device, [data for _, data in photos], options)
+    bare = Bare(args.checkpoint, args.device, [data for _, data in photos], options, args.backend)
     load_before = os.getloadavg()[0]
-    common = {"CAPTIONER_MALLOC_MMAP_THRESHOLD_MB": str(args.malloc_mmap_threshold_mb)}
+    common = {
+        "CAPTIONER_MALLOC_MMAP_THRESHOLD_MB": str(args.malloc_mmap_threshold_mb),
+        "CAPTIONER_BACKEND": args.backend,
+    }
     if args.encoder_chunk_size is not None:
         common["CAPTIONER_ENCODER_CHUNK_SIZE"] = str(args.encoder_chunk_size)
     batching = {"CAPTIONER_MAX_BATCH_SIZE": str(args.max_batch_size), "CAPTIONER_MAX_WAIT_MS": str(args.max_wait_ms)}
@@ -380,7 +400,10 @@ def main(argv: list[str] | None = None) -> int:
     bare_p50 = statistics.median(bare_ms) if bare_ms else statistics.median(bare.run(args.round_size * args.rounds))
     preprocess_ms = bare.preprocess_ms(32)
 
-    print(f"\ncheckpoint: {args.checkpoint or DEFAULT_CHECKPOINT}   device: {args.device}   method: {args.method}")
+    print(
+        f"\ncheckpoint: {args.checkpoint or DEFAULT_CHECKPOINT}   device: {args.device}   backend: {args.backend}   "
+        f"method: {args.method}"
+    )
     mb = args.malloc_mmap_threshold_mb
     print(f"malloc (bare and servers): {f'mmap threshold {mb} MiB, trim {2 * mb} MiB' if mb else 'glibc defaults'}")
     chunk = args.encoder_chunk_size or f"default ({default_chunk_size(args.device) or 'whole batch'})"
