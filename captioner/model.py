@@ -122,7 +122,7 @@ class Captioner(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
         if backend == "onnxruntime":
-            if str(device) != "auto" and resolve_device(device).type != "cpu":  # auto: the CPU, for this backend
+            if device is not None and str(device) != "auto" and torch.device(device).type != "cpu":
                 raise ValueError("the onnxruntime backend runs on CPU; use backend 'torch' for CUDA")
             from captioner.onnx_backend import load_onnx_captioner
 

@@ -152,7 +152,7 @@ def export_onnx(
     calibration_images: list[str] | None = None,
     check_images: list[str] | None = None,
 ) -> ExportReport:
-    """Write ``model`` (fused for inference in place) to ``out_dir`` and check the result.
+    """Write ``model`` (a copy, fused for inference) to ``out_dir`` and check the result.
 
     ``out_dir`` must not exist, be empty, or hold an earlier export (which is replaced); the new export
     is written to a temporary folder beside it and renamed into place only after its check passed, so
@@ -166,6 +166,8 @@ def export_onnx(
     if model.backend != "torch":
         raise ExportError("export needs the PyTorch model; load the checkpoint with backend='torch'")
     parameters = model.parameter_count()  # before fusing, which folds BatchNorm's parameters away
+    if not model.encoder.fused:  # fuse a copy: the caller's model stays as it was
+        model = type(model).from_state(model.state_payload(), source=source)
     model = model.to("cpu").optimize_for_inference()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))

@@ -1,0 +1,325 @@
+"""ONNX export and the onnxruntime backend: files, self-check, parity for every decoding method, cache, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captioner import Captioner, DecodingOptions
+from captioner.checkpoint import CheckpointError
+from captioner.cli import main
+from captioner.onnx_backend import BackendUnavailable, cached_export_dir
+from captioner.onnx_export import GRAPH_FILES, METADATA_FILE, ExportError, check_export, export_onnx
+from captioner.transforms import Preprocess
+from tests.helpers import tiny_captioner
+
+ort = pytest.importorskip("onnxruntime")
+
+VARIANTS = {  # the default model's shape, and one that differs in every other way the graphs depend on
+    "lstm-attention": {"attention": True},
+    "gru-2-layers-first-word-plain": {"attention": False, "cell": "gru", "num_layers": 2, "image_input": "first_word"},
+}
+
+
+def _photos(tmp: Path, count: int = 3) -> list[str]:
+    """Small pictures with some structure (the tiny model's preprocessing crops 64 px)."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        coarse = rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)
+        path = tmp / f"photo{i}.png"
+        Image.fromarray(coarse).resize((90 + 10 * i, 80), Image.BICUBIC).save(path)
+        paths.append(str(path))
+    return paths
+
+
+@dataclass
+class Exported:
+    checkpoint: Path
+    folder: Path  # its ONNX export
+    reference: Captioner  # the checkpoint on PyTorch
+    onnx_model: Captioner  # the export on onnxruntime
+    photos: list[str]
+
+
+def _export(tmp: Path, **decoder_kwargs) -> Exported:
+    checkpoint = tmp / "model.pt"
+    tiny_captioner(**decoder_kwargs).save(checkpoint)
+    reference = Captioner.from_checkpoint(checkpoint)
+    export_onnx(reference, tmp / "onnx", source=str(checkpoint), source_sha256="0" * 64)
+    onnx_model = Captioner.from_checkpoint(tmp / "onnx", backend="onnxruntime")
+    return Exported(checkpoint, tmp / "onnx", reference, onnx_model, _photos(tmp))
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def exported(request, tmp_path_factory) -> tuple[Captioner, Captioner, list[str]]:
+    """(PyTorch model, the same on onnxruntime, photos) for one decoder variant."""
+    found = _export(tmp_path_factory.mktemp(request.param), **VARIANTS[request.param])
+    return found.reference, found.onnx_model, found.photos
+
+
+@pytest.fixture(scope="module")
+def attention_export(tmp_path_factory) -> Exported:
+    """The lstm-attention variant, for the tests that need one export to work on."""
+    return _export(tmp_path_factory.mktemp("attention"), attention=True)
+
+
+def _copy_export(found: Exported, target: Path) -> Path:
+    shutil.copytree(found.folder, target)
+    return target
+
+
+def _perturb(graph: Path, name_part: str) -> None:
+    """Add 0.5 to the first float weight of ``graph`` whose name contains ``name_part``."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(graph))
+    for init in model.graph.initializer:
+        array = numpy_helper.to_array(init)
+        if name_part in init.name and array.dtype == np.float32 and array.size > 1:
+            init.CopyFrom(numpy_helper.from_array(array + 0.5, init.name))
+            onnx.save(model, str(graph))
+            return
+    raise AssertionError(
+        f"no float weight named like {name_part!r} in {graph}: {[i.name for i in model.graph.initializer]}"
+    )
+
+
+METHODS = {
+    "greedy": DecodingOptions(method="greedy", max_length=12),
+    "sample": DecodingOptions(method="sample", temperature=0.8, top_k=5, top_p=0.9, num_captions=3, seed=7),
+    "sample-plain": DecodingOptions(method="sample", num_captions=2, seed=3),
+    "beam": DecodingOptions(method="beam", beam_size=4, num_captions=3, length_penalty=0.7),
+    "beam-1": DecodingOptions(method="beam", beam_size=1),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_decoding_method_gives_the_same_captions_on_both_backends(exported, method) -> None:
+    reference, onnx_model, photos = exported
+    expected = reference.caption(photos, METHODS[method])
+    got = onnx_model.caption(photos, METHODS[method])
+    assert onnx_model.backend == "onnxruntime" and reference.backend == "torch"
+    for want, have in zip(expected, got, strict=True):
+        assert [c.tokens for c in have.captions] == [c.tokens for c in want.captions]
+        assert [c.log_prob for c in have.captions] == pytest.approx([c.log_prob for c in want.captions], abs=1e-3)
+        assert have.attention_shape == want.attention_shape
+        for w, h in zip(want.captions, have.captions, strict=True):
+            if w.attention is None:
+                assert h.attention is None
+            else:  # the attention maps, word by word
+                np.testing.assert_allclose(np.array(h.attention), np.array(w.attention), atol=1e-4)
+
+
+def test_attention_maps_come_back_from_the_step_graph(exported) -> None:
+    reference, onnx_model, photos = exported
+    if not reference.decoder.config.attention:
+        pytest.skip("no attention in this variant")
+    result = onnx_model.caption(photos[:1], method="greedy")[0]
+    caption = result.captions[0]
+    assert caption.attention is not None and len(caption.attention) == len(caption.tokens)
+    h, w = result.attention_shape
+    assert all(len(row) == h * w and sum(row) == pytest.approx(1.0, abs=1e-4) for row in caption.attention)
+
+
+def test_the_encoder_graph_takes_any_batch_size(exported) -> None:
+    reference, onnx_model, photos = exported
+    pixels = reference.preprocess(photos)
+    for batch in (1, 3):
+        got = onnx_model.encode(pixels[:batch])
+        torch.testing.assert_close(got, reference.encode(pixels[:batch]), atol=1e-3, rtol=1e-3)
+    # chunked runs give the same features as one run
+    torch.testing.assert_close(onnx_model.encoder.forward_features(pixels, chunk_size=2), onnx_model.encode(pixels))
+
+
+def test_the_export_folder_holds_the_graphs_and_what_describes_them(exported) -> None:
+    reference, onnx_model, _ = exported
+    folder = onnx_model.export_dir
+    assert {p.name for p in folder.iterdir()} == {*GRAPH_FILES.values(), METADATA_FILE}
+    meta = json.loads((folder / METADATA_FILE).read_text())
+    assert meta["vocab"] == list(reference.vocab.tokens)
+    assert Preprocess.from_dict(meta["preprocess"]) == reference.preprocess_config
+    assert meta["config"]["decoder"] == reference.config.to_dict()["decoder"]
+    assert meta["source"]["sha256"] == "0" * 64 and meta["opset"] >= 17
+    assert set(meta["versions"]) == {"captioner", "torch", "onnx", "onnxruntime"}
+    assert meta["check"]["logit_max_abs_diff"] <= meta["check"]["tolerances"]["logit_atol"]
+    assert meta["parameters"] == sum(p.numel() for p in reference.parameters())  # before fusing
+    # every graph's inputs and outputs are the ones the metadata names, with a dynamic batch
+    for part, file in GRAPH_FILES.items():
+        session = ort.InferenceSession(str(folder / file), providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == meta["io"][part]["inputs"]
+        assert [o.name for o in session.get_outputs()] == meta["io"][part]["outputs"]
+        assert all(isinstance(i.shape[0], str) for i in session.get_inputs())
+
+
+def test_the_self_check_catches_a_graph_that_disagrees(attention_export, tmp_path) -> None:
+    model = attention_export.reference
+    folder = _copy_export(attention_export, tmp_path / "copy")
+    check_export(model, folder)  # an intact export passes
+    _perturb(folder / GRAPH_FILES["decoder_step"], "head")  # the output layer's weights
+    with pytest.raises(ExportError, match="decoder logits differ"):
+        check_export(model, folder)
+    _perturb(folder / GRAPH_FILES["encoder"], "conv")
+    with pytest.raises(ExportError, match="encoder features differ"):
+        check_export(model, folder)
+
+
+def test_a_failed_export_leaves_nothing_and_a_foreign_folder_is_refused(tmp_path, monkeypatch) -> None:
+    import captioner.onnx_export as onnx_export
+
+    model = tiny_captioner()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="not an earlier ONNX export"):
+        export_onnx(model, tmp_path / "mine", source="x", source_sha256="0" * 64)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+    written = []
+
+    def fail_on_the_second_graph(module, args, path, inputs, outputs):
+        if written:
+            raise RuntimeError("simulated exporter crash")
+        path.write_bytes(b"half an export")
+        written.append(path)
+
+    monkeypatch.setattr(onnx_export, "_export_graph", fail_on_the_second_graph)
+    with pytest.raises(ExportError, match="simulated exporter crash"):
+        export_onnx(model, tmp_path / "out", source="x", source_sha256="0" * 64)
+    assert written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no folder, no temporary left behind
+
+
+def test_a_checkpoint_is_exported_once_into_the_cache(tmp_path, monkeypatch) -> None:
+    import captioner.onnx_export as onnx_export
+
+    monkeypatch.setenv("CAPTIONER_CACHE_DIR", str(tmp_path / "cache"))
+    checkpoint = tmp_path / "model.pt"
+    tiny_captioner().save(checkpoint)
+    calls = []
+    real_export = onnx_export.export_onnx
+    monkeypatch.setattr(onnx_export, "export_onnx", lambda *a, **k: calls.append(1) or real_export(*a, **k))
+    first = Captioner.from_checkpoint(checkpoint, backend="onnxruntime")
+    second = Captioner.from_checkpoint(checkpoint, backend="onnxruntime")
+    assert len(calls) == 1
+    assert first.export_dir == second.export_dir == cached_export_dir(checkpoint)
+    assert first.export_dir.parent == tmp_path / "cache" / "onnx"
+    meta = json.loads((first.export_dir / METADATA_FILE).read_text())
+    assert meta["source"]["checkpoint"] == str(checkpoint)
+    # another checkpoint (other weights) has its own place in the cache
+    tiny_captioner(seed=5).save(checkpoint)
+    assert cached_export_dir(checkpoint) != first.export_dir
+
+
+def test_without_onnxruntime_the_error_names_the_extra(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+    checkpoint = tmp_path / "model.pt"
+    tiny_captioner().save(checkpoint)
+    with pytest.raises(BackendUnavailable, match=r"captioner\[onnx\]"):
+        Captioner.from_checkpoint(checkpoint, backend="onnxruntime")
+    photo = _photos(tmp_path, 1)[0]
+    assert main(["caption", photo, "--checkpoint", str(checkpoint), "--backend", "onnxruntime"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "captioner[onnx]" in err
+
+
+def test_backend_errors_are_clear(attention_export, tmp_path) -> None:
+    folder = _copy_export(attention_export, tmp_path / "onnx")
+    with pytest.raises(CheckpointError, match="is an ONNX export"):
+        Captioner.from_checkpoint(folder)  # backend torch
+    with pytest.raises(ValueError, match="unknown backend"):
+        Captioner.from_checkpoint(folder, backend="tensorrt")
+    with pytest.raises(ValueError, match="runs on CPU"):
+        Captioner.from_checkpoint(folder, backend="onnxruntime", device="cuda:0")
+    with pytest.raises(CheckpointError, match="not found"):
+        Captioner.from_checkpoint(tmp_path / "missing", backend="onnxruntime")
+    with pytest.raises(RuntimeError, match="cannot be saved"):
+        attention_export.onnx_model.save(tmp_path / "x.pt")
+    with pytest.raises(ExportError, match="needs the PyTorch model"):
+        export_onnx(attention_export.onnx_model, tmp_path / "again", source="x", source_sha256="0" * 64)
+    (folder / GRAPH_FILES["decoder_step"]).unlink()
+    with pytest.raises(CheckpointError, match="incomplete"):
+        Captioner.from_checkpoint(folder, backend="onnxruntime")
+    (folder / METADATA_FILE).write_text("{}")
+    with pytest.raises(CheckpointError, match="not a captioner ONNX export"):
+        Captioner.from_checkpoint(folder, backend="onnxruntime")
+
+
+def test_cli_export_onnx_and_caption_with_it(tmp_path, capsys) -> None:
+    checkpoint = tmp_path / "model.pt"
+    tiny_captioner(attention=True).save(checkpoint)
+    photos = _photos(tmp_path)
+    out = tmp_path / "exported"
+    assert main(["export", str(checkpoint), str(out), "--format", "onnx", "--check-images", *photos]) == 0
+    printed = capsys.readouterr().out
+    assert "check passed on 3 images" in printed and "encoder.onnx" in printed
+    assert {p.name for p in out.iterdir()} == {*GRAPH_FILES.values(), METADATA_FILE}
+    argv = ["caption", *photos, "--method", "beam", "--json"]
+    assert main([*argv, "--checkpoint", str(checkpoint)]) == 0
+    with_torch = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--checkpoint", str(out), "--backend", "onnxruntime"]) == 0
+    with_onnx = json.loads(capsys.readouterr().out)
+    assert [r["captions"][0]["text"] for r in with_onnx["results"]] == [
+        r["captions"][0]["text"] for r in with_torch["results"]
+    ]
+    # misuse: one line, exit 2
+    for extra, message in (
+        (["--half"], "--half applies to --format pt"),
+        (["--calibration-images", photos[0]], "needs --quantize int8"),
+    ):
+        assert main(["export", str(checkpoint), str(tmp_path / "x"), "--format", "onnx", *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["export", str(checkpoint), str(tmp_path / "y.pt"), "--quantize", "int8"]) == 2
+    assert "apply to --format onnx" in capsys.readouterr().err
+
+
+def test_int8_export_quantizes_the_encoder_and_still_captions(attention_export, tmp_path, capsys) -> None:
+    checkpoint, fp32 = attention_export.checkpoint, attention_export.folder
+    photos = _photos(tmp_path, 6)
+    int8 = tmp_path / "int8"
+    argv = ["export", str(checkpoint), str(int8), "--format", "onnx", "--quantize", "int8"]
+    assert main([*argv, "--calibration-images", str(tmp_path), "--check-images", *photos[:2]]) == 0
+    capsys.readouterr()
+    meta = json.loads((int8 / METADATA_FILE).read_text())
+    assert meta["quantization"] == {
+        "type": "int8",
+        "part": "encoder",
+        "method": "static",
+        "calibration_images": 6,
+        "format": "QDQ",
+    }
+    assert (int8 / "encoder.onnx").stat().st_size < (fp32 / "encoder.onnx").stat().st_size / 3
+    model = Captioner.from_checkpoint(int8, backend="onnxruntime")
+    assert model.encoder.quantized
+    result = model.caption(photos[:2], method="beam")
+    assert all(r.captions[0].tokens for r in result)
+
+
+def test_info_and_export_accept_default(capsys) -> None:
+    assert main(["info", "default"]) == 0
+    assert json.loads(capsys.readouterr().out)["encoder"]["name"] == "efficientnet_lite2"
+
+
+def test_eval_on_both_backends_scores_the_same(attention_export, tmp_path) -> None:
+    from tests.helpers import make_flickr_folder
+    from training.cli import eval_main
+
+    data = make_flickr_folder(tmp_path / "data", per_split=(4, 2, 6))
+    predictions = {}
+    for backend, checkpoint in (("torch", attention_export.checkpoint), ("onnxruntime", attention_export.folder)):
+        out = tmp_path / backend
+        argv = ["--checkpoint", str(checkpoint), "--data", str(data), "--backend", backend, "--method", "greedy"]
+        argv += ["--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--no-progress", "--no-java"]
+        assert eval_main(argv) == 0
+        predictions[backend] = json.loads((out / "predictions.json").read_text())
+    assert predictions["onnxruntime"] == predictions["torch"]
+    # each backend's features are cached apart (the ONNX encoder's are keyed by its graph)
+    assert len(list((tmp_path / "cache").iterdir())) == 2
