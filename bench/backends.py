@@ -28,13 +28,13 @@ from pathlib import Path
 
 import torch
 
+# bench/serving.py's server and client (run as a script, this folder is first on sys.path)
+from serving import DEFAULT_IMAGES, Server, _merge, drive, encode_request
+
 from captioner import Captioner, DecodingOptions
 from captioner.decoding import next_word_logits
 from captioner.model import DEFAULT_CHECKPOINT
 from captioner.runtime import tune_malloc
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/serving.py's server and client
-from serving import DEFAULT_IMAGES, Server, _merge, drive, encode_request  # noqa: E402
 
 GOALS = {  # (row, minimum speed-up of onnxruntime over torch)
     "encoder, batch 8": 1.8,

@@ -6,30 +6,25 @@
    training loop on cached features with the same sizes (goal: >= 50% of bare);
 3. optionally the wall time of a full run, read from its ``log.jsonl`` (``--run-dir``).
 
-    python bench/training.py --data ../shared/data/flickr8k [--images 512] [--device cuda]
+    python bench/training_throughput.py --data ../shared/data/flickr8k [--images 512] [--device cuda]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# Run as `python bench/training.py`, this folder comes first on sys.path and this file's name would
-# shadow the `training` package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from captioner.config import EncoderConfig  # noqa: E402
-from captioner.encoders import build_encoder, default_chunk_size  # noqa: E402
-from training.data import load_corpus  # noqa: E402
-from training.engine import TrainConfig, Trainer  # noqa: E402
-from training.features import build_feature_cache  # noqa: E402
+from captioner.config import EncoderConfig
+from captioner.encoders import build_encoder, default_chunk_size
+from training.data import load_corpus
+from training.engine import TrainConfig, Trainer
+from training.features import build_feature_cache
 
 
 def get_args_parser() -> argparse.ArgumentParser:
