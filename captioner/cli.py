@@ -51,7 +51,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--quantize",
         default=None,
         choices=QUANTIZE_CHOICES,
-        help="onnx: int8 encoder (static quantization, calibrated on --calibration-images; dynamic without them)",
+        help="onnx: int8 encoder (static quantization calibrated on --calibration-images; opt-in: on the default "
+        "model it cost 0.011 CIDEr on Flickr8k dev and ran the encoder about 2x faster)",
     )
     export.add_argument(
         "--calibration-images",
@@ -167,6 +168,8 @@ def _export(args: argparse.Namespace) -> int:
         raise ValueError("--half applies to --format pt (use --quantize int8 for a smaller ONNX encoder)")
     if args.calibration_images and not args.quantize:
         raise ValueError("--calibration-images needs --quantize int8")
+    if args.quantize and not args.calibration_images:
+        raise ValueError("--quantize int8 needs --calibration-images: a few hundred photos like those you will caption")
     from captioner.onnx_backend import require_onnxruntime
     from captioner.onnx_export import export_onnx
 

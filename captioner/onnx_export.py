@@ -118,6 +118,16 @@ class ExportReport:
     check: dict[str, Any]
 
 
+def _require_export_tools() -> None:
+    for package in ("onnx", "onnxscript", "onnxruntime"):  # the exporter's, and the self-check's runtime
+        try:
+            __import__(package)
+        except ImportError as exc:
+            raise ExportError(
+                f"ONNX export needs the 'onnx' extra ({package} is not installed): pip install 'captioner[onnx]'"
+            ) from exc
+
+
 def _export_graph(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str]) -> None:
     """Export ``module(*args)`` with a dynamic batch (dimension 0 of every input)."""
     batch = {0: torch.export.Dim("batch", min=1, max=4096)}
@@ -165,6 +175,7 @@ def export_onnx(
         raise ExportError(f"{out} exists and is not an earlier ONNX export; choose an empty or new folder")
     if model.backend != "torch":
         raise ExportError("export needs the PyTorch model; load the checkpoint with backend='torch'")
+    _require_export_tools()
     parameters = model.parameter_count()  # before fusing, which folds BatchNorm's parameters away
     if not model.encoder.fused:  # fuse a copy: the caller's model stays as it was
         model = type(model).from_state(model.state_payload(), source=source)
@@ -228,7 +239,7 @@ def _write_export(
     if quantize == "int8":
         from captioner.onnx_quantize import quantize_encoder
 
-        quantization = quantize_encoder(folder / GRAPH_FILES["encoder"], model, calibration_images)
+        quantization = quantize_encoder(folder / GRAPH_FILES["encoder"], model, calibration_images or [])
     else:
         quantization = None
     metadata = {

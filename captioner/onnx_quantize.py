@@ -1,10 +1,15 @@
 """int8 encoder for the ONNX export (``captioner export ... --format onnx --quantize int8``).
 
-With calibration photos: static quantization (ONNX Runtime's ``quantize_static``; QDQ format, int8
-weights per output channel, uint8 activations, ranges from min/max over the calibration set). Without:
-dynamic quantization (int8 weights, activations quantized per run), which needs no data but keeps
-most of the work in float. The decoder stays fp32: it is a small part of a caption's time and the
-part where rounding changes words.
+Static quantization (ONNX Runtime's ``quantize_static``): QDQ format, int8 weights per output
+channel, uint8 activations whose ranges come from min/max over calibration photos. It needs those
+photos: dynamic quantization (no calibration, activations quantized per run) moved the default
+model's features by 64 % (relative norm, 4 Flickr8k dev photos), which the export's check refuses.
+The decoder stays fp32: it is a small part of a caption's time and the part where rounding changes
+words.
+
+Measured on the default model, calibrated on 300 Flickr8k training photos (beam 3, 1,000 photos):
+dev CIDEr 0.539 against 0.550 in fp32, test 0.587 against 0.598; the encoder runs about 2x faster
+than the fp32 graph. Keeping the first and last convolutions in float gave dev 0.538: no better.
 """
 
 from __future__ import annotations
@@ -49,29 +54,27 @@ class _PixelBatches:
         return next(self._batches, None)
 
 
-def quantize_encoder(path: Path, model: Captioner, calibration_images: list[str] | None) -> dict[str, Any]:
+def quantize_encoder(path: Path, model: Captioner, calibration_images: list[str]) -> dict[str, Any]:
     """Replace the fp32 ``encoder.onnx`` at ``path`` with an int8 one; returns what was done, for the metadata."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    if not calibration_images:
+        raise ValueError("int8 quantization needs calibration photos (--calibration-images): a few hundred like yours")
     prepared = path.with_suffix(".prep.onnx")
     quantized = path.with_suffix(".int8.onnx")
     try:
         quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True)
-        if calibration_images:
-            quantize_static(
-                str(prepared),
-                str(quantized),
-                _PixelBatches(model, calibration_images),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-            )
-            info = {"method": "static", "calibration_images": len(calibration_images), "format": "QDQ"}
-        else:
-            quantize_dynamic(str(prepared), str(quantized), weight_type=QuantType.QInt8, per_channel=True)
-            info = {"method": "dynamic", "calibration_images": 0}
+        quantize_static(
+            str(prepared),
+            str(quantized),
+            _PixelBatches(model, calibration_images),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+        info = {"method": "static", "calibration_images": len(calibration_images), "format": "QDQ"}
         os.replace(quantized, path)
     finally:
         prepared.unlink(missing_ok=True)

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Build the Docker image, run it, caption a real photo through it, and remove the container.
+# Build the Docker image under the README's tag (captioner), run it, caption a real photo through
+# it, and remove the container; the image stays, so `docker run --rm -p 8000:8000 captioner` serves.
 #
 #   scripts/docker-smoke.sh [PHOTO]
 #
 # Works with or without Docker Hub and PyPI's usual hosts:
+#   - as root with apt-get, installs what is missing of docker.io (docker, dockerd) and debootstrap
+#     (when it is needed), unless APT_INSTALL=0; otherwise says which package to install;
 #   - starts dockerd when no daemon answers and dockerd is installed (as root);
 #   - uses BASE_IMAGE when it can be pulled (default python:3.11-slim-bookworm), otherwise builds a
 #     local Debian bookworm + python3 base with debootstrap, with this host's CA bundle copied in (for
@@ -11,12 +14,13 @@
 #   - takes torch from TORCH_INDEX_URL (default: PyTorch's CPU wheel index); when that is unreachable
 #     and this host's pip is configured with local file:// indexes (an offline mirror), serves those
 #     on loopback for the build.
-# Environment: IMAGE (default captioner:smoke), BASE_IMAGE, TORCH_INDEX_URL, PIP_INDEX_URL, PORT
-# (default 8000 on the host), KEEP_IMAGE=0 to remove the built image at the end (kept by default).
+# Environment: IMAGE (default captioner, i.e. captioner:latest, as in the README), BASE_IMAGE,
+# TORCH_INDEX_URL, PIP_INDEX_URL, PORT (default 8000 on the host), KEEP_IMAGE=0 to remove the built
+# image at the end (kept by default), APT_INSTALL=0 to never install packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-IMAGE="${IMAGE:-captioner:smoke}"
+IMAGE="${IMAGE:-captioner}"
 BASE_IMAGE="${BASE_IMAGE:-python:3.11-slim-bookworm}"
 LOCAL_BASE="captioner-base:bookworm"
 TORCH_INDEX_URL="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
@@ -32,13 +36,26 @@ trap 'for c in "${cleanup[@]}"; do eval "$c" || true; done' EXIT
 
 say() { printf '\n== %s\n' "$*"; }
 die() { printf 'docker-smoke: %s\n' "$*" >&2; exit 1; }
+# Install Debian packages, when run as root where apt-get exists (and APT_INSTALL is not 0).
+apt_updated=0
+apt_install() {
+    [[ "${APT_INSTALL:-1}" != 0 && $(id -u) -eq 0 ]] && command -v apt-get >/dev/null || return 1
+    echo "installing $* with apt-get"
+    if [[ $apt_updated == 0 ]]; then
+        apt-get update -qq || return 1
+        apt_updated=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
 
 [[ -f "$PHOTO" ]] || die "no photo at $PHOTO (pass one: scripts/docker-smoke.sh PHOTO.jpg)"
-command -v docker >/dev/null || die "docker is not installed (Debian: apt-get install -y docker.io)"
+command -v docker >/dev/null || apt_install docker.io \
+    || die "docker is not installed (Debian/Ubuntu: apt-get install -y docker.io)"
 
 say "Docker daemon"
 if ! docker info >/dev/null 2>&1; then
-    command -v dockerd >/dev/null || die "no Docker daemon answers and dockerd is not installed"
+    command -v dockerd >/dev/null || apt_install docker.io \
+        || die "no Docker daemon answers and dockerd is not installed (Debian/Ubuntu: apt-get install -y docker.io)"
     [[ $(id -u) -eq 0 ]] || die "no Docker daemon answers; start it (sudo dockerd) or run this as root"
     echo "starting dockerd (log: /tmp/dockerd.log)"
     nohup dockerd >/tmp/dockerd.log 2>&1 &
@@ -55,7 +72,8 @@ elif docker image inspect "$LOCAL_BASE" >/dev/null 2>&1; then
     base="$LOCAL_BASE"
     echo "$BASE_IMAGE cannot be pulled; using the local $base built earlier"
 else
-    command -v debootstrap >/dev/null || die "$BASE_IMAGE cannot be pulled and debootstrap is not installed"
+    command -v debootstrap >/dev/null || apt_install debootstrap \
+        || die "$BASE_IMAGE cannot be pulled and debootstrap is not installed (Debian/Ubuntu: apt-get install -y debootstrap)"
     echo "$BASE_IMAGE cannot be pulled; building $LOCAL_BASE with debootstrap (a few minutes)"
     rootfs=$(mktemp -d /tmp/captioner-rootfs.XXXXXX)
     cleanup+=("rm -rf '$rootfs'")
@@ -145,3 +163,4 @@ echo "container health: $status"
 [[ "$status" == healthy ]] || die "Docker's HEALTHCHECK reports $status"
 
 say "docker-smoke: passed"
+echo "the image is $IMAGE; serve it with: docker run --rm -p 8000:8000 $IMAGE"

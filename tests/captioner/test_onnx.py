@@ -274,6 +274,8 @@ def test_cli_export_onnx_and_caption_with_it(tmp_path, capsys) -> None:
     for extra, message in (
         (["--half"], "--half applies to --format pt"),
         (["--calibration-images", photos[0]], "needs --quantize int8"),
+        (["--quantize", "int8"], "needs --calibration-images"),
+        (["--check-images", str(tmp_path / "nope.jpg")], "no such file or folder"),
     ):
         assert main(["export", str(checkpoint), str(tmp_path / "x"), "--format", "onnx", *extra]) == 2
         assert message in capsys.readouterr().err

@@ -1,0 +1,172 @@
+"""The shell scripts: which index setup.sh takes torch from (dry runs, no installs) and docker-smoke.sh's checks."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+SPEC = "torch==2.14.1 torchvision==0.29.1"
+DEFAULT_INDEX = "http://default-index.invalid/simple"
+
+
+def _copy_script(tmp_path: Path, name: str) -> Path:
+    """A copy in tmp_path/scripts, so the script's `cd ..` lands in tmp_path, never in the repository."""
+    (tmp_path / "scripts").mkdir(exist_ok=True)
+    return Path(shutil.copy(SCRIPTS / name, tmp_path / "scripts" / name))
+
+
+def _dry_run(tmp_path: Path, path: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    script = _copy_script(tmp_path, "setup.sh")
+    full_env = {k: v for k, v in os.environ.items() if k not in ("TORCH_INDEX_URL", "TORCH_SPEC")}
+    # PIP_INDEX_URL: the "default index" pip reports, so the expected command is known
+    full_env.update(SETUP_DRY_RUN="1", PYTHON=sys.executable, PIP_INDEX_URL=DEFAULT_INDEX, **env)
+    if path is not None:
+        full_env["PATH"] = path
+    result = subprocess.run(
+        ["bash", str(script), "serve"], env=full_env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / ".venv").exists(), "a dry run must not create .venv"
+    return result
+
+
+def _command(result: subprocess.CompletedProcess[str]) -> str:
+    prefix = "setup: dry run, would run: "
+    lines = [line for line in result.stdout.splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1, result.stdout
+    return lines[0].removeprefix(prefix)
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/"
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def cpu_index(tmp_path: Path) -> Iterator[str]:
+    """A local stand-in for PyTorch's CPU wheel index: a folder with torch/ in it, over HTTP."""
+    root = tmp_path / "index"
+    (root / "torch").mkdir(parents=True)
+    (root / "torch" / "index.html").write_text("<a href='torch-2.14.1+cpu.whl'>torch</a>")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=root))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_torch_index_url_always_wins(tmp_path: Path, cpu_index: str) -> None:
+    result = _dry_run(
+        tmp_path, TORCH_INDEX_URL="http://mine.invalid/whl", CAPTIONER_NVIDIA_GPU="0", CAPTIONER_CPU_INDEX_URL=cpu_index
+    )
+    assert _command(result) == f".venv/bin/python -m pip install -q --index-url http://mine.invalid/whl {SPEC}"
+    assert "TORCH_INDEX_URL=http://mine.invalid/whl" in result.stderr
+
+
+def test_no_gpu_and_reachable_cpu_index_takes_cpu_wheels(tmp_path: Path, cpu_index: str) -> None:
+    result = _dry_run(tmp_path, CAPTIONER_NVIDIA_GPU="0", CAPTIONER_CPU_INDEX_URL=cpu_index)
+    index = cpu_index.rstrip("/")
+    assert _command(result) == (
+        f".venv/bin/python -m pip install -q --index-url {index} --extra-index-url {DEFAULT_INDEX} {SPEC}"
+    )
+    assert f"CPU wheels from {index}" in result.stderr
+
+
+def test_no_gpu_and_unreachable_cpu_index_falls_back_and_says_so(tmp_path: Path) -> None:
+    unreachable = _closed_port_url()
+    result = _dry_run(tmp_path, CAPTIONER_NVIDIA_GPU="0", CAPTIONER_CPU_INDEX_URL=unreachable)
+    assert _command(result) == f".venv/bin/python -m pip install -q {SPEC}"
+    assert f"{unreachable.rstrip('/')} does not answer: falling back to the default index" in result.stderr
+    assert DEFAULT_INDEX in result.stderr
+
+
+def test_gpu_takes_the_default_index_without_probing(tmp_path: Path, cpu_index: str) -> None:
+    result = _dry_run(tmp_path, CAPTIONER_NVIDIA_GPU="1", CAPTIONER_CPU_INDEX_URL=cpu_index)
+    assert _command(result) == f".venv/bin/python -m pip install -q {SPEC}"
+    assert "NVIDIA GPU found" in result.stderr
+
+
+def test_cpu_index_probe_works_without_curl(tmp_path: Path, cpu_index: str) -> None:
+    # a PATH with only what setup.sh needs besides curl: the probe falls back to Python's urllib
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "dirname", "uname"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    result = _dry_run(tmp_path, path=str(bin_dir), CAPTIONER_NVIDIA_GPU="0", CAPTIONER_CPU_INDEX_URL=cpu_index)
+    assert f"--index-url {cpu_index.rstrip('/')} " in _command(result)
+
+    result = _dry_run(tmp_path, path=str(bin_dir), CAPTIONER_NVIDIA_GPU="0", CAPTIONER_CPU_INDEX_URL=_closed_port_url())
+    assert _command(result) == f".venv/bin/python -m pip install -q {SPEC}"
+
+
+@pytest.mark.parametrize("name", ["setup.sh", "docker-smoke.sh", "serve.sh", "test.sh"])
+def test_scripts_parse(name: str) -> None:
+    subprocess.run(["bash", "-n", str(SCRIPTS / name)], check=True, timeout=30)
+
+
+def test_docker_smoke_builds_the_readme_tag() -> None:
+    text = (SCRIPTS / "docker-smoke.sh").read_text()
+    assert re.search(r'^IMAGE="\$\{IMAGE:-captioner\}"$', text, re.MULTILINE)
+    readme = (SCRIPTS.parent / "README.md").read_text()
+    assert "docker build -t captioner ." in readme
+
+
+def _smoke(tmp_path: Path, bin_dir: Path) -> subprocess.CompletedProcess[str]:
+    script = _copy_script(tmp_path, "docker-smoke.sh")
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"not used")
+    env = {"PATH": str(bin_dir), "APT_INSTALL": "0", "HOME": str(tmp_path)}
+    return subprocess.run(
+        [shutil.which("bash"), str(script), str(photo)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def _bin_dir(tmp_path: Path) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "dirname", "id", "seq", "sleep"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    return bin_dir
+
+
+def test_docker_smoke_names_the_package_for_a_missing_docker(tmp_path: Path) -> None:
+    result = _smoke(tmp_path, _bin_dir(tmp_path))
+    assert result.returncode == 1
+    assert "docker is not installed (Debian/Ubuntu: apt-get install -y docker.io)" in result.stderr
+
+
+def test_docker_smoke_names_the_package_for_a_missing_dockerd(tmp_path: Path) -> None:
+    bin_dir = _bin_dir(tmp_path)
+    fake_docker = bin_dir / "docker"
+    fake_docker.write_text("#!/bin/sh\nexit 1\n")  # a client with no daemon to answer it
+    fake_docker.chmod(0o755)
+    result = _smoke(tmp_path, bin_dir)
+    assert result.returncode == 1
+    assert "dockerd is not installed (Debian/Ubuntu: apt-get install -y docker.io)" in result.stderr
