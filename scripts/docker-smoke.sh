@@ -130,6 +130,13 @@ echo
 for _ in $(seq 60); do curl -fsS -m 2 "$url/ready" >/dev/null 2>&1 && break; sleep 1; done
 curl -fsS "$url/ready"; echo
 echo "user in the container: $(docker exec "$CONTAINER" id -un)"
+backend=$(curl -fsS "$url/model" | python3 -c 'import json, sys; print(json.load(sys.stdin)["backend"])')
+echo "backend: $backend"
+[[ "$backend" == onnxruntime ]] || die "the image should serve the default model on onnxruntime, not $backend"
+if docker logs "$CONTAINER" 2>&1 | grep -q "exporting .* to ONNX"; then
+    die "the container exported the model at start; the image should carry the export made at build time"
+fi
+echo "the ONNX export made at build time was used (no export at start)"
 
 say "POST $PHOTO to /caption"
 response=$(curl -sS -w '\n%{http_code}' -F "image=@$PHOTO" "$url/caption?method=beam&beam_size=3")

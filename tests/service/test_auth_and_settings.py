@@ -172,3 +172,39 @@ def test_corrupt_checkpoint_fails_startup(tmp_path: Path) -> None:
     app = create_app(Settings(checkpoint=bad))
     with pytest.raises(ModelLoadError, match="not a readable checkpoint"), TestClient(app):
         pass
+
+
+@pytest.mark.parametrize(
+    ("backend", "onnxruntime_installed", "served_by"),
+    [
+        ("auto", True, "onnxruntime"),  # the default on CPU
+        ("auto", False, "torch"),  # without the onnx extra, auto falls back to PyTorch
+        ("torch", True, "torch"),
+        ("onnxruntime", True, "onnxruntime"),
+    ],
+)
+def test_the_backend_setting_picks_what_runs_the_model(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, backend: str, onnxruntime_installed: bool, served_by: str
+) -> None:
+    import service.app
+
+    monkeypatch.setenv("CAPTIONER_BACKEND", backend)
+    monkeypatch.setattr(service.app, "onnxruntime_available", lambda: onnxruntime_installed)
+    with TestClient(create_app(Settings(checkpoint=tiny_checkpoint))) as client:
+        assert client.get("/model").json()["backend"] == served_by
+        assert client.app.state.loaded.model.backend == served_by
+
+
+def test_onnxruntime_backend_without_the_extra_fails_startup_with_one_line(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    from service.app import ModelLoadError, load_model
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ModelLoadError, match=r"captioner\[onnx\]"):
+        load_model(Settings(checkpoint=tiny_checkpoint, backend="onnxruntime"))
+    monkeypatch.setenv("CAPTIONER_BACKEND", "tensorrt")
+    with pytest.raises(ValueError, match="backend"):
+        Settings()
