@@ -131,7 +131,9 @@ class Captioner(nn.Module):
             if not DEFAULT_CHECKPOINT.is_file():
                 raise CheckpointError("no default model is bundled with this install; pass a checkpoint path")
             path = DEFAULT_CHECKPOINT
-        if Path(path).is_dir() and (Path(path) / "captioner.json").is_file():
+        from captioner.onnx_backend import is_export_dir
+
+        if is_export_dir(path):
             raise CheckpointError(f"{path} is an ONNX export: load it with backend 'onnxruntime'")
         data = load_checkpoint(path)
         return cls.from_state(data, source=str(path)).to(resolve_device(device)).eval()

@@ -13,7 +13,6 @@ defaults to ``$XDG_CACHE_HOME/captioner`` (``~/.cache/captioner``). Later loads 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ import torch
 from captioner.checkpoint import CheckpointError
 from captioner.config import DecoderConfig, ModelConfig
 from captioner.decoder import DecoderState
+from captioner.encoders import file_sha256
 from captioner.onnx_export import (
     EXPORT_FORMAT,
     EXPORT_VERSION,
@@ -75,41 +75,49 @@ def is_export_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / METADATA_FILE).is_file()
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def cached_export_dir(checkpoint: str | os.PathLike) -> Path:
     """The cache folder for ``checkpoint``'s export, whether or not it exists yet."""
-    sha = _file_sha256(Path(checkpoint))
-    return cache_dir() / "onnx" / f"v{EXPORT_VERSION}-{sha[:16]}"
+    return _cache_folder(file_sha256(checkpoint))
+
+
+def _cache_folder(sha256: str) -> Path:
+    return cache_dir() / "onnx" / f"v{EXPORT_VERSION}-{sha256[:16]}"
 
 
 def ensure_exported(checkpoint: str | os.PathLike) -> Path:
-    """The export of ``checkpoint`` in the cache, exporting it first when it is not there yet."""
+    """The export of ``checkpoint`` in the cache, exporting it first when it is not there yet.
+
+    Processes starting together on one cache (replicas sharing a volume) take turns through a lock
+    file beside the export: one exports, the others then find its export.
+    """
+    from filelock import FileLock  # a dependency of torch
+
     checkpoint = Path(checkpoint)
-    sha = _file_sha256(checkpoint)
-    folder = cache_dir() / "onnx" / f"v{EXPORT_VERSION}-{sha[:16]}"
+    sha = file_sha256(checkpoint)
+    folder = _cache_folder(sha)
     if _valid_export(folder, sha):
         return folder
-    from captioner.checkpoint import load_checkpoint
-    from captioner.model import Captioner
-    from captioner.onnx_export import export_onnx
-
-    model = Captioner.from_state(load_checkpoint(checkpoint), source=str(checkpoint))
-    log.info("exporting %s to ONNX once (cached in %s; set CAPTIONER_CACHE_DIR to move it)", checkpoint, folder)
     try:
-        export_onnx(model, folder, source=str(checkpoint), source_sha256=sha)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(folder.parent / f".{folder.name}.lock")):
+            if not _valid_export(folder, sha):
+                _export_into_cache(checkpoint, sha, folder)
     except PermissionError as exc:
         raise CheckpointError(
             f"cannot write the ONNX export of {checkpoint} to {folder} ({exc.strerror}); set CAPTIONER_CACHE_DIR "
             f"to a writable folder, or export it beforehand with: captioner export {checkpoint} DIR --format onnx"
         ) from exc
     return folder
+
+
+def _export_into_cache(checkpoint: Path, sha: str, folder: Path) -> None:
+    from captioner.checkpoint import load_checkpoint
+    from captioner.model import Captioner
+    from captioner.onnx_export import export_onnx
+
+    model = Captioner.from_state(load_checkpoint(checkpoint), source=str(checkpoint))
+    log.info("exporting %s to ONNX once (cached in %s; set CAPTIONER_CACHE_DIR to move it)", checkpoint, folder)
+    export_onnx(model, folder, source=str(checkpoint), source_sha256=sha)
 
 
 def _valid_export(folder: Path, sha: str) -> bool:
@@ -204,7 +212,7 @@ class OnnxEncoder:
         self.preprocess = Preprocess.from_dict(meta["preprocess"])
         self.feature_dim: int = meta["config"]["decoder"]["feature_dim"]
         self.quantized = meta.get("quantization") is not None
-        self.graph_sha256 = _file_sha256(path)  # what the feature cache keys these features by
+        self.graph_sha256 = file_sha256(path)  # what the feature cache keys these features by
 
     def forward_features(self, images: torch.Tensor, *, chunk_size: int | None = None) -> torch.Tensor:
         """``(B, 3, S, S)`` -> ``(B, C, h, w)``, at most ``chunk_size`` images per run (all when None)."""

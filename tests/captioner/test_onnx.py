@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,8 +208,11 @@ def test_a_checkpoint_is_exported_once_into_the_cache(tmp_path, monkeypatch) -> 
     calls = []
     real_export = onnx_export.export_onnx
     monkeypatch.setattr(onnx_export, "export_onnx", lambda *a, **k: calls.append(1) or real_export(*a, **k))
-    first = Captioner.from_checkpoint(checkpoint, backend="onnxruntime")
-    second = Captioner.from_checkpoint(checkpoint, backend="onnxruntime")
+    # two loads at once (replicas starting together on a shared cache): one exports, the other waits for it
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(lambda _: Captioner.from_checkpoint(checkpoint, backend="onnxruntime"), range(2))
+    assert len(calls) == 1
+    Captioner.from_checkpoint(checkpoint, backend="onnxruntime")
     assert len(calls) == 1
     assert first.export_dir == second.export_dir == cached_export_dir(checkpoint)
     assert first.export_dir.parent == tmp_path / "cache" / "onnx"
