@@ -37,7 +37,8 @@ class Server:
 
 
 def _clean_env(extra: dict[str, str] | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")}
+    # the suite's own settings stay out, but for its temporary export cache (tests/conftest.py)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_") or k == "CAPTIONER_CACHE_DIR"}
     env["PYTHONUNBUFFERED"] = "1"
     return {**env, **(extra or {})}
 
