@@ -9,20 +9,40 @@ import os
 import sys
 from dataclasses import asdict
 
+from captioner.bulk import InputError, default_workers
 from captioner.checkpoint import CheckpointError, checkpoint_arg
 from captioner.decoding import DecodingOptions
 from captioner.encoders import EncoderWeightsError
-from captioner.model import BACKENDS
+from captioner.model import BACKEND_CHOICES, BACKENDS
 from captioner.onnx_backend import BackendUnavailable
 from captioner.onnx_export import QUANTIZE_CHOICES, ExportError
-from captioner.transforms import ImageError, load_image
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="captioner", description="Caption images with a CNN+LSTM model.")
     sub = parser.add_subparsers(dest="command", required=True)
-    cap = sub.add_parser("caption", help="caption one or more images")
-    cap.add_argument("images", nargs="+", metavar="IMG", help="image files (JPEG, PNG, GIF, WebP, ...)")
+    cap = sub.add_parser(
+        "caption",
+        help="caption images: files, folders, glob patterns or a list; streamed to --output and resumable",
+        description="Caption images. Without --output, one line per image (path<TAB>caption) or, with --json, one "
+        "JSON document. With --output FILE (.jsonl or .csv), one record per image is written and flushed as each "
+        "batch finishes; running the same command again skips the images FILE already holds. Under torchrun, "
+        "each process captions its share into FILE's part files, merged at the end (or: captioner merge FILE).",
+    )
+    cap.add_argument(
+        "inputs",
+        nargs="*",
+        metavar="INPUT",
+        help="image files, folders (searched recursively for JPEG, PNG, WebP, GIF, BMP and TIFF files) or glob "
+        "patterns such as 'photos/**/*.jpg' (quoted)",
+    )
+    cap.add_argument(
+        "--from-list",
+        metavar="FILE",
+        help="more inputs from a manifest: one path per line, or a column of a .csv / key of a .jsonl file",
+    )
+    cap.add_argument("--list-column", metavar="NAME", help="the manifest's column (default: path, image or file)")
+    cap.add_argument("--output", metavar="FILE", help="write records here (.jsonl or .csv) as they are made")
     cap.add_argument(
         "--checkpoint",
         default=None,
@@ -31,9 +51,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     add_decoding_args(cap)
     cap.add_argument("--batch-size", type=int, default=32, help="images run through the model together")
+    cap.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers(),
+        help="processes decoding images ahead of the model; 0 decodes in this process (default: %(default)s)",
+    )
     cap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    add_backend_arg(cap)
+    add_backend_arg(cap, default="auto", choices=BACKEND_CHOICES)
     cap.add_argument("--json", action="store_true", help="print one JSON document instead of text lines")
+    cap.add_argument("--no-progress", action="store_true", help="no progress bar (there is none when not a terminal)")
+    merge = sub.add_parser("merge", help="merge the part files a torchrun caption run wrote into one output file")
+    merge.add_argument("output", help="the run's --output; its parts are OUTPUT-STEM.part-RRRRR-of-WWWWW.EXT beside it")
     info = sub.add_parser("info", help="describe a checkpoint")
     info.add_argument("checkpoint", nargs="?", default=None, help="checkpoint file or 'default' (the default)")
     export = sub.add_parser(
@@ -71,14 +100,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_backend_arg(parser: argparse.ArgumentParser, default: str = "torch") -> None:
+def add_backend_arg(
+    parser: argparse.ArgumentParser, default: str = "torch", choices: tuple[str, ...] = BACKENDS
+) -> None:
     """``--backend``, shared by every command that captions."""
     parser.add_argument(
         "--backend",
         default=default,
-        choices=BACKENDS,
-        help=f"torch, or onnxruntime (CPU; the 'onnx' extra; a .pt checkpoint is exported on first use and "
-        f"cached) (default: {default})",
+        choices=choices,
+        help="torch, or onnxruntime (CPU; the 'onnx' extra; a .pt checkpoint is exported on first use and "
+        "cached)"
+        + ("; auto: onnxruntime on CPU when installed, else torch" if "auto" in choices else "")
+        + f" (default: {default})",
     )
 
 
@@ -116,38 +149,142 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "export":
             return _export(args)
-        options = decoding_options_from_args(args)
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        model = Captioner.from_checkpoint(
-            checkpoint_arg(args.checkpoint), device=args.device, backend=args.backend
-        ).optimize_for_inference()
-    except (ValueError, CheckpointError, EncoderWeightsError, BackendUnavailable, ExportError) as exc:
+        if args.command == "merge":
+            from captioner.bulk import merge_parts
+
+            output, count = merge_parts(args.output)
+            print(f"merged {count} records into {output}")
+            return 0
+        return _caption(args)
+    except (ValueError, CheckpointError, EncoderWeightsError, BackendUnavailable, ExportError, InputError) as exc:
         return _fail(str(exc))
 
-    failed = 0
-    results: list[dict] = []
-    readable: list[tuple[str, object]] = []
-    for path in args.images:
-        try:
-            readable.append((path, load_image(path)))
-        except ImageError as exc:
-            failed += 1
-            print(f"captioner: {path}: {exc}", file=sys.stderr)
-            results.append({"image": path, "error": str(exc)})
-    for start in range(0, len(readable), args.batch_size):
-        chunk = readable[start : start + args.batch_size]
-        for (path, _), result in zip(chunk, model.caption([im for _, im in chunk], options), strict=True):
-            entry = {"image": path, "captions": [_caption_dict(c) for c in result.captions]}
-            results.append(entry)
-            if not args.json:
-                texts = " | ".join(c.text for c in result.captions)
-                print(f"{path}\t{texts}")
+
+def _caption(args: argparse.Namespace) -> int:
+    """``captioner caption``: expand the inputs, skip what --output holds, caption the rest batch by batch."""
+    from captioner.bulk import RecordFile, caption_stream, distributed_rank, expand_inputs, output_format, part_path
+    from captioner.model import Captioner
+
+    options = decoding_options_from_args(args)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    if args.output and args.json:
+        raise ValueError("--json prints to the terminal; with --output the format comes from its extension")
+    if args.output:
+        output_format(args.output)
+    inputs = expand_inputs(args.inputs, from_list=args.from_list, column=args.list_column)
+    if not inputs.paths and not inputs.missing:
+        raise ValueError("no images given: name files, folders or glob patterns, or --from-list FILE")
+    rank, world = distributed_rank()
+    if world > 1 and not args.output:
+        raise ValueError("under torchrun each process writes its share to a file: give --output")
+    model = Captioner.from_checkpoint(checkpoint_arg(args.checkpoint), device=args.device, backend=args.backend)
+    model = model.optimize_for_inference()
+    group = _join_process_group(world)
+
+    sink = RecordFile(part_path(args.output, rank, world) if world > 1 else args.output) if args.output else None
+    done = sink.done if sink is not None else set()
+    missing = [m for m in inputs.missing if m not in done] if rank == 0 else []
+    todo = [p for p in inputs.paths[rank::world] if p not in done]
+    skipped = len(inputs.paths[rank::world]) - len(todo)
+    printer = _Printer(args.json, sink)
+    printer.emit([{"image": m, "error": _missing_reason(m)} for m in missing])
+    if skipped:
+        print(f"captioner: {skipped} images already in {sink.path}; captioning the other {len(todo)}", file=sys.stderr)
+    bar = _progress_bar(len(todo), enabled=not args.no_progress and sys.stderr.isatty())
+    try:
+        workers = args.workers if len(todo) > args.batch_size else 0  # a few images: not worth starting processes
+        for records in caption_stream(model, todo, options, batch_size=args.batch_size, workers=workers):
+            printer.emit(records)
+            bar.update(len(records))
+    finally:
+        bar.close()
+        if sink is not None:
+            sink.close()
     if args.json:
-        order = {p: i for i, p in enumerate(args.images)}
-        results.sort(key=lambda r: order[r["image"]])
-        print(json.dumps({"options": options.to_dict(), "results": results}, indent=2))
-    return 1 if failed else 0
+        print(json.dumps({"options": options.to_dict(), "results": printer.results}, indent=2))
+    if group is not None:
+        _finish_distributed(args.output, rank, world)
+    return 1 if printer.failed else 0
+
+
+def _missing_reason(item: str) -> str:
+    return f"matches no file: {item}" if set("*?[") & set(item) else f"no such file: {item}"
+
+
+class _Printer:
+    """Where records go: the output file, or the terminal (text lines, or one JSON document at the end)."""
+
+    def __init__(self, as_json: bool, sink) -> None:
+        self.as_json = as_json
+        self.sink = sink
+        self.results: list[dict] = []
+        self.failed = 0
+
+    def emit(self, records: list[dict]) -> None:
+        for record in records:
+            if "error" in record:
+                self.failed += 1
+                print(f"captioner: {record['image']}: {record['error']}", file=sys.stderr)
+        if self.sink is not None:
+            self.sink.write(records)
+        elif self.as_json:
+            self.results += records
+        else:
+            for record in records:
+                if "captions" in record:
+                    print(f"{record['image']}\t{' | '.join(c['text'] for c in record['captions'])}", flush=True)
+
+
+def _progress_bar(total: int, *, enabled: bool):
+    """tqdm's bar (images/s, ETA) on a terminal; nothing otherwise."""
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(total=total, unit="img", dynamic_ncols=True, smoothing=0.1)
+        except ImportError:
+            pass
+
+    class _Silent:
+        def update(self, n: int) -> None: ...
+
+        def close(self) -> None: ...
+
+    return _Silent()
+
+
+def _join_process_group(world: int):
+    """Under torchrun, join the gloo group (to wait for every rank before merging); None otherwise."""
+    if world == 1:
+        return None
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    # ranks may finish hours apart: the barrier at the end must outwait the slowest
+    dist.init_process_group("gloo", timeout=timedelta(days=7))
+    return dist.group.WORLD
+
+
+def _finish_distributed(output: str, rank: int, world: int) -> None:
+    import torch.distributed as dist
+
+    from captioner.bulk import merge_parts
+
+    dist.barrier()
+    if rank == 0:
+        try:
+            merged, count = merge_parts(output, world_size=world)
+            print(f"captioner: merged {count} records from {world} part files into {merged}", file=sys.stderr)
+        except InputError as exc:  # parts on other machines' disks
+            print(
+                f"captioner: not merged ({exc}); gather the part files, then: captioner merge {output}", file=sys.stderr
+            )
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -239,12 +376,6 @@ def _merge(base: dict, extra: dict) -> dict:
             _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
         )
     return merged
-
-
-def _caption_dict(caption) -> dict:
-    data = asdict(caption)
-    data.pop("attention")
-    return data
 
 
 def _describe(model) -> dict:

@@ -22,6 +22,7 @@ from captioner.transforms import DEFAULT_MAX_PIXELS, ImageSource, Preprocess, pr
 from captioner.vocab import Vocabulary
 
 BACKENDS = ("torch", "onnxruntime")
+BACKEND_CHOICES = ("auto", *BACKENDS)
 DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "default.pt"
 
 
@@ -47,6 +48,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but CUDA is not available; use --device cpu")
     return device
+
+
+def resolve_backend(backend: str, device: str | torch.device | None = "cpu") -> str:
+    """``auto``: onnxruntime when the model runs on CPU and onnxruntime is installed, else torch."""
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKEND_CHOICES)}")
+    if backend != "auto":
+        return backend
+    from captioner.onnx_backend import onnxruntime_available
+
+    return "onnxruntime" if resolve_device(device).type == "cpu" and onnxruntime_available() else "torch"
 
 
 class Captioner(nn.Module):
@@ -117,10 +129,11 @@ class Captioner(nn.Module):
         ``backend="torch"`` reads a ``.pt`` checkpoint. ``backend="onnxruntime"`` (CPU only; the ``onnx``
         extra) runs an ONNX export (``captioner export CHECKPOINT DIR --format onnx``): ``path`` may be
         such a folder, or a ``.pt`` checkpoint, exported on first use into a cache keyed by its sha256
-        (see :mod:`captioner.onnx_backend`).
+        (see :mod:`captioner.onnx_backend`). ``backend="auto"``: :func:`resolve_backend`.
         """
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+        if backend == "auto" and path is not None and Path(path).is_dir():
+            backend = "onnxruntime"  # an export folder only runs there
+        backend = resolve_backend(backend, device)
         if backend == "onnxruntime":
             if device is not None and str(device) != "auto" and torch.device(device).type != "cpu":
                 raise ValueError("the onnxruntime backend runs on CPU; use backend 'torch' for CUDA")

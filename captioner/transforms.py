@@ -168,8 +168,12 @@ def resize_crop(image: Image.Image, preprocess: Preprocess) -> Image.Image:
 
 def to_tensor(images: Sequence[Image.Image], preprocess: Preprocess) -> torch.Tensor:
     """Cropped RGB images (all ``crop`` x ``crop``) -> normalised float batch ``(B, 3, crop, crop)``."""
-    pixels = torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in images]))  # (B, S, S, 3)
-    pixels = pixels.permute(0, 3, 1, 2).float()
+    return normalize_crops(np.stack([np.asarray(im, dtype=np.uint8) for im in images]), preprocess)
+
+
+def normalize_crops(crops: np.ndarray, preprocess: Preprocess) -> torch.Tensor:
+    """uint8 crops ``(B, crop, crop, 3)`` -> normalised float batch ``(B, 3, crop, crop)``."""
+    pixels = torch.from_numpy(crops).permute(0, 3, 1, 2).float()
     mean = torch.tensor(preprocess.mean).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(preprocess.std).view(1, 3, 1, 1) * 255.0
     return pixels.sub_(mean).div_(std)

@@ -17,8 +17,8 @@ from captioner import __version__
 from captioner.checkpoint import CheckpointError, checkpoint_arg
 from captioner.decoding import DecodingOptions
 from captioner.encoders import EncoderWeightsError, file_sha256
-from captioner.model import DEFAULT_CHECKPOINT, Captioner, resolve_device
-from captioner.onnx_backend import BackendUnavailable, onnxruntime_available
+from captioner.model import DEFAULT_CHECKPOINT, Captioner
+from captioner.onnx_backend import BackendUnavailable
 from captioner.onnx_export import METADATA_FILE, ExportError
 from captioner.runtime import tune_malloc
 from service.batching import MicroBatcher, ModelThread
@@ -42,21 +42,12 @@ class ModelLoadError(RuntimeError):
     """The checkpoint could not be loaded; the message is one line saying why."""
 
 
-def resolve_backend(settings: Settings) -> str:
-    """``auto``: onnxruntime when the model runs on CPU and onnxruntime is installed, else torch."""
-    if settings.backend != "auto":
-        return settings.backend
-    on_cpu = resolve_device(settings.device).type == "cpu"
-    return "onnxruntime" if on_cpu and onnxruntime_available() else "torch"
-
-
 def load_model(settings: Settings) -> LoadedModel:
     """Load ``settings.checkpoint`` (unset: the bundled default model); raises :class:`ModelLoadError`."""
     checkpoint = checkpoint_arg(settings.checkpoint)
     path = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
     try:
-        backend = resolve_backend(settings)
-        model = Captioner.from_checkpoint(checkpoint, device=settings.device, backend=backend)
+        model = Captioner.from_checkpoint(checkpoint, device=settings.device, backend=settings.backend)
         model = model.optimize_for_inference()
     except (CheckpointError, EncoderWeightsError, ValueError, BackendUnavailable, ExportError) as exc:
         hint = "" if settings.checkpoint is not None else " (set CAPTIONER_CHECKPOINT or pass --checkpoint)"

@@ -23,6 +23,15 @@ CAPTIONS = [
 ]
 
 
+def free_port() -> int:
+    """A TCP port free on loopback right now (for torchrun's rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def data_root() -> Path:
     return Path(os.environ.get("CAPTIONER_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 

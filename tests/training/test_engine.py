@@ -1,7 +1,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 from captioner import Captioner
-from tests.helpers import make_flickr_folder, require_data
+from tests.helpers import free_port, make_flickr_folder, require_data
 from training.cli import eval_main, parse_train_config, train_main
 from training.engine import TrainConfig, Trainer, epoch_batches, train
 
@@ -312,12 +311,6 @@ def test_real_coco_mini_trains(cache_dir, tmp_path):
     assert summary["epoch"] == 2 and (tmp_path / "best.pt").is_file()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_ddp_two_processes_on_gloo_agree(shapes, cache_dir, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -326,7 +319,7 @@ def test_ddp_two_processes_on_gloo_agree(shapes, cache_dir, tmp_path):
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
         "-m",
         "training",
         "--data",

@@ -1,0 +1,201 @@
+"""Bulk captioning: inputs (folders, globs, manifests), streamed resumable output, workers, torchrun parts."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import captioner.bulk as bulk
+from captioner.bulk import InputError, RecordFile, expand_inputs, merge_parts, part_path, read_manifest
+from captioner.cli import main
+from tests.helpers import free_port, tiny_captioner
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("bulk") / "model.pt"
+    tiny_captioner().save(path)
+    return path
+
+
+def _tree(root: Path, count: int = 5) -> list[str]:
+    """``count`` images in a folder tree (one in a subfolder), a non-image file and a link loop."""
+    (root / "sub").mkdir(parents=True)
+    paths = []
+    for i in range(count):
+        path = root / ("sub" if i == count - 1 else ".") / f"img{i:02d}.{'png' if i % 2 else 'JPG'}"
+        Image.new("RGB", (40 + i, 30), (40 * i % 255, 90, 160)).save(path, format="PNG" if i % 2 else "JPEG")
+        paths.append(os.path.normpath(str(path)))
+    (root / "notes.txt").write_text("not an image")
+    os.symlink(root, root / "sub" / "loop")  # a folder link back up: walked once
+    return sorted(paths)
+
+
+def test_folders_globs_files_and_missing_inputs(tmp_path) -> None:
+    images = _tree(tmp_path / "photos")
+    odd = tmp_path / "photo.data"
+    Image.new("RGB", (8, 8)).save(odd, format="PNG")
+    found = expand_inputs(
+        [str(tmp_path / "photos"), str(tmp_path / "photos" / "*.png"), str(odd), "nope.jpg", "none/*.jpg"]
+    )
+    assert [os.path.normpath(p) for p in found.paths] == [*images, str(odd)]  # sorted, recursive, each once
+    assert found.missing == ["nope.jpg", "none/*.jpg"]
+
+
+def test_manifests_text_csv_and_jsonl(tmp_path) -> None:
+    (tmp_path / "list.txt").write_text("# photos\na.jpg\n\nb.jpg\n")
+    assert read_manifest(str(tmp_path / "list.txt")) == ["a.jpg", "b.jpg"]
+    with open(tmp_path / "list.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["id", "image", "alt"], ["1", "x.jpg", "old"], ["2", "y.jpg", ""]])
+    assert read_manifest(str(tmp_path / "list.csv")) == ["x.jpg", "y.jpg"]
+    assert read_manifest(str(tmp_path / "list.csv"), "id") == ["1", "2"]
+    (tmp_path / "list.jsonl").write_text('{"file": "p.jpg"}\n{"file": "q.jpg", "n": 2}\n')
+    assert read_manifest(str(tmp_path / "list.jsonl")) == ["p.jpg", "q.jpg"]
+    with pytest.raises(InputError, match="no column 'url'"):
+        read_manifest(str(tmp_path / "list.csv"), "url")
+    (tmp_path / "bad.jsonl").write_text('{"path": "a"}\n[1, 2]\n')
+    with pytest.raises(InputError, match="bad.jsonl:2: not a JSON object"):
+        read_manifest(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(InputError, match="cannot read the list"):
+        read_manifest(str(tmp_path / "missing.txt"))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_a_record_cut_off_by_a_kill_is_dropped_and_the_rest_is_kept(tmp_path, suffix) -> None:
+    out = tmp_path / f"out{suffix}"
+    sink = RecordFile(out)
+    sink.write([{"image": "a.jpg", "captions": [{"text": "a dog", "log_prob": -1.0, "score": -1.0}]}])
+    sink.write([{"image": "b.jpg", "error": "truncated"}])
+    sink.close()
+    with open(out, "a") as f:  # a kill in the middle of the next record
+        f.write('{"image": "c.jpg", "capt' if suffix == ".jsonl" else "c.jpg,a ca")
+    again = RecordFile(out)
+    assert again.done == {"a.jpg", "b.jpg"}
+    again.write([{"image": "c.jpg", "captions": [{"text": "a cat", "log_prob": -2.0, "score": -2.0}]}])
+    again.close()
+    records = bulk.read_records(out)
+    assert [r["image"] for r in records] == ["a.jpg", "b.jpg", "c.jpg"]
+    if suffix == ".csv":
+        assert records[2]["caption"] == "a cat" and records[1]["error"] == "truncated"
+
+
+def test_an_output_file_this_command_did_not_write_is_refused(tmp_path) -> None:
+    (tmp_path / "notes.jsonl").write_text("hello\n")
+    with pytest.raises(InputError, match="not a record this command wrote"):
+        RecordFile(tmp_path / "notes.jsonl")
+    with pytest.raises(InputError, match=r"\.jsonl or \.csv"):
+        RecordFile(tmp_path / "out.txt")
+
+
+def test_caption_a_folder_into_jsonl_then_run_again_and_resume(checkpoint, tmp_path, monkeypatch, capsys) -> None:
+    images = _tree(tmp_path / "photos", count=7)
+    (tmp_path / "photos" / "zz-broken.jpg").write_text("not a photo")  # sorted last: in the resumed run
+    out = tmp_path / "out.jsonl"
+    argv = ["caption", str(tmp_path / "photos"), "missing.jpg", "--output", str(out), "--checkpoint", str(checkpoint)]
+    argv += ["--backend", "torch", "--method", "greedy", "--batch-size", "3", "--workers", "0"]
+
+    # the first run dies after its first batch (as a kill would), leaving half a record behind
+    real_stream = bulk.caption_stream
+
+    def dies_after_one_batch(*args, **kwargs):
+        stream = real_stream(*args, **kwargs)
+        yield next(stream)
+        with open(out, "a") as f:
+            f.write('{"image": "')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bulk, "caption_stream", dies_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    first = bulk.read_records(out)
+    assert len(first) == 1 + 3  # the missing input, then one batch
+    monkeypatch.setattr(bulk, "caption_stream", real_stream)
+    capsys.readouterr()
+
+    assert main(argv) == 1  # the broken photo fails; the run goes on
+    err = capsys.readouterr().err
+    assert "zz-broken.jpg: not a recognised image format" in err and "3 images already in" in err
+    records = bulk.read_records(out)
+    names = [r["image"] for r in records]
+    assert len(names) == len(set(names)) == 1 + 8  # no duplicates, no gaps
+    assert [os.path.normpath(n) for n in names[1:]] == sorted([*images, str(tmp_path / "photos" / "zz-broken.jpg")])
+    assert records[0] == {"image": "missing.jpg", "error": "no such file: missing.jpg"}
+    assert all(r["captions"][0]["text"] for r in records if "broken" not in r["image"] and "error" not in r)
+
+    assert main(argv) == 0  # everything is in the file already: nothing to do, nothing new failed
+    assert bulk.read_records(out) == records
+
+
+def test_csv_output_with_several_captions_and_decoding_workers(checkpoint, tmp_path) -> None:
+    _tree(tmp_path / "photos", count=5)
+    out = tmp_path / "out.csv"
+    pattern = str(tmp_path / "photos" / "**" / "*.[jpJP]*[gG]")  # through the link loop too: each file once
+    argv = ["caption", pattern, "--output", str(out), "--checkpoint", str(checkpoint)]
+    argv += ["--backend", "torch", "--method", "beam", "--beam-size", "3", "--num-captions", "2"]
+    assert main([*argv, "--batch-size", "2", "--workers", "1"]) == 0  # decoded on a worker process
+    rows = bulk.read_records(out)
+    assert len(rows) == 5 and all(r["caption"] and len(r["captions"].split(" | ")) == 2 for r in rows)
+    # the same captions as decoding in this process
+    out0 = tmp_path / "out0.csv"
+    assert main([*argv[:3], str(out0), *argv[4:], "--batch-size", "2", "--workers", "0"]) == 0
+    assert [r["caption"] for r in bulk.read_records(out0)] == [r["caption"] for r in rows]
+
+
+def test_command_line_mistakes_are_one_line(checkpoint, tmp_path, capsys) -> None:
+    for argv, message in (
+        (["caption", "--checkpoint", str(checkpoint)], "no images given"),
+        (["caption", str(tmp_path), "--output", str(tmp_path / "o.txt")], ".jsonl or .csv"),
+        (["caption", str(tmp_path), "--output", str(tmp_path / "o.jsonl"), "--json"], "--json prints"),
+        (["caption", "--from-list", str(tmp_path / "none.txt")], "cannot read the list"),
+        (["merge", str(tmp_path / "o.jsonl")], "no part files"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
+def test_merge_restores_the_input_order(tmp_path) -> None:
+    out = tmp_path / "out.jsonl"
+    for rank in range(3):
+        sink = RecordFile(part_path(out, rank, 3))
+        sink.write([{"image": f"{i}.jpg", "captions": []} for i in range(rank, 8, 3)])
+        sink.close()
+    merged, count = merge_parts(out)
+    assert count == 8 and [r["image"] for r in bulk.read_records(merged)] == [f"{i}.jpg" for i in range(8)]
+    part_path(out, 2, 3).unlink()
+    with pytest.raises(InputError, match="2 of 3 part files"):
+        merge_parts(out)
+
+
+def test_torchrun_two_processes_caption_their_shares_and_merge(checkpoint, tmp_path) -> None:
+    images = _tree(tmp_path / "photos", count=7)
+    out = tmp_path / "out.jsonl"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+    ]
+    command += ["-m", "captioner.cli", "caption", str(tmp_path / "photos"), "--output", str(out)]
+    command += ["--checkpoint", str(checkpoint), "--backend", "torch", "--method", "greedy", "--workers", "0"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shares = [bulk.read_records(part_path(out, rank, 2)) for rank in range(2)]
+    assert [len(s) for s in shares] == [4, 3]  # every other image each
+    merged = bulk.read_records(out)
+    assert [os.path.normpath(r["image"]) for r in merged] == images
+    assert "merged 7 records from 2 part files" in done.stderr
+    json.dumps(merged)  # plain JSON records
