@@ -9,10 +9,9 @@
   already holds, so a run again with the same output skips them; a record cut off by a kill in the
   middle of writing is cut away first, so there are never duplicates or half records. Each batch's
   records are written, flushed and fsynced together.
-- :func:`caption_stream`: decoding and cropping on DataLoader worker processes (JPEG draft mode: a
-  photo is decoded at the smallest DCT scale that still covers the model's resize), overlapping the
-  model's batches in the main process; memory is bounded by the batches in flight, whatever the
-  number of photos.
+- :func:`caption_stream`: decoding and cropping on a pool of threads (JPEG draft mode: a photo is
+  decoded at the smallest DCT scale that still covers the model's resize), overlapping the model's
+  batches; memory is bounded by the batches in flight, whatever the number of photos.
 - Under ``torchrun`` each rank captions every ``WORLD_SIZE``-th image into its own part file
   (:func:`part_path`); rank 0 merges the parts when all ranks are done and sees them (one machine,
   or a shared file system), and ``captioner merge OUTPUT`` does it by hand otherwise.
@@ -25,13 +24,14 @@ import glob
 import io
 import json
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch.utils.data import DataLoader, Dataset
 
 from captioner.transforms import IMAGE_EXTENSIONS, ImageError, Preprocess, load_crop, normalize_crops
 
@@ -281,29 +281,14 @@ def merge_parts(output: str | os.PathLike, *, world_size: int | None = None) -> 
 # -- the pipeline -----------------------------------------------------------------------------------
 
 
-class _CropFiles(Dataset):
-    """Decoded, resized and cropped images as uint8 ``(S, S, 3)`` arrays; an unreadable one gives its error."""
-
-    def __init__(self, paths: Sequence[str], preprocess: Preprocess, max_pixels: int | None) -> None:
-        self.paths = list(paths)
-        self.preprocess = preprocess
-        self.max_pixels = max_pixels
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, str]:
-        try:
-            crop = load_crop(self.paths[index], self.preprocess, max_pixels=self.max_pixels)
-            return index, np.asarray(crop, dtype=np.uint8), ""
-        except ImageError as exc:
-            return index, None, str(exc)
-        except OSError as exc:  # unreadable for the operating system (permissions, I/O error)
-            return index, None, f"cannot read: {exc.strerror or exc}"
-
-
-def _collate(items: list[tuple[int, np.ndarray | None, str]]) -> list[tuple[int, np.ndarray | None, str]]:
-    return items  # the main process stacks the readable ones; numpy arrays cross processes as they are
+def _read_crop(path: str, preprocess: Preprocess, max_pixels: int | None) -> tuple[np.ndarray | None, str]:
+    """The encoder's crop of ``path`` as uint8 ``(S, S, 3)``, or None and why it could not be read."""
+    try:
+        return np.asarray(load_crop(path, preprocess, max_pixels=max_pixels), dtype=np.uint8), ""
+    except ImageError as exc:
+        return None, str(exc)
+    except OSError as exc:  # unreadable for the operating system (permissions, I/O error)
+        return None, f"cannot read: {exc.strerror or exc}"
 
 
 @dataclass
@@ -320,19 +305,34 @@ def decoded_batches(
     batch_size: int,
     workers: int,
     max_pixels: int | None,
+    prefetch: int = 2,
 ) -> Iterator[Batch]:
-    """Batches of crops, decoded by ``workers`` processes ahead of the caller (in this process with 0)."""
-    loader = DataLoader(
-        _CropFiles(paths, preprocess, max_pixels),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=_collate,
-        # a fresh interpreter per worker: the model's thread pools (OpenMP, ONNX Runtime) must not be forked
-        multiprocessing_context="forkserver" if workers > 0 else None,
-        prefetch_factor=2 if workers > 0 else None,
-    )
-    for items in loader:
-        yield Batch([paths[i] for i, _, _ in items], [c for _, c, _ in items], [e for _, _, e in items])
+    """Batches of crops, decoded by ``workers`` threads while the caller runs the model on earlier ones.
+
+    Threads, not processes: PIL releases the GIL while it decodes and resizes, so threads decode in
+    parallel with each other and with the model, and they share this process's memory. A worker
+    process would load torch again (about 500 MB each with PyTorch's CUDA build) for work that needs
+    none. At most ``prefetch`` batches wait decoded, so memory does not grow with the number of photos.
+    """
+    chunks = [list(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)]
+    if workers == 0:
+        for chunk in chunks:
+            read = [_read_crop(p, preprocess, max_pixels) for p in chunk]
+            yield Batch(chunk, [c for c, _ in read], [e for _, e in read])
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="captioner-decode") as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append((chunk, [pool.submit(_read_crop, p, preprocess, max_pixels) for p in chunk]))
+            if len(pending) > prefetch:
+                yield _collect(*pending.popleft())
+        while pending:
+            yield _collect(*pending.popleft())
+
+
+def _collect(chunk: list[str], futures: list) -> Batch:
+    read = [f.result() for f in futures]
+    return Batch(chunk, [c for c, _ in read], [e for _, e in read])
 
 
 def caption_records(model, batch: Batch, options) -> list[dict[str, Any]]:
@@ -388,4 +388,5 @@ def distributed_rank() -> tuple[int, int]:
 
 
 def default_workers() -> int:
-    return max(1, min(4, (os.cpu_count() or 2)))
+    """Decoding threads: as many as CPUs, up to 4 (a photo decodes in a few ms; the model is the slow part)."""
+    return max(1, min(4, os.cpu_count() or 2))

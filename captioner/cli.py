@@ -55,7 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=default_workers(),
-        help="processes decoding images ahead of the model; 0 decodes in this process (default: %(default)s)",
+        help="threads decoding images ahead of the model; 0 decodes between batches (default: %(default)s)",
     )
     cap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     add_backend_arg(cap, default="auto", choices=BACKEND_CHOICES)
@@ -195,8 +195,7 @@ def _caption(args: argparse.Namespace) -> int:
         print(f"captioner: {skipped} images already in {sink.path}; captioning the other {len(todo)}", file=sys.stderr)
     bar = _progress_bar(len(todo), enabled=not args.no_progress and sys.stderr.isatty())
     try:
-        workers = args.workers if len(todo) > args.batch_size else 0  # a few images: not worth starting processes
-        for records in caption_stream(model, todo, options, batch_size=args.batch_size, workers=workers):
+        for records in caption_stream(model, todo, options, batch_size=args.batch_size, workers=args.workers):
             printer.emit(records)
             bar.update(len(records))
     finally:

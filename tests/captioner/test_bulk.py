@@ -1,4 +1,4 @@
-"""Bulk captioning: inputs (folders, globs, manifests), streamed resumable output, workers, torchrun parts."""
+"""Bulk captioning: inputs (folders, globs, manifests), streamed resumable output, decoding threads, torchrun parts."""
 
 from __future__ import annotations
 
@@ -141,7 +141,7 @@ def test_csv_output_with_several_captions_and_decoding_workers(checkpoint, tmp_p
     pattern = str(tmp_path / "photos" / "**" / "*.[jpJP]*[gG]")  # through the link loop too: each file once
     argv = ["caption", pattern, "--output", str(out), "--checkpoint", str(checkpoint)]
     argv += ["--backend", "torch", "--method", "beam", "--beam-size", "3", "--num-captions", "2"]
-    assert main([*argv, "--batch-size", "2", "--workers", "1"]) == 0  # decoded on a worker process
+    assert main([*argv, "--batch-size", "2", "--workers", "2"]) == 0  # decoded on threads
     rows = bulk.read_records(out)
     assert len(rows) == 5 and all(r["caption"] and len(r["captions"].split(" | ")) == 2 for r in rows)
     # the same captions as decoding in this process
