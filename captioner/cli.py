@@ -11,7 +11,7 @@ from dataclasses import asdict
 
 from captioner.bulk import InputError, default_workers
 from captioner.checkpoint import CheckpointError, checkpoint_arg
-from captioner.decoding import DecodingOptions
+from captioner.decoding import METHODS, DecodingOptions
 from captioner.encoders import EncoderWeightsError
 from captioner.model import BACKEND_CHOICES, BACKENDS
 from captioner.onnx_backend import BackendUnavailable
@@ -115,16 +115,20 @@ def add_backend_arg(
     )
 
 
-def add_decoding_args(parser: argparse.ArgumentParser, *, seed: int | None = None) -> None:
-    """The decoding flags, shared by every command that captions (``captioner``, ``captioner-eval``)."""
-    parser.add_argument("--method", default="beam", choices=["greedy", "sample", "beam"])
+def add_decoding_args(parser: argparse.ArgumentParser) -> None:
+    """The decoding flags, shared by every command that captions (``captioner``, ``captioner-eval``).
+
+    An option the method does not use (``--beam-size`` with ``--method sample``) is refused by
+    :class:`DecodingOptions`, as the service refuses it.
+    """
+    parser.add_argument("--method", default="beam", choices=list(METHODS))
     parser.add_argument("--beam-size", type=int, default=3)
     parser.add_argument("--length-penalty", type=float, default=0.0)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--num-captions", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=seed)
+    parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--max-length", type=int, default=20)
 
 

@@ -166,7 +166,8 @@ def _resolve_options(options: DecodingOptions | None, fields: Mapping[str, Any])
 
 
 def _query(options: DecodingOptions, attention: bool) -> dict[str, Any]:
-    """Every option, so the server runs exactly what was checked here; ``seed`` only when set (None: random)."""
+    """The options the method uses (``to_dict``), so the server runs exactly what was checked here; ``seed``
+    only when set (None: random)."""
     params = {name: value for name, value in options.to_dict().items() if value is not None}
     if attention:
         params["attention"] = "true"

@@ -6,7 +6,7 @@ feeding each chosen word back in. Each image's result is a list of :class:`Hypot
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -21,6 +21,19 @@ BEAM_SIZE_RANGE = (1, 20)
 NUM_CAPTIONS_RANGE = (1, 20)
 LENGTH_PENALTY_RANGE = (0.0, 5.0)
 TEMPERATURE_MAX = 10.0
+
+
+# The methods each option is for (max_length and method are for all). Set on another method, an option
+# would be silently ignored: it is an error instead (see DecodingOptions.__post_init__).
+APPLIES_TO = {
+    "beam_size": ("beam",),
+    "length_penalty": ("beam",),
+    "temperature": ("sample",),
+    "top_k": ("sample",),
+    "top_p": ("sample",),
+    "num_captions": ("sample", "beam"),
+    "seed": ("sample",),
+}
 
 
 @dataclass(frozen=True)
@@ -56,9 +69,25 @@ class DecodingOptions:
             raise ValueError("greedy decoding gives one caption per image; use method sample or beam for more")
         if self.method == "beam" and self.num_captions > self.beam_size:
             raise ValueError(f"num_captions must be <= beam_size ({self.beam_size}) for beam search")
+        ignored = [
+            name
+            for name, methods in APPLIES_TO.items()
+            if self.method not in methods and getattr(self, name) != _FIELD_DEFAULTS[name]
+        ]
+        if ignored:
+            uses = "; ".join(f"{name} is for {' and '.join(APPLIES_TO[name])}" for name in ignored)
+            raise ValueError(f"method {self.method} does not use {', '.join(ignored)} ({uses}): leave it out")
+
+    def applies(self, name: str) -> bool:
+        """Whether option ``name`` does anything for this method."""
+        return self.method in APPLIES_TO.get(name, METHODS)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The options this method uses (what a caption was made with), by name."""
+        return {name: value for name, value in asdict(self).items() if self.applies(name)}
+
+
+_FIELD_DEFAULTS = {f.name: f.default for f in fields(DecodingOptions)}
 
 
 def _check_int(name: str, value: int, lo: int, hi: int) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from captioner.decoding import (
     BEAM_SIZE_RANGE,
@@ -91,16 +91,23 @@ OPTION_NAMES = tuple(CaptionOptions.model_fields)
 
 
 class AppliedOptions(BaseModel):
+    """The options the caption was made with: only those its method uses (``beam_size`` only for beam, ...)."""
+
     method: str
     max_length: int
-    beam_size: int
-    length_penalty: float
-    temperature: float
-    top_k: int
-    top_p: float
-    num_captions: int
-    seed: int | None
+    beam_size: int | None = None
+    length_penalty: float | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    num_captions: int | None = None
+    seed: int | None = None
     attention: bool
+
+    @model_serializer(mode="wrap")
+    def _only_what_applies(self, handler):
+        # an option another method uses is left out, not shown as null; an unseeded sample has no seed
+        return {name: value for name, value in handler(self).items() if value is not None}
 
 
 class CaptionOut(BaseModel):

@@ -155,7 +155,7 @@ def get_eval_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", default="auto", choices=["auto", "coco", "karpathy", "flickr8k"])
     parser.add_argument("--images-dir", default=None)
     parser.add_argument("--split", default="test", help="train | val | test (a COCO file is its own split)")
-    add_decoding_args(parser, seed=0)  # a seeded default keeps sampled evaluations repeatable
+    add_decoding_args(parser)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     parser.add_argument("--device", default="auto")
@@ -179,6 +179,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from training.features import build_feature_cache, progress_bar
     from training.metrics import compute_metrics
 
+    if args.method == "sample" and args.seed is None:
+        args.seed = 0  # a seeded default keeps sampled evaluations repeatable
     options = decoding_options_from_args(args)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")

@@ -823,10 +823,11 @@ class Trainer:
         for row, ids in split.pairs:
             by_row.setdefault(row, []).append(ids)
         predictions: dict[str, str] = {}
+        beam = c.val_method == "beam"
         options = DecodingOptions(
-            method="beam" if c.val_method == "beam" else "greedy",
-            beam_size=c.val_beam_size,
+            method="beam" if beam else "greedy",
             max_length=c.max_caption_words,
+            **({"beam_size": c.val_beam_size} if beam else {}),
         )
         for rows, grid in grids:
             grid = grid.to(self.device).float()

@@ -70,6 +70,8 @@ def test_missing_and_unreadable_images_do_not_stop_the_rest(checkpoint, images, 
         (["--temperature", "0", "--method", "sample"], "temperature must be in"),
         (["--beam-size", "0"], "beam_size must be an integer in [1, 20]"),
         (["--top-p", "2"], "top_p must be in (0, 1]"),
+        (["--method", "sample", "--beam-size", "5"], "method sample does not use beam_size"),
+        (["--method", "greedy", "--temperature", "0.5", "--top-k", "3"], "does not use temperature, top_k"),
     ],
 )
 def test_invalid_options_exit_2_with_one_line(checkpoint, images, extra, message, capsys):

@@ -158,3 +158,19 @@ def test_runs_on_cuda_when_available():
         gpu = decode(model.decoder, _grid(2).cuda(), DecodingOptions(method=method, seed=0))
         if method != "sample":
             assert [h[0].tokens for h in cpu] == [h[0].tokens for h in gpu]
+
+
+def test_an_option_the_method_does_not_use_is_refused_and_not_echoed() -> None:
+    with pytest.raises(ValueError, match=r"method sample does not use beam_size \(beam_size is for beam\)"):
+        DecodingOptions(method="sample", beam_size=5)
+    with pytest.raises(ValueError, match="method beam does not use seed"):
+        DecodingOptions(method="beam", seed=1)
+    with pytest.raises(ValueError, match="method greedy does not use length_penalty"):
+        DecodingOptions(method="greedy", length_penalty=1.0)
+    assert DecodingOptions(method="greedy").to_dict() == {"method": "greedy", "max_length": 20}
+    assert DecodingOptions(method="beam", beam_size=4).to_dict() == {
+        "method": "beam", "max_length": 20, "beam_size": 4, "length_penalty": 0.0, "num_captions": 1,
+    }  # fmt: skip
+    assert set(DecodingOptions(method="sample", seed=3).to_dict()) == {
+        "method", "max_length", "temperature", "top_k", "top_p", "num_captions", "seed",
+    }  # fmt: skip

@@ -289,7 +289,8 @@ def test_request_carries_the_image_options_and_api_key() -> None:
     params = dict(first.url.params)
     assert params["method"] == "sample" and params["num_captions"] == "2" and params["top_k"] == "5"
     assert params["attention"] == "true" and "seed" not in params
-    assert set(params) == {*DecodingOptions().to_dict(), "attention"} - {"seed"}
+    # only the options sampling uses (an option another method uses would be refused by the server)
+    assert set(params) == {*DecodingOptions(method="sample").to_dict(), "attention"} - {"seed"}
     assert second.url.params["seed"] == "11" and "attention" not in second.url.params
 
     with FakeServer(_ok()).client() as client:

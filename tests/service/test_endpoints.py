@@ -54,16 +54,12 @@ def test_caption_returns_captions_options_model_and_timing(client: TestClient, m
         assert got["score"] == pytest.approx(want.score, abs=1e-4)
         assert got["attention"] is None  # not asked for
     assert body["captions"][0]["score"] >= body["captions"][1]["score"]
-    assert body["options"] == {
+    assert body["options"] == {  # only what beam search uses
         "method": "beam",
         "max_length": 12,
         "beam_size": 3,
         "length_penalty": 0.0,
-        "temperature": 1.0,
-        "top_k": 0,
-        "top_p": 1.0,
         "num_captions": 2,
-        "seed": None,
         "attention": False,
     }
     assert body["model_id"] == client.get("/ready").json()["model_id"]
@@ -216,3 +212,20 @@ def test_real_photo(client: TestClient, model: Captioner, photo: Path) -> None:
     with Image.open(photo) as im:
         assert (body["image"]["width"], body["image"]["height"]) == im.size
     assert body["captions"][0]["text"] == model.caption([data])[0].captions[0].text
+
+
+def test_an_option_the_method_does_not_use_is_422_and_the_echo_shows_only_what_applies(client: TestClient) -> None:
+    data = images.png(seed=3)
+    refused = client.post(
+        "/caption", params={"method": "greedy", "beam_size": 5}, files={"image": ("a.png", data, "image/png")}
+    )
+    assert refused.status_code == 422
+    error = refused.json()["error"]
+    assert error["code"] == "invalid_option" and "method greedy does not use beam_size" in error["message"]
+    greedy = _caption(client, data, method="greedy", max_length=5)
+    assert greedy["options"] == {"method": "greedy", "max_length": 5, "attention": False}
+    sample = _caption(client, data, method="sample", seed=4, top_k=3)
+    assert sample["options"] == {
+        "method": "sample", "max_length": 20, "temperature": 1.0, "top_k": 3, "top_p": 1.0, "num_captions": 1,
+        "seed": 4, "attention": False,
+    }  # fmt: skip
