@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -59,10 +60,14 @@ def tree_rss_mb(pid: int) -> float:
     return total / 1024
 
 
-def run_measured(command: list[str], env: dict[str, str]) -> tuple[float, float, int]:
-    """(seconds, peak MB of the process tree, exit status) of ``command``, output discarded."""
+def run_measured(command: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float, int]:
+    """(seconds, peak MB of the process tree, exit status) of ``command``, output discarded.
+
+    ``cwd`` must be outside the repository: ``python -m`` puts the working folder first on sys.path, and
+    from the repository the baseline would import this checkout's ``captioner`` instead of its own.
+    """
     started = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd)
     peak = 0.0
     done = threading.Event()
 
@@ -119,8 +124,14 @@ def main(argv: list[str] | None = None) -> int:
             ),
         }
         results: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
+        for name, (_, command_env) in commands.items():  # each command runs the code it is named for
+            where = subprocess.run([sys.executable, "-c", "import captioner; print(captioner.__file__)"],
+                                   env=command_env, cwd=tmp, capture_output=True, text=True, check=True)  # fmt: skip
+            expected = old if name.startswith("one-shot") else ROOT
+            if not Path(where.stdout.strip()).is_relative_to(expected):
+                raise SystemExit(f"{name} would import {where.stdout.strip()}, not the code under {expected}")
         # a first, untimed run exports the model to ONNX if the cache does not have it yet
-        subprocess.run([sys.executable, "-m", "captioner.cli", "caption", files[0]], env=env, cwd=ROOT,
+        subprocess.run([sys.executable, "-m", "captioner.cli", "caption", files[0]], env=env, cwd=tmp,
                        capture_output=True)  # fmt: skip
         for round_ in range(args.rounds):
             for name, (command, command_env) in commands.items():
@@ -128,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 if name.startswith("streaming"):
                     out.unlink(missing_ok=True)
                     command = [*command, "--output", str(out)]
-                seconds, peak, code = run_measured(command, command_env)
+                seconds, peak, code = run_measured(command, command_env, tmp)
                 if code != 0:
                     raise SystemExit(f"{name} exited with {code}")
                 results[name].append((seconds, peak))
@@ -138,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             out = tmp / "all.jsonl"
             whole = run_measured(
                 [sys.executable, "-m", "captioner.cli", "caption", str(args.images), "--output", str(out),
-                 "--no-progress"], env,
+                 "--no-progress"], env, tmp,
             )  # fmt: skip
             lines = len(out.read_bytes().splitlines())
 
@@ -147,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"|{'-' * 40}|----------|----------|-------------|---------|")
     base = None
     for name, runs in results.items():
-        seconds = sorted(s for s, _ in runs)[len(runs) // 2]
+        seconds = statistics.median(s for s, _ in runs)
         rate = args.count / seconds
         base = base or rate
         peak = max(p for _, p in runs)

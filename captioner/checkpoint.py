@@ -93,8 +93,12 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # on arbitrary bytes torch's unpickler raises almost anything (KeyError, ...)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or not a torch file: {reason})") from exc
+        # torch's own text is not passed on: for a text file it advises weights_only=False, which would let
+        # a hostile file run code
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (not a PyTorch file, truncated, or holding Python objects that a "
+            f"captioner checkpoint never contains; {exc.__class__.__name__})"
+        ) from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a captioner checkpoint (no '{FORMAT}' marker)")
     version = data.get("format_version")

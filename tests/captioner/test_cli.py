@@ -80,12 +80,15 @@ def test_invalid_options_exit_2_with_one_line(checkpoint, images, extra, message
     assert message in err and err.count("\n") == 1
 
 
-def test_bad_checkpoint_is_one_line(images, tmp_path, capsys):
+@pytest.mark.parametrize("content", [b"nope", b"# A README\n\nsome text, not a model\n", b"PK\x03\x04broken zip"])
+def test_bad_checkpoint_is_one_line(images, tmp_path, capsys, content):
     bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"nope")
-    assert main(["caption", images[0], "--checkpoint", str(bad)]) == 2
-    err = capsys.readouterr().err
-    assert "not a readable checkpoint" in err and err.count("\n") == 1
+    bad.write_bytes(content)
+    for command in (["caption", images[0], "--checkpoint", str(bad), "--backend", "torch"], ["info", str(bad)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "not a readable checkpoint" in err and err.count("\n") == 1
+        assert "weights_only" not in err  # never torch's advice to load it unsafely
 
 
 def test_info_describes_the_checkpoint(checkpoint, capsys):
