@@ -194,7 +194,6 @@ def _caption(args: argparse.Namespace) -> int:
     todo = [p for p in inputs.paths[rank::world] if p not in done]
     skipped = len(inputs.paths[rank::world]) - len(todo)
     printer = _Printer(args.json, sink)
-    printer.emit([{"image": m, "error": _missing_reason(m)} for m in missing])
     if skipped:
         print(f"captioner: {skipped} images already in {sink.path}; captioning the other {len(todo)}", file=sys.stderr)
     bar = _progress_bar(len(todo), enabled=not args.no_progress and sys.stderr.isatty())
@@ -202,6 +201,8 @@ def _caption(args: argparse.Namespace) -> int:
         for records in caption_stream(model, todo, options, batch_size=args.batch_size, workers=args.workers):
             printer.emit(records)
             bar.update(len(records))
+        # after the images: part r of a torchrun then still holds images r, r + N, ... first, as merging expects
+        printer.emit([{"image": m, "error": _missing_reason(m)} for m in missing])
     finally:
         bar.close()
         if sink is not None:

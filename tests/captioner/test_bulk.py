@@ -117,18 +117,19 @@ def test_caption_a_folder_into_jsonl_then_run_again_and_resume(checkpoint, tmp_p
     with pytest.raises(KeyboardInterrupt):
         main(argv)
     first = bulk.read_records(out)
-    assert len(first) == 1 + 3  # the missing input, then one batch
+    assert len(first) == 3  # one batch
     monkeypatch.setattr(bulk, "caption_stream", real_stream)
     capsys.readouterr()
 
     assert main(argv) == 1  # the broken photo fails; the run goes on
     err = capsys.readouterr().err
     assert "zz-broken.jpg: not a recognised image format" in err and "3 images already in" in err
+    assert "missing.jpg: no such file" in err
     records = bulk.read_records(out)
     names = [r["image"] for r in records]
-    assert len(names) == len(set(names)) == 1 + 8  # no duplicates, no gaps
-    assert [os.path.normpath(n) for n in names[1:]] == sorted([*images, str(tmp_path / "photos" / "zz-broken.jpg")])
-    assert records[0] == {"image": "missing.jpg", "error": "no such file: missing.jpg"}
+    assert len(names) == len(set(names)) == 8 + 1  # no duplicates, no gaps
+    assert [os.path.normpath(n) for n in names[:-1]] == sorted([*images, str(tmp_path / "photos" / "zz-broken.jpg")])
+    assert records[-1] == {"image": "missing.jpg", "error": "no such file: missing.jpg"}  # inputs naming nothing last
     assert all(r["captions"][0]["text"] for r in records if "broken" not in r["image"] and "error" not in r)
 
     assert main(argv) == 0  # everything is in the file already: nothing to do, nothing new failed
