@@ -198,7 +198,7 @@ class EncoderInfo(BaseModel):
 
 class ModelInfo(BaseModel):
     id: str
-    checkpoint: str
+    checkpoint: str = Field(description="the checkpoint's file name (no folder: the server's paths stay private)")
     checkpoint_sha256: str
     backend: Literal["torch", "onnxruntime"] = Field(description="what runs the model")
     encoder: EncoderInfo

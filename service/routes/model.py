@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter
 
@@ -24,18 +27,18 @@ _TRAINING_DATA_KEYS = ("training", "training_data", "data", "dataset")
 async def model_info(loaded: LoadedDep) -> ModelInfo:
     model = loaded.model
     config = model.config
-    metadata = to_jsonable(model.metadata)
+    metadata = without_server_paths(to_jsonable(model.metadata))
     training_data = next((metadata[k] for k in _TRAINING_DATA_KEYS if k in metadata), None)
     if isinstance(training_data, dict):  # the training engine's record: data, format, splits, epochs, config
         training_data = {k: v for k, v in training_data.items() if k != "config"}  # the config stays in metadata
     metrics = metadata.get("metrics")
     return ModelInfo(
         id=loaded.id,
-        checkpoint=loaded.checkpoint,
+        checkpoint=Path(loaded.checkpoint).name,
         checkpoint_sha256=loaded.checkpoint_sha256,
         backend=model.backend,
         encoder=EncoderInfo(
-            **model.encoder.identity(),
+            **without_server_paths(model.encoder.identity()),
             trainable=config.encoder.trainable,
             feature_dim=model.encoder.feature_dim,
             preprocess=model.preprocess_config.to_dict(),
@@ -48,3 +51,16 @@ async def model_info(loaded: LoadedDep) -> ModelInfo:
         metrics=metrics if isinstance(metrics, dict) else None,
         metadata=metadata,
     )
+
+
+def without_server_paths(value: Any) -> Any:
+    """``value`` with every absolute or home-relative path cut to its last part (``/data/flickr8k`` ->
+    ``flickr8k``): a checkpoint's metadata records where it was trained, and ``/model`` must not map the
+    server's disk for whoever asks."""
+    if isinstance(value, dict):
+        return {k: without_server_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_server_paths(v) for v in value]
+    if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~")):
+        return Path(value).name or "/"
+    return value

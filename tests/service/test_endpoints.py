@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -116,7 +117,7 @@ def test_attention_is_null_when_the_model_has_none(tiny_checkpoint_no_attention:
 
 def test_model_info(client: TestClient, model: Captioner, tiny_checkpoint: Path) -> None:
     info = client.get("/model").json()
-    assert info["checkpoint"] == str(tiny_checkpoint)
+    assert info["checkpoint"] == tiny_checkpoint.name  # the file name only: no server paths
     assert info["id"] == f"tiny-{info['checkpoint_sha256'][:12]}"
     assert info["encoder"]["name"] == "resnet18"
     assert info["encoder"]["preprocess"]["crop"] == 224
@@ -229,3 +230,20 @@ def test_an_option_the_method_does_not_use_is_422_and_the_echo_shows_only_what_a
         "method": "sample", "max_length": 20, "temperature": 1.0, "top_k": 3, "top_p": 1.0, "num_captions": 1,
         "seed": 4, "attention": False,
     }  # fmt: skip
+
+
+def test_model_info_shows_no_server_paths(tmp_path: Path) -> None:
+    from tests.service.tiny_model import save_tiny_checkpoint
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "private" / "model.pt")
+    model = Captioner.from_checkpoint(checkpoint)
+    model.metadata["training"] = {"data": "/srv/secret/flickr8k", "config": {"output_dir": "/home/me/runs/x"}}
+    model.metadata["cache"] = ["~/cache/features", "relative/is/fine"]
+    model.save(checkpoint)
+    with TestClient(create_app(Settings(checkpoint=checkpoint, backend="torch"))) as client:
+        info = client.get("/model").json()
+    text = json.dumps(info)
+    assert "/srv" not in text and "/home" not in text and str(tmp_path) not in text and "~/" not in text
+    assert info["checkpoint"] == "model.pt" and info["training_data"]["data"] == "flickr8k"
+    assert info["metadata"]["training"]["config"]["output_dir"] == "x"
+    assert info["metadata"]["cache"] == ["features", "relative/is/fine"]
