@@ -22,6 +22,11 @@ ImageSource = Image.Image | bytes | str | os.PathLike
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_MAX_PIXELS = 40_000_000
+# The formats that are decoded: those the API documents (Pillow's JPEG reader also takes phone cameras' MPO
+# files). Pillow knows dozens
+# more (TGA, PCX, SGI, PSD, DDS, EPS, which runs Ghostscript when installed, ...): each is a parser
+# untrusted uploads could reach for no benefit, so anything else is refused as not an image.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 # File name endings taken as images when a folder is given (the formats the API documents).
 IMAGE_EXTENSIONS = frozenset((".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"))
 
@@ -87,7 +92,7 @@ def load_image(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(fp)
+                image = Image.open(fp, formats=IMAGE_FORMATS)
         except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageError(_describe_open_error(exc)) from exc
         except OSError as exc:

@@ -208,3 +208,21 @@ def test_original_size_is_upright_for_exif_rotated_photos():
     loaded = load_image(_bytes(image, "JPEG", exif=exif))
     assert loaded.size == (40, 60)
     assert loaded.info["original_size"] == (40, 60)
+
+
+@pytest.mark.parametrize("pillow_format", ["TGA", "PCX", "SGI", "PPM", "ICO", "IM", "DDS"])
+def test_formats_outside_the_documented_ones_are_refused(pillow_format, tmp_path) -> None:
+    path = tmp_path / f"image.{pillow_format.lower()}"
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(path, format=pillow_format)
+    assert Image.open(path).format == pillow_format  # Pillow itself would decode it
+    with pytest.raises(ImageError, match="not a recognised image format"):
+        load_image(str(path))
+    with pytest.raises(ImageError, match="not a recognised image format"):
+        load_image(path.read_bytes())
+
+
+@pytest.mark.parametrize("pillow_format", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_the_documented_formats_are_decoded(pillow_format) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 24), (10, 200, 10)).save(buffer, format=pillow_format)
+    assert load_image(buffer.getvalue()).size == (32, 24)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import io
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,6 +111,16 @@ def test_zero_byte_file(client: TestClient) -> None:
 def test_not_an_image(client: TestClient, data: bytes, name: str) -> None:
     message = _error(_upload(client, data, name), 415, "unsupported_image_format")
     assert "JPEG" in message
+
+
+@pytest.mark.parametrize("pillow_format", ["TGA", "PCX", "SGI"])
+def test_an_image_format_the_api_does_not_document_is_415(client: TestClient, pillow_format: str) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (90, 90, 200)).save(buffer, format=pillow_format)
+    message = _error(
+        _upload(client, buffer.getvalue(), f"photo.{pillow_format.lower()}"), 415, "unsupported_image_format"
+    )
+    assert "JPEG, PNG, GIF, WebP, BMP or TIFF" in message
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
