@@ -133,20 +133,46 @@ def to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
     if mode == "RGB":
         return image
-    if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
-        arr = np.asarray(image, dtype=np.float64)
-        if mode == "F" and arr.size and arr.max() <= 1.0:
-            arr = arr * 255.0
-        elif mode != "F" and (mode.startswith("I;16") or (arr.size and arr.max() > 255)):
-            arr = arr / 257.0  # 16-bit full range 0..65535 -> 0..255
-        gray = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
-        return gray.convert("RGB")
+    if mode in HIGH_BIT_MODES:
+        return _high_bit_to_gray(image).convert("RGB")
     has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info)
     if has_alpha:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+HIGH_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+_BAND_ROWS = 64  # rows converted at a time
+
+
+def _high_bit_to_gray(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float image -> 8-bit grayscale with the right levels, a band at a time.
+
+    Memory, beyond the decoded image itself: the 8-bit result (1 byte per pixel) and, for one band of
+    ``_BAND_ROWS`` rows, its pixels as numpy (Pillow's bytes are joined from chunks, so up to twice
+    4 bytes) and float32 scratch: worst case 1 byte per pixel plus ``16 * width * _BAND_ROWS`` bytes.
+    Converting the whole image to float64 at once cost about 24 bytes per pixel (a 40-megapixel
+    16-bit PNG: ~1 GB per decoding thread).
+    """
+    width, height = image.size
+    low, high = image.getextrema()  # in Pillow, without a copy of the pixels
+    if image.mode == "F":
+        scale = 255.0 if high <= 1.0 else 1.0
+    elif image.mode.startswith("I;16") or high > 255:
+        scale = 1.0 / 257.0  # 16-bit full range 0..65535 -> 0..255
+    else:
+        scale = 1.0
+    out = np.empty((height, width), dtype=np.uint8)
+    for top in range(0, height, _BAND_ROWS):
+        bottom = min(height, top + _BAND_ROWS)
+        band = np.array(image.crop((0, top, width, bottom)), dtype=np.float32)  # a writable copy
+        band *= scale
+        np.rint(band, out=band)
+        np.clip(band, 0, 255, out=band)
+        out[top:bottom] = band
+    return Image.fromarray(out, mode="L")
 
 
 def resize_crop(image: Image.Image, preprocess: Preprocess) -> Image.Image:

@@ -226,3 +226,26 @@ def test_the_documented_formats_are_decoded(pillow_format) -> None:
     buffer = io.BytesIO()
     Image.new("RGB", (32, 24), (10, 200, 10)).save(buffer, format=pillow_format)
     assert load_image(buffer.getvalue()).size == (32, 24)
+
+
+@pytest.mark.parametrize(("mode", "dtype", "value", "expected"), [
+    ("I;16", np.uint16, 65535, 255), ("I", np.int32, 40000, 156), ("F", np.float32, 0.5, 128),
+])  # fmt: skip
+def test_high_bit_images_convert_in_bands_within_a_byte_per_pixel(mode, dtype, value, expected) -> None:
+    import tracemalloc
+
+    from captioner.transforms import _BAND_ROWS, to_rgb
+
+    height, width = 1500, 2000
+    image = Image.fromarray(np.full((height, width), value, dtype))
+    assert image.mode == mode
+    tracemalloc.start()
+    try:
+        rgb = to_rgb(image)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert rgb.mode == "RGB" and np.asarray(rgb)[-1, -1].tolist() == [expected] * 3
+    # the 8-bit result (1 B per pixel) and one band's scratch; Pillow's own images are not Python allocations
+    bound = height * width + 16 * width * _BAND_ROWS + 100_000
+    assert peak <= bound, f"{peak / (height * width):.1f} bytes per pixel"
