@@ -27,6 +27,7 @@ from service.errors import install_error_handlers
 from service.metrics import MetricsMiddleware, ServiceMetrics
 from service.routes import caption, health, model, web
 from service.routes.web import STATIC_DIR
+from service.security import SecurityHeadersMiddleware
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = ServiceMetrics()
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(SecurityHeadersMiddleware)  # outermost: errors and 404s get the headers too
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

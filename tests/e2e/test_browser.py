@@ -61,6 +61,8 @@ def test_caption_a_photo_in_the_browser(photo: Path, browser, server: Server) ->
     page_errors: list[str] = []
     outside: list[str] = []
     page.on("pageerror", lambda error: page_errors.append(str(error)))
+    # the server's Content-Security-Policy must not block anything the page does (Chromium reports it here)
+    page.on("console", lambda m: page_errors.append(m.text) if "Content Security Policy" in m.text else None)
     page.on(
         "request",
         lambda request: None if request.url.startswith((server.url, "blob:", "data:")) else outside.append(request.url),
@@ -108,6 +110,7 @@ def test_caption_a_photo_in_the_browser(photo: Path, browser, server: Server) ->
 
     assert not page_errors, page_errors
     assert not outside, f"the page fetched from outside the server: {outside}"
+    assert "frame-ancestors 'none'" in page.request.get(f"{server.url}/").headers["content-security-policy"]
     page.close()
 
 

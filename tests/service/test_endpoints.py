@@ -247,3 +247,26 @@ def test_model_info_shows_no_server_paths(tmp_path: Path) -> None:
     assert info["checkpoint"] == "model.pt" and info["training_data"]["data"] == "flickr8k"
     assert info["metadata"]["training"]["config"]["output_dir"] == "x"
     assert info["metadata"]["cache"] == ["features", "relative/is/fine"]
+
+
+def test_every_response_carries_the_security_headers(client: TestClient) -> None:
+    from service.security import DOCS_POLICY, PAGE_POLICY
+
+    not_an_image = client.post("/caption", files={"image": ("x.jpg", b"text", "image/jpeg")})
+    responses = {
+        "page": client.get("/"),
+        "script": client.get("/static/app.js"),
+        "health": client.get("/health"),
+        "error": not_an_image,
+        "missing": client.get("/no-such-route"),
+        "docs": client.get("/docs"),
+    }
+    assert not_an_image.status_code == 415 and responses["missing"].status_code == 404
+    for name, response in responses.items():
+        assert response.headers["x-content-type-options"] == "nosniff", name
+        assert response.headers["x-frame-options"] == "DENY", name
+        policy = response.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in policy, name
+        assert policy == (DOCS_POLICY if name == "docs" else PAGE_POLICY), name
+    # the page's policy admits its own script and blob: previews, and nothing from another host
+    assert "http" not in PAGE_POLICY and "blob:" in PAGE_POLICY
