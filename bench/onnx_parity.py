@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 from captioner import Captioner, DecodingOptions
+from captioner.progress import progress_bar
 from captioner.runtime import tune_malloc
 from training.data import load_corpus
-from training.features import progress_bar
 from training.metrics import compute_metrics
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"

@@ -168,6 +168,7 @@ def _caption(args: argparse.Namespace) -> int:
     """``captioner caption``: expand the inputs, skip what --output holds, caption the rest batch by batch."""
     from captioner.bulk import RecordFile, caption_stream, distributed_rank, expand_inputs, output_format, part_path
     from captioner.model import Captioner
+    from captioner.progress import progress_bar
 
     options = decoding_options_from_args(args)
     if args.batch_size < 1:
@@ -196,7 +197,7 @@ def _caption(args: argparse.Namespace) -> int:
     printer = _Printer(args.json, sink)
     if skipped:
         print(f"captioner: {skipped} images already in {sink.path}; captioning the other {len(todo)}", file=sys.stderr)
-    bar = _progress_bar(len(todo), enabled=not args.no_progress and sys.stderr.isatty())
+    bar = progress_bar(len(todo), None, not args.no_progress and sys.stderr.isatty())
     try:
         for records in caption_stream(model, todo, options, batch_size=args.batch_size, workers=args.workers):
             printer.emit(records)
@@ -240,24 +241,6 @@ class _Printer:
             for record in records:
                 if "captions" in record:
                     print(f"{record['image']}\t{' | '.join(c['text'] for c in record['captions'])}", flush=True)
-
-
-def _progress_bar(total: int, *, enabled: bool):
-    """tqdm's bar (images/s, ETA) on a terminal; nothing otherwise."""
-    if enabled:
-        try:
-            from tqdm.auto import tqdm
-
-            return tqdm(total=total, unit="img", dynamic_ncols=True, smoothing=0.1)
-        except ImportError:
-            pass
-
-    class _Silent:
-        def update(self, n: int) -> None: ...
-
-        def close(self) -> None: ...
-
-    return _Silent()
 
 
 def _join_process_group(world: int):
@@ -341,25 +324,14 @@ def _image_paths(items: list[str] | None) -> list[str] | None:
     """Image files named directly or found (sorted, recursively) in the folders named."""
     if not items:
         return None
-    from captioner.transforms import IMAGE_EXTENSIONS
+    from captioner.bulk import expand_inputs
 
-    paths: list[str] = []
-    for item in items:
-        if os.path.isdir(item):
-            found = sorted(
-                os.path.join(root, name)
-                for root, _, names in os.walk(item)
-                for name in names
-                if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-            )
-            if not found:
-                raise ValueError(f"no images in {item}")
-            paths += found
-        elif os.path.isfile(item):
-            paths.append(item)
-        else:
-            raise ValueError(f"no such file or folder: {item}")
-    return paths
+    found = expand_inputs(items)
+    if found.missing:
+        raise ValueError(f"no such file or folder: {found.missing[0]}")
+    if not found.paths:
+        raise ValueError(f"no images in {', '.join(items)}")
+    return found.paths
 
 
 def _read_json_mapping(path: str) -> dict:

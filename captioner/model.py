@@ -50,6 +50,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+def default_checkpoint() -> Path:
+    """The bundled default model's file; :class:`CheckpointError` when this install has none."""
+    if not DEFAULT_CHECKPOINT.is_file():
+        raise CheckpointError("no default model is bundled with this install; pass a checkpoint path")
+    return DEFAULT_CHECKPOINT
+
+
 def resolve_backend(backend: str, device: str | torch.device | None = "cpu") -> str:
     """``auto``: onnxruntime when the model runs on CPU and onnxruntime is installed, else torch."""
     if backend not in BACKEND_CHOICES:
@@ -140,10 +147,7 @@ class Captioner(nn.Module):
             from captioner.onnx_backend import load_onnx_captioner
 
             return load_onnx_captioner(path).eval()
-        if path is None:
-            if not DEFAULT_CHECKPOINT.is_file():
-                raise CheckpointError("no default model is bundled with this install; pass a checkpoint path")
-            path = DEFAULT_CHECKPOINT
+        path = default_checkpoint() if path is None else path
         from captioner.onnx_backend import is_export_dir
 
         if is_export_dir(path):

@@ -121,15 +121,11 @@ def _export_into_cache(checkpoint: Path, sha: str, folder: Path) -> None:
 
 
 def _valid_export(folder: Path, sha: str) -> bool:
+    """Whether ``folder`` holds a complete export of the checkpoint with this sha256."""
     try:
-        meta = json.loads((folder / METADATA_FILE).read_text())
-    except (OSError, ValueError):
+        return read_export_metadata(folder).get("source", {}).get("sha256") == sha
+    except CheckpointError:
         return False
-    return (
-        meta.get("format_version") == EXPORT_VERSION
-        and meta.get("source", {}).get("sha256") == sha
-        and all((folder / name).is_file() for name in GRAPH_FILES.values())
-    )
 
 
 def read_export_metadata(folder: str | os.PathLike) -> dict[str, Any]:
@@ -281,15 +277,11 @@ class OnnxDecoder:
 def load_onnx_captioner(path: str | os.PathLike | None, *, threads: int | None = None):
     """A :class:`~captioner.model.Captioner` on ONNX Runtime from an export folder, a ``.pt`` checkpoint
     (exported into the cache on first use) or ``None`` (the bundled default model)."""
-    from captioner.model import DEFAULT_CHECKPOINT, Captioner
+    from captioner.model import Captioner, default_checkpoint
     from captioner.vocab import Vocabulary
 
     require_onnxruntime()
-    if path is None:
-        if not DEFAULT_CHECKPOINT.is_file():
-            raise CheckpointError("no default model is bundled with this install; pass a checkpoint path")
-        path = DEFAULT_CHECKPOINT
-    path = Path(path)
+    path = Path(default_checkpoint() if path is None else path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     folder = path if path.is_dir() else ensure_exported(path)

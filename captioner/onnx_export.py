@@ -36,6 +36,7 @@ from torch import nn
 
 from captioner.checkpoint import to_jsonable
 from captioner.decoder import CaptionDecoder, DecoderState
+from captioner.transforms import normalize_crops
 
 if TYPE_CHECKING:
     from captioner.model import Captioner
@@ -294,9 +295,8 @@ def check_images_for(model: Captioner, paths: list[str] | None, count: int = 4) 
     crop = model.preprocess_config.crop
     coarse = torch.rand(count, 3, 8, 8, generator=generator)  # smooth blobs of colour, like a photo's layout
     images = nn.functional.interpolate(coarse, size=(crop, crop), mode="bicubic", align_corners=False)
-    mean = torch.tensor(model.preprocess_config.mean).view(1, 3, 1, 1)
-    std = torch.tensor(model.preprocess_config.std).view(1, 3, 1, 1)
-    return ((images.clamp(0, 1) - mean) / std).contiguous()
+    crops = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (B, S, S, 3)
+    return normalize_crops(crops, model.preprocess_config)
 
 
 @torch.inference_mode()

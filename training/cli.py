@@ -175,8 +175,9 @@ def get_eval_args_parser() -> argparse.ArgumentParser:
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from captioner import Captioner
     from captioner.decoding import decode
+    from captioner.progress import progress_bar
     from training.data import load_corpus
-    from training.features import build_feature_cache, progress_bar
+    from training.features import build_feature_cache
     from training.metrics import compute_metrics
 
     if args.method == "sample" and args.seed is None:

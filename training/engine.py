@@ -26,9 +26,10 @@ from captioner import Captioner, DecodingOptions, EncoderConfig, Vocabulary
 from captioner.checkpoint import checkpoint_arg, load_checkpoint, save_checkpoint
 from captioner.decoding import decode
 from captioner.model import resolve_device
+from captioner.progress import progress_bar
 from captioner.text import tokenize
 from training.data import CaptionCorpus, ImageRecord, load_corpus
-from training.features import FeatureStore, ImageFiles, build_feature_cache, progress_bar
+from training.features import FeatureStore, ImageFiles, build_feature_cache
 from training.metrics import compute_metrics
 from training.scst import CiderD, leave_one_out_advantage, sample_captions, scst_loss
 

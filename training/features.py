@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from captioner.encoders import ImageEncoder, default_chunk_size
+from captioner.progress import progress_bar
 from captioner.transforms import ImageError, load_crop, to_tensor
 
 log = logging.getLogger(__name__)
@@ -156,19 +157,3 @@ def build_feature_cache(
         log.warning("%d of %d images could not be read and were skipped (first: %s)", len(failed), len(paths), first)
     log.info("encoded %d images in %.1fs (%.1f images/s) -> %s", len(paths), seconds, len(paths) / seconds, target)
     return FeatureStore(target, paths)
-
-
-def progress_bar(total: int, desc: str, enabled: bool, unit: str = "img"):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is an optional (train extra) dependency
-        enabled = False
-    if not enabled:
-
-        class _Silent:
-            def update(self, n: int) -> None: ...
-            def set_postfix(self, **kwargs) -> None: ...
-            def close(self) -> None: ...
-
-        return _Silent()
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
