@@ -76,7 +76,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=8,
         help="requests (and bare runs) per turn at concurrency 1; at concurrency C, max(4 C, this)",
     )
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32], help="levels; none: skip them")
+    parser.add_argument(
+        "--burst",
+        type=int,
+        default=400,
+        help="then send this many uploads at once to a server with the service's default settings (admission "
+        "control, batch size): the overload row; 0 skips it",
+    )
     parser.add_argument("--max-batch-size", type=int, default=32, help="the micro-batching server's limit")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="the micro-batching server's wait")
     parser.add_argument(
@@ -314,6 +321,84 @@ async def drive(url: str, requests: list[bytes], concurrency: int, total: int) -
     return Level("", concurrency, latencies, seconds, batch_sizes, model_ms, decode_ms, handler_ms)
 
 
+@dataclass
+class Burst:
+    """``size`` requests sent at the same moment, each on its own new connection."""
+
+    size: int
+    statuses: list[int]  # 0: the connection failed (reset, closed) before a response came
+    latencies_ms: list[float]
+    retry_after: list[bool]  # the response carried Retry-After
+    seconds: float
+    peak_rss_mb: float | None = None
+
+    def latencies(self, status: int) -> list[float]:
+        return sorted(ms for ms, s in zip(self.latencies_ms, self.statuses, strict=True) if s == status)
+
+    def retry_after_missing(self, status: int) -> int:
+        return sum(1 for s, r in zip(self.statuses, self.retry_after, strict=True) if s == status and not r)
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))] if ordered else float("nan")
+
+
+async def burst(url: str, requests: list[bytes], size: int) -> Burst:
+    """Open ``size`` connections, then send one request on each at once, as a crowd of clients would."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    streams = [await asyncio.open_connection(host, int(port)) for _ in range(size)]
+    go = asyncio.Event()
+
+    async def one(i: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[int, float, bool]:
+        await go.wait()
+        started = time.perf_counter()
+        try:
+            writer.write(requests[i % len(requests)])
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
+            status = int(head.split()[1])
+            length = int(re.search(r"content-length:\s*(\d+)", head).group(1))  # type: ignore[union-attr]
+            await reader.readexactly(length)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return 0, (time.perf_counter() - started) * 1000.0, False
+        finally:
+            writer.close()
+        return status, (time.perf_counter() - started) * 1000.0, "\r\nretry-after:" in head
+
+    tasks = [asyncio.ensure_future(one(i, r, w)) for i, (r, w) in enumerate(streams)]
+    started = time.perf_counter()
+    go.set()
+    results = await asyncio.gather(*tasks)
+    seconds = time.perf_counter() - started
+    return Burst(size, [r[0] for r in results], [r[1] for r in results], [r[2] for r in results], seconds)
+
+
+def print_burst(result: Burst) -> None:
+    counts = {status: result.statuses.count(status) for status in sorted(set(result.statuses))}
+    ok, shed = result.latencies(200), result.latencies(503)
+    print(f"\noverload: a burst of {result.size} simultaneous uploads to a server with the default settings")
+    print(f"| {'status':>6} | {'count':>5} | {'p50 ms':>8} | {'p99 ms':>8} | {'max ms':>8} | {'no Retry-After':>14} |")
+    print(f"|{'-' * 8}|{'-' * 7}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 16}|")
+    for status, count in counts.items():
+        times = result.latencies(status)
+        label = str(status) if status else "failed"
+        print(
+            f"| {label:>6} | {count:>5} | {_percentile(times, 50):>8.0f} | {_percentile(times, 99):>8.0f} | "
+            f"{times[-1]:>8.0f} | {result.retry_after_missing(status):>14} |"
+        )
+    others = sum(n for status, n in counts.items() if status not in (200, 503))
+    print(
+        f"accepted {len(ok)}, shed {len(shed)}, other {others} in {result.seconds:.1f} s; peak RSS "
+        f"{result.peak_rss_mb or float('nan'):.0f} MB"
+    )
+    goals = [
+        ("only 200 and 503", others == 0),
+        ("accepted p99 <= 8 s", _percentile(ok, 99) <= 8000.0),
+        ("every 503 has Retry-After", result.retry_after_missing(503) == 0),
+        ("every 503 in < 1.5 s", not shed or shed[-1] < 1500.0),
+    ]
+    print("goals: " + "; ".join(f"{name}: {'met' if met else 'NOT met'}" for name, met in goals))
+
+
 def _merge(rounds: list[Level]) -> Level:
     def cat(name: str) -> list[float]:
         return [x for r in rounds for x in getattr(r, name)]
@@ -364,6 +449,22 @@ def bench_servers(
             server.stop()
 
 
+def bench_burst(
+    env: dict[str, str], args: argparse.Namespace, photos: list[tuple[str, bytes]], params: dict[str, str]
+) -> Burst:
+    """The overload row: one server with the service's defaults, warmed up, then one burst."""
+    server = Server(args.checkpoint, args.device, env, args.threads)
+    try:
+        url = server.wait_ready()
+        requests = [encode_request(url, name, data, params) for name, data in photos]
+        asyncio.run(drive(url, requests, 8, 32))  # warm-up, and the admission estimate from real batches
+        result = asyncio.run(burst(url, requests, args.burst))
+        result.peak_rss_mb = server.peak_rss_mb()
+        return result
+    finally:
+        server.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
@@ -396,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         common["CAPTIONER_ENCODER_CHUNK_SIZE"] = str(args.encoder_chunk_size)
     batching = {"CAPTIONER_MAX_BATCH_SIZE": str(args.max_batch_size), "CAPTIONER_MAX_WAIT_MS": str(args.max_wait_ms)}
     envs = {"micro-batching": {**common, **batching}, "no batching": {**common, "CAPTIONER_MAX_BATCH_SIZE": "1"}}
-    levels, bare_ms = bench_servers(envs, args, photos, params, bare)
+    levels, bare_ms = bench_servers(envs, args, photos, params, bare) if args.concurrency else ([], [])
     bare_p50 = statistics.median(bare_ms) if bare_ms else statistics.median(bare.run(args.round_size * args.rounds))
     preprocess_ms = bare.preprocess_ms(32)
 
@@ -442,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
             f"HTTP outside the handler {single.percentile(50) - handler:.1f}"
         )
     print(f"the servers (and at concurrency 1 the bare model) took turns: {args.rounds} rounds per level")
+    if args.burst:
+        print_burst(bench_burst(common, args, photos, params))
     print(f"1-minute load average: {load_before:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
 
     print()

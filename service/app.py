@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
+import torch
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
@@ -21,11 +23,13 @@ from captioner.model import DEFAULT_CHECKPOINT, Captioner
 from captioner.onnx_backend import BackendUnavailable
 from captioner.onnx_export import METADATA_FILE, ExportError
 from captioner.runtime import tune_malloc
+from service.access_log import RequestIdMiddleware
+from service.admission import AdmissionControl, ModelTimeEstimator
 from service.batching import MicroBatcher, ModelThread
 from service.deps import LoadedModel
 from service.errors import install_error_handlers
 from service.metrics import MetricsMiddleware, ServiceMetrics
-from service.routes import caption, health, model, web
+from service.routes import caption, docs, health, model, web
 from service.routes.web import STATIC_DIR
 from service.security import SecurityHeadersMiddleware
 from service.settings import Settings
@@ -59,10 +63,22 @@ def load_model(settings: Settings) -> LoadedModel:
     return LoadedModel(model, f"{path.stem}-{sha256[:12]}", str(path), sha256)
 
 
-def _warm_up(model: Captioner) -> None:
-    """One tiny batch, so the first real request does not pay for kernel selection and allocations."""
+WARM_UP_BATCH = 8
+
+
+def _warm_up(model: Captioner, batch_size: int) -> tuple[int, float]:
+    """A batch with the default options, so the first real request does not pay for kernel selection and
+    allocations; returns its size and seconds, admission control's first estimate of the model's speed."""
     crop = model.preprocess_config.crop
-    model.caption([Image.new("RGB", (crop, crop))], DecodingOptions(method="greedy", max_length=2))
+    noise = torch.Generator().manual_seed(0)
+    crops = [
+        Image.fromarray(torch.randint(0, 256, (crop, crop, 3), generator=noise, dtype=torch.uint8).numpy())
+        for _ in range(batch_size)
+    ]
+    model.caption(crops[:1], DecodingOptions(method="greedy", max_length=2))
+    started = time.perf_counter()
+    model.caption(crops, DecodingOptions())
+    return batch_size, time.perf_counter() - started
 
 
 @asynccontextmanager
@@ -73,21 +89,36 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     thread = ModelThread()  # loading and warm-up happen on it too: torch never runs on another thread
     try:
         loaded = await thread.run(load_model, settings)
-        await thread.run(_warm_up, loaded.model)
+        warm_up = await thread.run(_warm_up, loaded.model, min(WARM_UP_BATCH, settings.max_batch_size))
     except BaseException as exc:
         if isinstance(exc, ModelLoadError):
             app.state.startup_error = str(exc)  # captioner-serve prints this line instead of a traceback
         await thread.close()
         raise
     metrics: ServiceMetrics = app.state.metrics
+    admission = AdmissionControl(
+        ModelTimeEstimator(), budget_s=settings.admission_budget_s, max_queue=settings.max_queue
+    )
+    admission.estimator.observe(*warm_up)
+
+    def on_batch(size: int, seconds: float) -> None:
+        metrics.observe_batch(size, seconds)
+        admission.estimator.observe(size, seconds)
+
     batcher = MicroBatcher(
         loaded.model,
         thread,
         max_batch_size=settings.max_batch_size,
         max_wait_ms=settings.max_wait_ms,
-        on_batch=metrics.observe_batch,
+        queue_timeout_s=settings.queue_timeout_s,
+        stall_timeout_s=settings.stall_timeout_s,
+        on_batch=on_batch,
     )
     await batcher.start()
+    metrics.in_progress.set_function(lambda: batcher.outstanding)
+    metrics.estimated_wait.set_function(lambda: admission.estimator.wait_s(batcher.outstanding))
+    metrics.model_seconds_per_request.set_function(lambda: admission.estimator.seconds_per_request or 0.0)
+    app.state.admission = admission
     app.state.decode_limiter = anyio.CapacityLimiter(settings.decode_threads)
     app.state.batcher = batcher
     app.state.loaded = loaded
@@ -99,22 +130,32 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         app.state.loaded = None
         await batcher.stop()
-        await thread.close()
+        await thread.close(wait=batcher.fault is None)  # a hung model thread is left behind
         app.state.batcher = None
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The service; ``settings`` default to the ``CAPTIONER_*`` environment."""
     settings = settings if settings is not None else Settings()
-    app = FastAPI(title="captioner", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="captioner",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,  # service.routes.docs serves /docs and /redoc with their assets, not from a CDN
+        redoc_url=None,
+    )
     app.state.settings = settings
     app.state.loaded = None
     app.state.batcher = None
+    app.state.admission = None
+    app.state.draining = False  # set on SIGTERM (captioner-serve): refuse new work, finish what is in progress
     app.state.startup_error = None
     app.state.metrics = ServiceMetrics()
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
-    app.add_middleware(SecurityHeadersMiddleware)  # outermost: errors and 404s get the headers too
+    app.add_middleware(SecurityHeadersMiddleware)  # errors and 404s get the headers too
+    app.add_middleware(RequestIdMiddleware, json_log=settings.access_log == "json")  # outermost: times everything
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -126,5 +167,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(model.router)
     app.include_router(caption.router)
     app.include_router(web.router)
+    app.include_router(docs.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

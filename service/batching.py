@@ -21,8 +21,16 @@ exception: each such request is decoded on its own, so a seeded request gives th
 whether or not it shared a batch (one random generator per request, not one per group).
 
 Memory: a full-size image lives only while its upload thread crops it; a queued request holds its
-crop (crop x crop RGB, ~200 KB). Upload bytes are held while being read, so cap concurrent requests
-(``uvicorn --limit-concurrency``) when uploads are huge.
+crop (crop x crop RGB, ~200 KB). Upload bytes are held while being read; admission control
+(:mod:`service.admission`) bounds how many requests are in progress at once.
+
+Failures: a batch that raises is run again in halves, down to single requests, so one bad request fails
+alone; an out-of-memory error at one request becomes :class:`OutOfMemory` (the service answers 503).
+A request that waits longer than ``queue_timeout_s`` for its batch fails with :class:`QueueTimeout`
+(504) and never reaches the model. If the batcher task dies, or a batch runs longer than
+``stall_timeout_s`` (a hung model thread cannot be interrupted), the batcher records a :attr:`fault`,
+fails every pending request at once with :class:`BatcherStopped` and refuses new ones: the service
+then answers 503 on ``/ready`` and ``/health``, and the orchestrator's liveness probe restarts the process.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -56,8 +65,12 @@ class ModelThread:
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def close(self) -> None:
-        """Wait for the running call (if any) to finish, without blocking the event loop."""
+    async def close(self, wait: bool = True) -> None:
+        """Wait for the running call (if any) to finish, without blocking the event loop; with ``wait=False``
+        (the thread is hung) only stop it from taking more work."""
+        if not wait:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            return
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
 
 
@@ -68,16 +81,33 @@ class BatchInfo:
     model_ms: float  # tensor conversion + encoder + decoder time of the whole batch
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: kept in a set until answered
 class _Job:
     image: Image.Image  # the encoder's RGB crop (transforms.resize_crop of the upright image)
     options: DecodingOptions
     future: asyncio.Future
     submitted: float  # time.perf_counter() at submission
+    started: bool = False  # its batch is running: past the queue deadline, it is still answered
 
 
 class BatcherStopped(RuntimeError):
-    """The batcher shut down before the request ran."""
+    """The batcher shut down, or failed, before the request ran."""
+
+
+class QueueTimeout(RuntimeError):
+    """The request waited longer than the queue deadline; it never reached the model."""
+
+
+class OutOfMemory(RuntimeError):
+    """The model ran out of memory on this request alone (its batch was already split down to it)."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA, host (MemoryError) and ONNX Runtime allocation failures."""
+    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    message = str(exc).lower()
+    return "out of memory" in message or "failed to allocate memory" in message
 
 
 class MicroBatcher:
@@ -90,6 +120,8 @@ class MicroBatcher:
         *,
         max_batch_size: int,
         max_wait_ms: float,
+        queue_timeout_s: float = float("inf"),
+        stall_timeout_s: float = float("inf"),
         on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         if max_batch_size < 1:
@@ -98,28 +130,78 @@ class MicroBatcher:
         self.thread = thread
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
+        self.queue_timeout_s = queue_timeout_s
+        self.stall_timeout_s = stall_timeout_s
         self._on_batch = on_batch
         self._queue: asyncio.Queue[_Job] | None = None
         self._changed: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._watchdog: asyncio.Task | None = None
         self._incoming = 0
+        self._running: list[_Job] = []
+        self._pending: set[_Job] = set()  # submitted and not answered yet, wherever they are
+        self._batch_started: float | None = None  # perf_counter() when the running batch started
+        self.fault: str | None = None  # why the batcher can no longer serve; set once, never cleared
+
+    @property
+    def outstanding(self) -> int:
+        """Requests in progress: arriving (uploading, decoding), queued, or in the running batch."""
+        queued = self._queue.qsize() if self._queue is not None else 0
+        return self._incoming + queued + len(self._running)
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
         self._changed = asyncio.Event()
         self._task = asyncio.create_task(self._serve(), name="captioner-batcher")
+        self._task.add_done_callback(self._on_serve_done)
+        if math.isfinite(self.stall_timeout_s):
+            self._watchdog = asyncio.create_task(self._watch(), name="captioner-batcher-watchdog")
 
     async def stop(self) -> None:
         """Stop taking batches; requests still waiting fail with :class:`BatcherStopped`."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._watchdog, self._task):
+            if task is not None and not task.done():  # a task that died already left its fault
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._watchdog = None
+        self._fail_pending(BatcherStopped("the service is shutting down"))
+
+    def _fail_pending(self, exc: Exception) -> None:
+        """Answer every unanswered request with ``exc``: queued, being gathered, or running (its results dropped)."""
         while self._queue is not None and not self._queue.empty():
-            job = self._queue.get_nowait()
+            self._queue.get_nowait()
+        for job in list(self._pending):
             if not job.future.done():
-                job.future.set_exception(BatcherStopped("the service is shutting down"))
+                job.future.set_exception(exc)
+
+    def _set_fault(self, reason: str) -> None:
+        if self.fault is not None:
+            return
+        self.fault = reason
+        log.error("the batcher can no longer serve: %s", reason)
+        self._fail_pending(BatcherStopped(reason))
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    def _on_serve_done(self, task: asyncio.Task) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        reason = f"{exc.__class__.__name__}: {exc}" if exc is not None else "it returned"
+        self._set_fault(f"the batcher stopped ({reason})")
+
+    async def _watch(self) -> None:
+        """Declare a fault when one batch has run longer than ``stall_timeout_s``."""
+        interval = min(1.0, self.stall_timeout_s / 4)
+        while self.fault is None:
+            await asyncio.sleep(interval)
+            started = self._batch_started
+            if started is not None and time.perf_counter() - started > self.stall_timeout_s:
+                self._set_fault(
+                    f"the model has made no progress for {time.perf_counter() - started:.0f} s "
+                    f"(a batch of {len(self._running)}; the limit is {self.stall_timeout_s:g} s)"
+                )
 
     @contextlib.contextmanager
     def expecting(self) -> Iterator[None]:
@@ -133,12 +215,29 @@ class MicroBatcher:
 
     async def submit(self, image: Image.Image, options: DecodingOptions) -> tuple[CaptionResult, BatchInfo]:
         """Caption one RGB crop (``transforms.resize_crop``); returns its result and the batch it ran in."""
+        if self.fault is not None:
+            raise BatcherStopped(self.fault)
         if self._queue is None or self._task is None:
             raise BatcherStopped("the batcher is not running")
-        future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Job(image, options, future, time.perf_counter()))
+        job = _Job(image, options, asyncio.get_running_loop().create_future(), time.perf_counter())
+        self._pending.add(job)
+        job.future.add_done_callback(lambda _: self._pending.discard(job))
+        self._queue.put_nowait(job)
         self._notify()
-        return await future
+        if not math.isfinite(self.queue_timeout_s):
+            return await job.future
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.future), self.queue_timeout_s)
+        except asyncio.TimeoutError:
+            if job.started:  # its batch is already running: the answer is on its way
+                return await job.future
+            job.future.cancel()  # the batcher skips it
+            raise QueueTimeout(
+                f"the request waited {self.queue_timeout_s:g} s for the model without being served; retry later"
+            ) from None
+        except asyncio.CancelledError:  # the client went away: the batcher skips it, unless already running
+            job.future.cancel()
+            raise
 
     def _notify(self) -> None:
         if self._changed is not None:
@@ -148,28 +247,34 @@ class MicroBatcher:
         assert self._queue is not None
         while True:
             batch = await self._gather(await self._queue.get())
-            batch = [job for job in batch if not job.future.done()]  # drop requests whose clients gave up
+            # Drop requests whose clients gave up or that timed out in the queue (their futures are done).
+            batch = [job for job in batch if not job.future.done()]
             if not batch:
                 continue
+            for job in batch:
+                job.started = True
             started = time.perf_counter()
+            self._running, self._batch_started = batch, started
             try:
-                results = await self.thread.run(self._run, batch)
+                # Never raises Exception: a failing request's exception is its result. Anything that does
+                # escape means the model thread itself is unusable, and ends this task (a fault).
+                results = await self.thread.run(self._run_split_on_failure, batch)
             except asyncio.CancelledError:  # stopping: the batch finishes on its thread, unanswered
                 for job in batch:
                     if not job.future.done():
-                        job.future.set_exception(BatcherStopped("the service is shutting down"))
+                        job.future.set_exception(BatcherStopped(self.fault or "the service is shutting down"))
                 raise
-            except Exception as exc:  # a failing batch fails its own requests, never the server
-                log.exception("micro-batch of %d failed", len(batch))
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-                continue
+            finally:
+                self._running, self._batch_started = [], None
             model_ms = (time.perf_counter() - started) * 1000.0
             if self._on_batch is not None:
                 self._on_batch(len(batch), model_ms / 1000.0)
             for job, result in zip(batch, results, strict=True):
-                if not job.future.done():
+                if job.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    job.future.set_exception(result)
+                else:
                     info = BatchInfo(len(batch), (started - job.submitted) * 1000.0, model_ms)
                     job.future.set_result((result, info))
 
@@ -190,6 +295,24 @@ class MicroBatcher:
             except asyncio.TimeoutError:
                 break
         return batch
+
+    def _run_split_on_failure(self, batch: list[_Job]) -> list[CaptionResult | Exception]:
+        """On the model thread: :meth:`_run`, and when it raises, each half again, down to single requests."""
+        try:
+            return list(self._run(batch))
+        except Exception as exc:
+            out_of_memory = is_out_of_memory(exc)
+            if out_of_memory and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(batch) == 1:
+                if out_of_memory:
+                    log.warning("out of memory on a single request: %s", exc)
+                    return [OutOfMemory("the server ran out of memory for this request; retry later")]
+                log.exception("a request failed in the model")
+                return [exc]
+            log.warning("micro-batch of %d failed (%s: %s); retrying it in halves", len(batch), type(exc).__name__, exc)
+            half = len(batch) // 2
+            return self._run_split_on_failure(batch[:half]) + self._run_split_on_failure(batch[half:])
 
     def _run(self, batch: list[_Job]) -> list[CaptionResult]:
         """On the model thread: one tensor conversion + encoder pass for the batch, a decoder pass per options group."""

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
+import signal
 import sys
 from typing import Any
 
@@ -12,6 +15,7 @@ from pydantic import ValidationError
 from starlette.types import Message, Receive, Scope, Send
 
 from service.app import create_app
+from service.errors import error_response
 from service.settings import Settings
 
 
@@ -33,9 +37,76 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument(
-        "--no-access-log", dest="access_log", action="store_false", help="do not log a line per request"
+        "--access-log",
+        choices=["text", "json", "off"],
+        help="a line per request: text (uvicorn's), json (one object with the request id), off (default: "
+        "CAPTIONER_ACCESS_LOG, else text)",
+    )
+    parser.add_argument(
+        "--no-access-log", dest="access_log", action="store_const", const="off", help="--access-log off"
     )
     return parser
+
+
+class _DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT, mark the app draining (``/ready`` and new requests answer 503) before uvicorn's
+    graceful shutdown, which stops listening, lets requests in progress finish within
+    ``shutdown_grace_s`` and then exits."""
+
+    def __init__(self, config: uvicorn.Config, app: Any) -> None:
+        super().__init__(config)
+        self.captioner_app = app
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if not self.captioner_app.state.draining:
+            self.captioner_app.state.draining = True
+            logging.getLogger(__name__).info("draining: refusing new requests, finishing those in progress")
+        super().handle_exit(sig, frame)
+
+
+class _AnswerCancelledRequests:
+    """When the shutdown grace period is over, uvicorn cancels the requests still in progress: answer each
+    with a 503 (a balancer retries it on another replica) and a log line, instead of a dropped connection
+    and a traceback."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        responded = False
+
+        async def send_tracking(message: Message) -> None:
+            nonlocal responded
+            responded = responded or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking)
+        except asyncio.CancelledError:
+            if not self.app.state.draining:
+                raise
+            logging.getLogger(__name__).warning(
+                "shutdown grace period over: gave up on %s %s", scope["method"], scope["path"]
+            )
+            if not responded:
+                message = "the server shut down before the request finished; retry (on another replica)"
+                response = error_response(503, "draining", message, {"Retry-After": "1", "Connection": "close"})
+                with contextlib.suppress(Exception):
+                    await response(scope, receive, send)
+
+
+def _configure_logging(level: str, access_log: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    access = logging.getLogger("captioner.access")
+    if access_log == "json":  # the record is the whole line: one JSON object, nothing around it
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(handler)
+        access.setLevel(logging.INFO)
+        access.propagate = False
 
 
 class _OneLineStartupError:
@@ -50,7 +121,7 @@ class _OneLineStartupError:
             return
 
         async def send_short(message: Message) -> None:
-            error = self.app.state.startup_error
+            error = self.app.app.state.startup_error
             if message["type"] == "lifespan.startup.failed" and error:
                 message = {**message, "message": error}
             await send(message)
@@ -61,30 +132,41 @@ class _OneLineStartupError:
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    given = {"checkpoint": args.checkpoint, "device": args.device, "backend": args.backend}
+    given = {
+        "checkpoint": args.checkpoint,
+        "device": args.device,
+        "backend": args.backend,
+        "access_log": args.access_log,
+    }
     overrides = {k: v for k, v in given.items() if v is not None}
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
         errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         parser.error(f"invalid settings: {errors}")
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    _configure_logging(args.log_level, settings.access_log)
     app = create_app(settings)
     config = uvicorn.Config(
-        _OneLineStartupError(app),
+        _OneLineStartupError(_AnswerCancelledRequests(app)),
         host=args.host,
         port=args.port,
         log_level=args.log_level,
-        access_log=args.access_log,
+        access_log=settings.access_log == "text",
         lifespan="on",
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
-    server = uvicorn.Server(config)
+    server = _DrainingServer(config, app)
+    # uvicorn re-raises the signal it shut down on, once its own handlers are gone: a drained SIGTERM is a
+    # clean stop (exit 0, as orchestrators expect), not a death by signal.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         server.run()
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: a clean exit
+    except KeyboardInterrupt:  # ... and Ctrl-C arrives as KeyboardInterrupt: a clean exit too
         pass
     except SystemExit as exc:  # uvicorn exits with status 3 when startup fails (the error is already logged)
         return exc.code if isinstance(exc.code, int) and exc.code else 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0 if server.started else 1
 
 

@@ -41,6 +41,25 @@ async def get_loaded(request: Request) -> LoadedModel:
     return loaded
 
 
+def fault(request: Request) -> ApiError | None:
+    """503 when the batcher can no longer serve (it died, or the model hung): liveness fails."""
+    batcher: MicroBatcher | None = request.app.state.batcher
+    if batcher is not None and batcher.fault is not None:
+        return ApiError(503, "unhealthy", f"the server cannot serve: {batcher.fault}")
+    return None
+
+
+def not_serving(request: Request) -> ApiError | None:
+    """Why the service takes no new work now (a 503 to answer), or None: loading, draining, or a fault."""
+    if getattr(request.app.state, "loaded", None) is None:
+        return ApiError(503, "not_ready", "the model is not loaded yet; retry when GET /ready returns 200")
+    if request.app.state.draining:
+        return ApiError(
+            503, "draining", "the server is shutting down; retry (on another replica)", headers={"Retry-After": "1"}
+        )
+    return fault(request)
+
+
 async def get_batcher(request: Request, loaded: Annotated[LoadedModel, Depends(get_loaded)]) -> MicroBatcher:
     return request.app.state.batcher
 

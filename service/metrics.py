@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
@@ -34,6 +34,33 @@ class ServiceMetrics:
             "captioner_batch_seconds",
             "encoder + decoder time per micro-batch",
             buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+        self.refused = Counter(
+            "captioner_refused",
+            "requests refused before reaching the model, by reason (over_budget, queue_full, draining, fault)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.queue_timeouts = Counter(
+            "captioner_queue_timeouts",
+            "requests answered 504 after waiting too long for the model",
+            registry=self.registry,
+        )
+        self.in_progress = Gauge(
+            "captioner_requests_in_progress",
+            "caption requests uploading, decoding, queued or running",
+            registry=self.registry,
+        )
+        self.estimated_wait = Gauge(
+            "captioner_estimated_wait_seconds",
+            "estimated wait of a new caption request for the model",
+            registry=self.registry,
+        )
+        self.model_seconds_per_request = Gauge(
+            "captioner_model_seconds_per_request",
+            "recent model time per request (exponentially weighted over micro-batches)",
             registry=self.registry,
         )
 

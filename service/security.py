@@ -1,32 +1,57 @@
 """Security headers on every response: a content security policy, no MIME sniffing, no framing.
 
 The web page (``/``) loads only its own script and stylesheet, draws the photo from a ``blob:`` URL and
-talks to its own origin, so its policy allows nothing else. FastAPI's ``/docs`` and ``/redoc`` pages
-load Swagger UI and ReDoc from cdn.jsdelivr.net with an inline script; their policy allows exactly
-that, and nothing may frame any page (clickjacking).
+talks to its own origin, so its policy allows nothing else. The API docs (:mod:`service.routes.docs`)
+load Swagger UI and ReDoc from this service too, so their policies name no other host and start from
+``default-src 'none'``, each allowing only what its page was seen to need in Chromium:
+
+* ``/docs`` (Swagger UI): its script and stylesheet, the one inline script of FastAPI's page by its
+  hash (no ``'unsafe-inline'``), ``data:`` images (the stylesheet's icons), fetches of the spec and
+  "Try it out" requests to this origin; forms never submit (the Authorize dialog is script-driven).
+* ``/redoc`` (ReDoc): its script, inline styles (ReDoc's styled-components write ``<style>`` elements,
+  and FastAPI's page has one), ``data:`` images, the spec from this origin, and its search index in a
+  ``blob:`` worker. ReDoc (2.x and 3.x alike) also shows ``https://cdn.redoc.ly/redoc/logo-mini.svg``
+  in its sidebar footer; the policy refuses it before any request leaves the browser (Chromium logs that
+  one refusal to the console) and ReDoc then drops the image.
+
+Nothing may frame any page (clickjacking).
 """
 
 from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.routes.docs import SWAGGER_SCRIPT_HASHES
+
 PAGE_POLICY = (
     "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; "
     "form-action 'self'; frame-ancestors 'none'"
 )
 DOCS_POLICY = (
-    "default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
-    "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com; "
-    "img-src 'self' data: https://fastapi.tiangolo.com https://cdn.redoc.ly; "
-    "font-src 'self' https://fonts.gstatic.com; worker-src 'self' blob:; "
-    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+    f"default-src 'none'; script-src 'self' {' '.join(SWAGGER_SCRIPT_HASHES)}; style-src 'self'; "
+    "img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
-DOCS_PATHS = ("/docs", "/redoc")
+REDOC_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "connect-src 'self'; worker-src blob:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 COMMON_HEADERS = (
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"no-referrer"),
 )
+
+
+def policy_for(scope: Scope) -> str:
+    """The policy for the request's path within the app (behind a proxy: without its ``root_path``)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    if path == "/redoc" or path.startswith("/redoc/"):
+        return REDOC_POLICY
+    if path == "/docs" or path.startswith("/docs/"):  # the page and its assets (/docs/assets/...)
+        return DOCS_POLICY
+    return PAGE_POLICY
 
 
 class SecurityHeadersMiddleware:
@@ -39,8 +64,7 @@ class SecurityHeadersMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        docs = scope.get("path", "").startswith(DOCS_PATHS)
-        policy = (DOCS_POLICY if docs else PAGE_POLICY).encode()
+        policy = policy_for(scope).encode()
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -34,6 +34,41 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(
         5.0, ge=0.0, le=10_000.0, description="how long a batch waits for requests that are already arriving"
     )
+    admission_budget_s: float = Field(
+        5.0,
+        gt=0.0,
+        le=3600.0,
+        description="refuse a request (503 + Retry-After) when its estimated wait for the model is longer: "
+        "requests in progress x measured model seconds per request",
+    )
+    max_queue: int = Field(
+        256, ge=1, le=100_000, description="most requests in progress (uploading, queued or running) at once"
+    )
+    queue_timeout_s: float = Field(
+        8.0,
+        gt=0.0,
+        le=3600.0,
+        description="a decoded request that has waited this long for the model is answered 504 and never run",
+    )
+    stall_timeout_s: float = Field(
+        120.0,
+        gt=0.0,
+        le=86_400.0,
+        description="a batch running longer than this means the model is hung: pending requests fail with 503, "
+        "/ready and /health answer 503 so the orchestrator restarts the process",
+    )
+    shutdown_grace_s: float = Field(
+        20.0,
+        ge=0.0,
+        le=3600.0,
+        description="after SIGTERM: /ready answers 503, new requests 503, requests in progress get this long "
+        "to finish before the process exits",
+    )
+    access_log: Literal["text", "json", "off"] = Field(
+        "text",
+        description="a line per request: uvicorn's text line, one JSON object (method, path, status, duration, "
+        "request id, client), or none",
+    )
     encoder_chunk_size: int | None = Field(
         None,
         ge=1,

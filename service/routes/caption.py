@@ -14,8 +14,9 @@ from pydantic import ValidationError
 
 from captioner.model import CaptionResult
 from captioner.transforms import ImageError, Preprocess, load_crop
-from service.batching import BatcherStopped
-from service.deps import ApiKeyDep, BatcherDep, LoadedDep, SettingsDep
+from service.admission import AdmissionControl
+from service.batching import BatcherStopped, MicroBatcher, OutOfMemory, QueueTimeout
+from service.deps import ApiKeyDep, BatcherDep, LoadedDep, SettingsDep, not_serving
 from service.errors import ApiError, describe_validation_errors, image_error
 from service.schemas import (
     AppliedOptions,
@@ -78,7 +79,12 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "upload over the byte limit, or image over the pixel limit"},
     415: {"model": ErrorResponse, "description": "not multipart/form-data, or not a supported image format"},
     422: {"model": ErrorResponse, "description": "an option outside its valid range (the message names it)"},
-    503: {"model": ErrorResponse, "description": "the model is not loaded"},
+    503: {
+        "model": ErrorResponse,
+        "description": "overloaded (estimated wait over the budget, or too many requests in progress), shutting "
+        "down, not loaded, or out of memory; retry after the `Retry-After` header's seconds (another replica)",
+    },
+    504: {"model": ErrorResponse, "description": "waited longer than the queue deadline; never reached the model"},
 }
 
 
@@ -91,6 +97,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 )
 async def caption(request: Request, loaded: LoadedDep, batcher: BatcherDep, settings: SettingsDep) -> CaptionResponse:
     started = time.perf_counter()
+    _admit(request, batcher)
     with batcher.expecting():
         form = await read_form(request, max_file_bytes=settings.max_upload_bytes)
         params = _parse_options(request.query_params, form.fields)
@@ -111,6 +118,11 @@ async def caption(request: Request, loaded: LoadedDep, batcher: BatcherDep, sett
         result, batch = await batcher.submit(image, options)
     except BatcherStopped as exc:
         raise ApiError(503, "not_ready", str(exc)) from None
+    except QueueTimeout as exc:
+        request.app.state.metrics.queue_timeouts.inc()
+        raise ApiError(504, "queue_timeout", str(exc)) from None
+    except OutOfMemory as exc:
+        raise ApiError(503, "out_of_memory", str(exc), headers={"Retry-After": "1"}) from None
 
     with_attention = params.attention and result.attention_shape is not None
     return CaptionResponse(
@@ -128,6 +140,20 @@ async def caption(request: Request, loaded: LoadedDep, batcher: BatcherDep, sett
             batch_size=batch.size,
         ),
     )
+
+
+def _admit(request: Request, batcher: MicroBatcher) -> None:
+    """Refuse at once (503, before the body is read) when draining, faulty, or over the admission budget."""
+    metrics = request.app.state.metrics
+    error = not_serving(request)
+    if error is not None:
+        metrics.refused.labels("draining" if error.code == "draining" else "fault").inc()
+        raise error
+    admission: AdmissionControl = request.app.state.admission
+    refusal = admission.refuse(batcher.outstanding)
+    if refusal is not None:
+        metrics.refused.labels(refusal.reason).inc()
+        raise ApiError(503, "overloaded", refusal.message, headers={"Retry-After": str(refusal.retry_after_s)})
 
 
 def _parse_options(query: Mapping[str, str], fields: Mapping[str, str]) -> CaptionOptions:

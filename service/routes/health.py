@@ -2,29 +2,40 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.deps import LoadedDep, MetricsDep
+from service.deps import MetricsDep, fault, not_serving
 from service.schemas import ErrorResponse, Health, Ready
 
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/health", response_model=Health, summary="The process is alive")
-async def health() -> Health:
+@router.get(
+    "/health",
+    response_model=Health,
+    summary="Liveness: the process can serve (503 when the model thread hung or the batcher died: restart it)",
+    responses={503: {"model": ErrorResponse, "description": "the batcher died or the model hung"}},
+)
+async def health(request: Request) -> Health:
+    error = fault(request)
+    if error is not None:
+        raise error
     return Health()
 
 
 @router.get(
     "/ready",
     response_model=Ready,
-    summary="The model is loaded and requests can be served",
-    responses={503: {"model": ErrorResponse, "description": "the model is not loaded"}},
+    summary="Readiness: the model is loaded and new requests are taken",
+    responses={503: {"model": ErrorResponse, "description": "loading, shutting down (draining), or a fault"}},
 )
-async def ready(loaded: LoadedDep) -> Ready:
-    return Ready(model_id=loaded.id)
+async def ready(request: Request) -> Ready:
+    error = not_serving(request)
+    if error is not None:
+        raise error
+    return Ready(model_id=request.app.state.loaded.id)
 
 
 @router.get(
