@@ -1,14 +1,18 @@
 """Admission control: refuse work the server cannot finish in time, at once, instead of queueing it.
 
 A request's wait is the model time of the requests ahead of it. The server knows how many there are
-(uploading, decoding, queued or in the running batch: :attr:`MicroBatcher.outstanding`) and measures
+(uploaded and decoding, queued or in the running batch: :attr:`MicroBatcher.work_ahead`) and measures
 what each costs: :class:`ModelTimeEstimator` keeps an exponentially weighted ratio of model seconds to
 requests over recent micro-batches, which is the model's *throughput* at the batch sizes the load
 actually produces (a batch of 16 costs far less than 16 batches of 1, so a per-batch latency would
 overestimate the wait under load, exactly when it matters). The estimated wait of a new request is
-then ``outstanding x seconds per request``; when it exceeds the budget, or ``outstanding`` reaches the
-hard cap, the request is refused with 503 and a ``Retry-After`` of about the time the excess needs
-to drain, before its body is read.
+then ``work ahead x seconds per request``; when it exceeds the budget the request is refused with 503
+and a ``Retry-After`` of about the time the excess needs to drain. The check runs twice: from the
+headers, before the body is read (a request that arrives while the queue is already too long costs
+nothing more), and again when the upload is complete, which is what sheds a burst whose requests all
+arrive at an empty queue. Uploads still arriving are not work ahead (a slow client must not make the
+server refuse everyone else), but they hold memory: every request in progress counts against the hard
+cap ``max_queue``, checked from the headers.
 
 The mix of options matters (beam 5 costs more than greedy); the ratio follows the recent mix, and the
 queue deadline (``queue_timeout_s``, enforced by the batcher) bounds the error of any estimate.
@@ -56,25 +60,29 @@ class Refusal:
 
 
 class AdmissionControl:
-    """Decides whether one more request may join ``outstanding`` ones."""
+    """Decides whether a request may go on: once from its headers, again when its upload is complete."""
 
     def __init__(self, estimator: ModelTimeEstimator, *, budget_s: float, max_queue: int) -> None:
         self.estimator = estimator
         self.budget_s = budget_s
         self.max_queue = max_queue
 
-    def refuse(self, outstanding: int) -> Refusal | None:
-        """None to admit; else why not, and when to retry."""
-        wait = self.estimator.wait_s(outstanding)
+    def refuse(self, work_ahead: int, in_progress: int | None = None) -> Refusal | None:
+        """None to admit; else why not, and when to retry.
+
+        ``work_ahead``: requests with their upload complete (decoding, queued, running), which the new one
+        would wait behind. ``in_progress``: every request held, uploads included, checked against the cap;
+        None when the request already holds its place (the check after its upload).
+        """
         per_request = self.estimator.seconds_per_request or 0.0
-        if outstanding >= self.max_queue:
-            drain = (outstanding - self.max_queue + 1) * per_request
+        if in_progress is not None and in_progress >= self.max_queue:
             return Refusal(
                 "queue_full",
-                f"the server is at capacity ({outstanding} requests in progress, the limit is {self.max_queue}); "
+                f"the server is at capacity ({in_progress} requests in progress, the limit is {self.max_queue}); "
                 "retry later",
-                _retry_after(drain),
+                _retry_after(min(in_progress, work_ahead + 1) * per_request),
             )
+        wait = self.estimator.wait_s(work_ahead)
         if wait > self.budget_s:
             return Refusal(
                 "over_budget",

@@ -116,7 +116,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     await batcher.start()
     metrics.in_progress.set_function(lambda: batcher.outstanding)
-    metrics.estimated_wait.set_function(lambda: admission.estimator.wait_s(batcher.outstanding))
+    metrics.estimated_wait.set_function(lambda: admission.estimator.wait_s(batcher.work_ahead))
     metrics.model_seconds_per_request.set_function(lambda: admission.estimator.seconds_per_request or 0.0)
     app.state.admission = admission
     app.state.decode_limiter = anyio.CapacityLimiter(settings.decode_threads)

@@ -137,7 +137,8 @@ class MicroBatcher:
         self._changed: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._watchdog: asyncio.Task | None = None
-        self._incoming = 0
+        self._incoming = 0  # inside expecting(): uploading or decoding
+        self._decoding = 0  # inside decoding(): uploaded, being decoded
         self._running: list[_Job] = []
         self._pending: set[_Job] = set()  # submitted and not answered yet, wherever they are
         self._batch_started: float | None = None  # perf_counter() when the running batch started
@@ -148,6 +149,13 @@ class MicroBatcher:
         """Requests in progress: arriving (uploading, decoding), queued, or in the running batch."""
         queued = self._queue.qsize() if self._queue is not None else 0
         return self._incoming + queued + len(self._running)
+
+    @property
+    def work_ahead(self) -> int:
+        """Requests whose upload is complete (decoding, queued or running): what a new request waits behind.
+        Uploads still arriving are not counted: a slow client costs the model nothing until it is done."""
+        queued = self._queue.qsize() if self._queue is not None else 0
+        return self._decoding + queued + len(self._running)
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -202,6 +210,15 @@ class MicroBatcher:
                     f"the model has made no progress for {time.perf_counter() - started:.0f} s "
                     f"(a batch of {len(self._running)}; the limit is {self.stall_timeout_s:g} s)"
                 )
+
+    @contextlib.contextmanager
+    def decoding(self) -> Iterator[None]:
+        """Within :meth:`expecting`: mark a request whose upload is complete (it counts in :attr:`work_ahead`)."""
+        self._decoding += 1
+        try:
+            yield
+        finally:
+            self._decoding -= 1
 
     @contextlib.contextmanager
     def expecting(self) -> Iterator[None]:

@@ -16,7 +16,7 @@ from captioner.model import CaptionResult
 from captioner.transforms import ImageError, Preprocess, load_crop
 from service.admission import AdmissionControl
 from service.batching import BatcherStopped, MicroBatcher, OutOfMemory, QueueTimeout
-from service.deps import ApiKeyDep, BatcherDep, LoadedDep, SettingsDep, not_serving
+from service.deps import ApiKeyDep, BatcherDep, LoadedDep, SettingsDep, fault, not_serving
 from service.errors import ApiError, describe_validation_errors, image_error
 from service.schemas import (
     AppliedOptions,
@@ -107,11 +107,13 @@ async def caption(request: Request, loaded: LoadedDep, batcher: BatcherDep, sett
             raise ApiError(422, "invalid_option", str(exc)) from None
         data = _image_bytes(form)
         del form  # from here on only the decoded image is kept
+        _admit(request, batcher, uploaded=True)
         decode_started = time.perf_counter()
-        image, (width, height) = await anyio.to_thread.run_sync(
-            _decode, data, settings.max_image_pixels, loaded.model.preprocess_config,
-            limiter=request.app.state.decode_limiter,
-        )  # fmt: skip
+        with batcher.decoding():
+            image, (width, height) = await anyio.to_thread.run_sync(
+                _decode, data, settings.max_image_pixels, loaded.model.preprocess_config,
+                limiter=request.app.state.decode_limiter,
+            )  # fmt: skip
         decode_ms = (time.perf_counter() - decode_started) * 1000.0
         del data
     try:
@@ -142,15 +144,16 @@ async def caption(request: Request, loaded: LoadedDep, batcher: BatcherDep, sett
     )
 
 
-def _admit(request: Request, batcher: MicroBatcher) -> None:
-    """Refuse at once (503, before the body is read) when draining, faulty, or over the admission budget."""
+def _admit(request: Request, batcher: MicroBatcher, *, uploaded: bool = False) -> None:
+    """Refuse at once (503) when draining, faulty, or over the admission budget: from the headers, before
+    the body is read, and again with ``uploaded`` when the upload is complete (see service.admission)."""
     metrics = request.app.state.metrics
-    error = not_serving(request)
+    error = fault(request) if uploaded else not_serving(request)  # draining refuses new requests only
     if error is not None:
         metrics.refused.labels("draining" if error.code == "draining" else "fault").inc()
         raise error
     admission: AdmissionControl = request.app.state.admission
-    refusal = admission.refuse(batcher.outstanding)
+    refusal = admission.refuse(batcher.work_ahead, None if uploaded else batcher.outstanding)
     if refusal is not None:
         metrics.refused.labels(refusal.reason).inc()
         raise ApiError(503, "overloaded", refusal.message, headers={"Retry-After": str(refusal.retry_after_s)})

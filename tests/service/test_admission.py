@@ -67,23 +67,27 @@ def test_admission_refuses_over_the_budget_or_the_cap_with_a_retry_time() -> Non
     estimator = ModelTimeEstimator()
     estimator.observe(10, 0.5)  # 50 ms per request
     control = AdmissionControl(estimator, budget_s=5.0, max_queue=256)
-    assert control.refuse(100) is None  # 5.0 s: at the budget, admitted
-    over = control.refuse(130)  # 6.5 s
+    assert control.refuse(100, 100) is None  # 5.0 s: at the budget, admitted
+    over = control.refuse(130, 130)  # 6.5 s
     assert over is not None and over.reason == "over_budget" and over.retry_after_s == 2
     assert "estimated wait 6.5 s" in over.message and "budget is 5 s" in over.message
-    full = AdmissionControl(estimator, budget_s=1000.0, max_queue=8).refuse(8)
+    assert control.refuse(130) == over  # after the upload: the same estimate, no cap
+    full = AdmissionControl(estimator, budget_s=1000.0, max_queue=8).refuse(0, 8)
     assert full is not None and full.reason == "queue_full" and full.retry_after_s >= 1
+    assert AdmissionControl(estimator, budget_s=1000.0, max_queue=8).refuse(8) is None  # holds its place
 
 
 # --- the app ------------------------------------------------------------------------------------
 
 
-def _crowd(client: TestClient, requests: int, seconds_per_request: float) -> None:
-    """Pretend ``requests`` are uploading and each costs ``seconds_per_request`` of model time."""
+def _crowd(client: TestClient, requests: int, seconds_per_request: float, *, uploading: int = 0) -> None:
+    """Pretend ``requests`` are uploaded and waiting for the model, each costing ``seconds_per_request``,
+    and ``uploading`` more are still arriving."""
     state = client.app.state
     state.admission.estimator = ModelTimeEstimator()
     state.admission.estimator.observe(1, seconds_per_request)
-    state.batcher._incoming = requests
+    state.batcher._decoding = requests
+    state.batcher._incoming = requests + uploading
 
 
 def test_overloaded_server_answers_503_with_retry_after_and_counts_it(make_client) -> None:
@@ -102,9 +106,15 @@ def test_overloaded_server_answers_503_with_retry_after_and_counts_it(make_clien
     assert _post(client).status_code == 200  # nothing ahead: admitted again
 
 
+def test_slow_uploads_do_not_make_the_server_refuse_others(make_client) -> None:
+    client = make_client(admission_budget_s=5.0)
+    _crowd(client, 0, 1.0, uploading=64)  # 64 clients trickling their bodies: no model work yet
+    assert _post(client).status_code == 200
+
+
 def test_queue_cap_refuses_whatever_the_estimate(make_client) -> None:
     client = make_client(max_queue=3)
-    _crowd(client, 3, 0.0001)
+    _crowd(client, 0, 0.0001, uploading=3)
     response = _post(client)
     assert response.status_code == 503 and response.json()["error"]["code"] == "overloaded"
     assert "the limit is 3" in response.json()["error"]["message"] and int(response.headers["retry-after"]) >= 1
@@ -133,6 +143,43 @@ def test_refusal_comes_before_the_body_is_read(make_client) -> None:
     }  # fmt: skip
     client.portal.call(client.app, scope, receive, send)
     assert sent[0]["status"] == 503 and not body_reads
+
+
+def test_a_burst_arriving_at_an_empty_queue_is_refused_when_its_upload_completes(make_client) -> None:
+    """Checked again after the upload: others finished theirs meanwhile, so the wait is now too long."""
+    client = make_client()
+    _crowd(client, 0, 1.0)
+    boundary = "b"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="p.png"\r\n\r\n'.encode()
+        + PNG
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    reads = []
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        reads.append(True)
+        client.app.state.batcher._decoding = 50  # the rest of the burst is through its uploads now
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/caption", "raw_path": b"/caption", "query_string": b"method=greedy", "root_path": "",
+        "headers": [
+            (b"content-type", f"multipart/form-data; boundary={boundary}".encode()),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "app": client.app,
+    }  # fmt: skip
+    client.portal.call(client.app, scope, receive, send)
+    client.app.state.batcher._decoding = 0
+    assert reads and sent[0]["status"] == 503
+    assert (b"retry-after", b"45") in sent[0]["headers"]
+    assert client.app.state.batcher._incoming == 0  # its place is released
 
 
 def test_draining_refuses_new_work_but_stays_alive(make_client) -> None:

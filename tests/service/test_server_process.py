@@ -138,9 +138,32 @@ def test_serving_benchmark_runs_end_to_end(tiny_checkpoint: Path, tmp_path: Path
         (photos / f"{i}.jpg").write_bytes(images.encode(images.pattern(seed=400 + i), "JPEG"))
     bench = _bench_serving()
     argv = ["--checkpoint", str(tiny_checkpoint), "--images", str(photos), "--method", "greedy"]
-    assert bench.main([*argv, "--concurrency", "1", "2", "--rounds", "2", "--round-size", "2"]) == 0
+    assert bench.main([*argv, "--concurrency", "1", "2", "--rounds", "2", "--round-size", "2", "--burst", "12"]) == 0
     out = capsys.readouterr().out
     rows = {tuple(cell.strip() for cell in line.split("|")[1:4]) for line in out.splitlines() if line.startswith("|")}
     for setting in ("server, micro-batching", "server, no batching"):
         assert {(setting, "1", "4"), (setting, "2", "16")} <= rows, out  # 2 rounds of 2 / of max(4 x 2, 2)
     assert "p50 at concurrency 1 / bare model time" in out and "where a request's time goes" in out
+    assert "overload: a burst of 12 simultaneous uploads" in out
+    burst_rows = [line for line in out.split("overload:")[1].splitlines() if line.startswith("|")][2:]
+    assert sum(int(row.split("|")[2]) for row in burst_rows) == 12, out  # every request answered and counted
+    assert "only 200 and 503: met" in out, out
+
+
+def test_upload_pressure_benchmark_runs_end_to_end(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        (photos / f"{i}.jpg").write_bytes(images.encode(images.pattern(seed=500 + i), "JPEG"))
+    sys.path.insert(0, str(ROOT / "bench"))  # as when run as a script: it imports its sibling serving.py
+    try:
+        spec = importlib.util.spec_from_file_location("bench_upload_pressure", ROOT / "bench" / "upload_pressure.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    argv = ["--checkpoint", str(tiny_checkpoint), "--images", str(photos), "--uploads", "3", "--upload-mb", "1"]
+    assert module.main([*argv, "--slow", "4", "--requests", "4", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "statuses 200: 3;" in out and "big uploads all 200: met" in out, out
+    assert "| beside 4 slow uploads" in out and "p50 beside slow uploads / alone" in out
