@@ -2,11 +2,13 @@
 # Everything the test suite needs on a fresh Debian machine, then the tests. Extra args go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# System packages: Chromium for the browser test, Java for METEOR (both skipped cleanly when absent).
+# System packages: Chromium for the browser tests, Java for METEOR, nginx for the replicas smoke test
+# (each skipped cleanly when absent).
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     missing=()
     command -v chromium >/dev/null 2>&1 || missing+=(chromium)
     command -v java >/dev/null 2>&1 || missing+=(default-jre-headless)
+    command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
     if [ ${#missing[@]} -gt 0 ]; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     fi
