@@ -169,5 +169,17 @@ done
 echo "container health: $status"
 [[ "$status" == healthy ]] || die "Docker's HEALTHCHECK reports $status"
 
+say "API docs served from the image itself (no CDN)"
+docs=$(curl -fsS "$url/docs")
+[[ "$docs" != *'https://'* ]] || die "/docs references another host"
+curl -fsS -o /dev/null "$url/docs/assets/swagger-ui-bundle.js" || die "/docs assets are missing from the image"
+echo "/docs and its assets: ok"
+
+say "docker stop drains and exits 0 (SIGTERM)"
+docker stop -t 30 "$CONTAINER" >/dev/null
+code=$(docker inspect -f '{{.State.ExitCode}}' "$CONTAINER")
+echo "exit code after docker stop: $code"
+[[ "$code" == 0 ]] || { docker logs "$CONTAINER" | tail -20; die "the container exited $code on SIGTERM"; }
+
 say "docker-smoke: passed"
 echo "the image is $IMAGE; serve it with: docker run --rm -p 8000:8000 $IMAGE"
