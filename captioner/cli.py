@@ -8,8 +8,10 @@ import json
 import os
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 from captioner.bulk import InputError, default_workers
+from captioner.caption_rules import DEFAULT_MAX_RATE
 from captioner.checkpoint import CheckpointError, checkpoint_arg
 from captioner.decoding import METHODS, DecodingOptions
 from captioner.encoders import EncoderWeightsError
@@ -97,6 +99,24 @@ def get_args_parser() -> argparse.ArgumentParser:
         metavar="IMG",
         help="onnx: photos for the export's self-check (default: synthetic pictures)",
     )
+    rules = sub.add_parser(
+        "rules",
+        help="learn where captions may start and end from a data set's training captions, into a checkpoint copy",
+        description="Derive caption rules (captioner.caption_rules: words and word pairs no human caption ends on, "
+        "words none starts with) from the training split of --data and write SOURCE with them to TARGET. Every "
+        "decoding method then follows them. Checkpoints trained by captioner-train already carry them.",
+    )
+    rules.add_argument("source", help="checkpoint to read, or 'default'")
+    rules.add_argument("target", help="checkpoint file to write (may be SOURCE itself)")
+    rules.add_argument("--data", required=True, help="Flickr8k folder, COCO captions JSON, or Karpathy split JSON")
+    rules.add_argument("--data-format", default="auto", choices=["auto", "coco", "karpathy", "flickr8k"])
+    rules.add_argument(
+        "--max-rate",
+        type=float,
+        default=DEFAULT_MAX_RATE,
+        help=f"a word is ruled out when (k + 1) / (n + 2) is below this, for k endings (or starts) in n sightings "
+        f"(default: {DEFAULT_MAX_RATE})",
+    )
     return parser
 
 
@@ -153,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "export":
             return _export(args)
+        if args.command == "rules":
+            return _rules(args)
         if args.command == "merge":
             from captioner.bulk import merge_parts
 
@@ -355,13 +377,51 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def _describe(model) -> dict:
+    rules = model.caption_rules
     return {
         "encoder": model.encoder.identity(),
         "decoder": asdict(model.decoder.config),
         "vocab_size": len(model.vocab),
         "preprocess": model.encoder.preprocess.to_dict(),
+        "caption_rules": None
+        if rules is None
+        else {
+            "no_end_words": len(rules.no_end),
+            "no_end_pairs": len(rules.no_end_pairs),
+            "no_start_words": len(rules.no_start),
+            "max_rate": rules.max_rate,
+        },
         "metadata": model.metadata,
     }
+
+
+def _rules(args: argparse.Namespace) -> int:
+    """``captioner rules``: the checkpoint as it is (weights, dtype, training state), plus caption rules."""
+    from captioner.caption_rules import CaptionRules
+    from captioner.checkpoint import load_checkpoint, save_checkpoint
+    from captioner.model import Captioner, default_checkpoint
+    from captioner.text import tokenize
+    from training.data import load_corpus
+
+    source = checkpoint_arg(args.source)
+    data = load_checkpoint(default_checkpoint() if source is None else source)
+    Captioner.from_state(data, source=str(args.source))  # the checkpoint is one this code can run
+    corpus = load_corpus(args.data, format=args.data_format)
+    captions = corpus.train_captions()
+    if not captions:
+        raise ValueError(f"{args.data}: no training captions (splits: {corpus.split_sizes()})")
+    rules = CaptionRules.derive((tokenize(c) for c in captions), max_rate=args.max_rate)
+    data["caption_rules"] = rules.to_dict()
+    data["metadata"] = {
+        **(data.get("metadata") or {}),
+        "caption_rules_from": {"data": Path(args.data).name, "captions": len(captions)},
+    }
+    save_checkpoint(args.target, data)
+    print(
+        f"{args.target}: captions may not end on {len(rules.no_end)} words or {len(rules.no_end_pairs)} word pairs, "
+        f"nor start with {len(rules.no_start)} words (learned from {len(captions):,} training captions)"
+    )
+    return 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from captioner.caption_rules import RuleMasks
 from captioner.decoder import CaptionDecoder
 from captioner.vocab import Vocabulary
 
@@ -104,22 +105,31 @@ class Hypothesis:
 
 
 @torch.inference_mode()
-def decode(decoder: CaptionDecoder, grid: torch.Tensor, options: DecodingOptions) -> list[list[Hypothesis]]:
-    """Decode a batch of feature grids ``(B, C, h, w)``; returns one list of hypotheses per image."""
+def decode(
+    decoder: CaptionDecoder, grid: torch.Tensor, options: DecodingOptions, rules: RuleMasks | None = None
+) -> list[list[Hypothesis]]:
+    """Decode a batch of feature grids ``(B, C, h, w)``; returns one list of hypotheses per image.
+
+    ``rules`` (:mod:`captioner.caption_rules`): words that may not start a caption, and words and pairs
+    after which ``<end>`` may not come; a caption only breaks them when it runs out of ``max_length``."""
     if options.method == "beam":
-        return beam_search(decoder, grid, options)
+        return beam_search(decoder, grid, options, rules)
     if options.method == "sample":
-        return sample(decoder, grid, options)
-    return greedy(decoder, grid, options)
+        return sample(decoder, grid, options, rules)
+    return greedy(decoder, grid, options, rules)
 
 
 @torch.inference_mode()
-def greedy(decoder: CaptionDecoder, grid: torch.Tensor, options: DecodingOptions) -> list[list[Hypothesis]]:
-    return [[h] for h in _rollout(decoder, grid, options.max_length, lambda logits: logits.argmax(-1))]
+def greedy(
+    decoder: CaptionDecoder, grid: torch.Tensor, options: DecodingOptions, rules: RuleMasks | None = None
+) -> list[list[Hypothesis]]:
+    return [[h] for h in _rollout(decoder, grid, options.max_length, lambda logits: logits.argmax(-1), rules)]
 
 
 @torch.inference_mode()
-def sample(decoder: CaptionDecoder, grid: torch.Tensor, options: DecodingOptions) -> list[list[Hypothesis]]:
+def sample(
+    decoder: CaptionDecoder, grid: torch.Tensor, options: DecodingOptions, rules: RuleMasks | None = None
+) -> list[list[Hypothesis]]:
     generator = None
     if options.seed is not None:
         generator = torch.Generator(device=grid.device).manual_seed(options.seed)
@@ -129,7 +139,7 @@ def sample(decoder: CaptionDecoder, grid: torch.Tensor, options: DecodingOptions
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
 
     n = options.num_captions
-    hyps = _rollout(decoder, grid.repeat_interleave(n, dim=0), options.max_length, choose)
+    hyps = _rollout(decoder, grid.repeat_interleave(n, dim=0), options.max_length, choose, rules)
     return [hyps[i * n : (i + 1) * n] for i in range(grid.shape[0])]
 
 
@@ -150,8 +160,15 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 NEVER_PRODUCED = (Vocabulary.pad_id, Vocabulary.bos_id, Vocabulary.unk_id)
 
 
-def next_word_logits(decoder: CaptionDecoder, tokens: torch.Tensor, state):
-    """One decoder step in fp32; ``<pad>``, ``<start>`` and ``<unk>`` can never be produced.
+def next_word_logits(
+    decoder: CaptionDecoder,
+    tokens: torch.Tensor,
+    state,
+    rules: RuleMasks | None = None,
+    before: torch.Tensor | None = None,
+):
+    """One decoder step in fp32; ``<pad>``, ``<start>`` and ``<unk>`` can never be produced, nor what
+    ``rules`` forbid after ``tokens`` (the words just fed in) preceded by ``before``.
 
     ``<unk>`` stands for the rare words cut from the vocabulary: a caption saying "a man with a
     <unk>" is worse for a reader than the model's best real word. Out of place, so gradients flow
@@ -159,20 +176,28 @@ def next_word_logits(decoder: CaptionDecoder, tokens: torch.Tensor, state):
     """
     logits, state, alpha = decoder.step(tokens, state)
     banned = torch.tensor(NEVER_PRODUCED, device=logits.device)
-    return logits.float().index_fill(-1, banned, float("-inf")), state, alpha  # (B, V)
+    logits = logits.float().index_fill(-1, banned, float("-inf"))  # (B, V)
+    if rules is not None:
+        logits = rules.constrain(logits, tokens, before)
+    return logits, state, alpha
 
 
-def _rollout(decoder: CaptionDecoder, grid: torch.Tensor, max_length: int, choose) -> list[Hypothesis]:
+def _rollout(
+    decoder: CaptionDecoder, grid: torch.Tensor, max_length: int, choose, rules: RuleMasks | None = None
+) -> list[Hypothesis]:
     """Feed each chosen word back in until every row has produced ``<end>`` or hit ``max_length``."""
     batch, device = grid.shape[0], grid.device
     eos = Vocabulary.eos_id
     state = decoder.init_state(grid)
     tokens = torch.full((batch,), Vocabulary.bos_id, dtype=torch.long, device=device)
+    before: torch.Tensor | None = None
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     log_prob = torch.zeros(batch, device=device)
     words, alphas = [], []
     for t in range(max_length + 1):
-        logits, state, alpha = next_word_logits(decoder, tokens, state)  # (B, V)
+        # At max_length the caption must end, whatever its last word: no rule then.
+        logits, state, alpha = next_word_logits(decoder, tokens, state, rules if t < max_length else None, before)
+        before = tokens
         # Out of room at max_length: the caption ends there.
         tokens = torch.full_like(tokens, eos) if t == max_length else choose(logits)
         step_logp = logits.log_softmax(-1).gather(1, tokens.unsqueeze(1)).squeeze(1)  # (B,)
@@ -201,12 +226,15 @@ def _until_eos(ids: list[int]) -> list[int]:
 
 
 @torch.inference_mode()
-def beam_search(decoder: CaptionDecoder, grid: torch.Tensor, options: DecodingOptions) -> list[list[Hypothesis]]:
+def beam_search(
+    decoder: CaptionDecoder, grid: torch.Tensor, options: DecodingOptions, rules: RuleMasks | None = None
+) -> list[list[Hypothesis]]:
     """Beam search over all images x beams at once, in one ``(B * K, ...)`` batch.
 
     A beam that has produced ``<end>`` stays in the beam with a frozen score (its only continuation is
     ``<end>`` at zero cost), so finished and live hypotheses compete on equal terms; the final ranking
-    divides by ``(words + 1) ** length_penalty``. With ``beam_size=1`` this is exactly greedy decoding.
+    divides by ``(words + 1) ** length_penalty``, and puts a caption that ``rules`` call incomplete (it
+    was cut off at ``max_length``) after every complete one. With ``beam_size=1`` this is exactly greedy.
     """
     batch, device = grid.shape[0], grid.device
     k, eos = options.beam_size, Vocabulary.eos_id
@@ -220,7 +248,9 @@ def beam_search(decoder: CaptionDecoder, grid: torch.Tensor, options: DecodingOp
     att_history = None
     offsets = (torch.arange(batch, device=device) * k).unsqueeze(1)  # (B, 1)
     for t in range(options.max_length + 1):
-        logits, state, alpha = next_word_logits(decoder, tokens, state)
+        before = history[:, -2] if history.shape[1] >= 2 else None
+        step_rules = rules if t < options.max_length else None  # at max_length every beam must end
+        logits, state, alpha = next_word_logits(decoder, tokens, state, step_rules, before)
         logp = logits.log_softmax(-1)  # (B*K, V)
         vocab = logp.shape[-1]
         if t == options.max_length:  # out of room: every live beam must end now
@@ -246,10 +276,22 @@ def beam_search(decoder: CaptionDecoder, grid: torch.Tensor, options: DecodingOp
         finished = was_finished | (tokens == eos)
         if bool(finished.all()):
             break
-    return _rank_beams(batch, k, scores, lengths, history, att_history, options)
+    return _rank_beams(batch, k, scores, lengths, history, att_history, options, rules)
 
 
-def _rank_beams(batch, k, scores, lengths, history, att_history, options) -> list[list[Hypothesis]]:
+def _complete(history: torch.Tensor, lengths: torch.Tensor, rules: RuleMasks | None) -> torch.Tensor:
+    """(R,) bool: ``<end>`` may follow each row's last word(s) under ``rules`` (always, without rules)."""
+    if rules is None:
+        return torch.ones_like(lengths, dtype=torch.bool)
+    words = lengths - 1  # every beam has ended: its length counts the <end> token
+    last = history.gather(1, (words - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+    before = history.gather(1, (words - 2).clamp(min=0).unsqueeze(1)).squeeze(1)
+    before = torch.where(words >= 2, before, torch.full_like(before, Vocabulary.bos_id))
+    return rules.allows_end(last, before, rules.no_end.numel()) & (words > 0)
+
+
+def _rank_beams(batch, k, scores, lengths, history, att_history, options, rules) -> list[list[Hypothesis]]:
+    complete = _complete(history, lengths, rules).cpu()
     scores, lengths, history = scores.view(-1).cpu(), lengths.cpu(), history.cpu()
     att_history = att_history.cpu() if att_history is not None else None
     out = []
@@ -262,7 +304,7 @@ def _rank_beams(batch, k, scores, lengths, history, att_history, options) -> lis
             seq = _until_eos(history[row].tolist())
             norm = log_prob / float(lengths[row]) ** options.length_penalty
             att = att_history[row, : len(seq)] if att_history is not None else None
-            hyps.append(Hypothesis(seq, log_prob, norm, att))
-        hyps.sort(key=lambda h: h.score, reverse=True)
-        out.append(hyps[: options.num_captions])
+            hyps.append((bool(complete[row]), Hypothesis(seq, log_prob, norm, att)))
+        hyps.sort(key=lambda ch: (ch[0], ch[1].score), reverse=True)  # complete captions first
+        out.append([h for _, h in hyps[: options.num_captions]])
     return out

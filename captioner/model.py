@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from captioner.caption_rules import CaptionRules, RuleMasks
 from captioner.checkpoint import CheckpointError, clean_state_dict, load_checkpoint, save_checkpoint
 from captioner.config import DecoderConfig, EncoderConfig, ModelConfig
 from captioner.decoder import CaptionDecoder
@@ -78,6 +79,7 @@ class Captioner(nn.Module):
         vocab: Vocabulary,
         *,
         metadata: dict[str, Any] | None = None,
+        caption_rules: CaptionRules | None = None,
     ) -> None:
         super().__init__()
         if decoder.config.vocab_size != len(vocab):
@@ -88,6 +90,9 @@ class Captioner(nn.Module):
         self.decoder = decoder
         self.vocab = vocab
         self.metadata = dict(metadata or {})
+        # Where captions may start and end, learned from the training captions (captioner.caption_rules);
+        # None (checkpoints from before them): decoding is unconstrained. Set it to None to decode without.
+        self.caption_rules = caption_rules
         # Images per encoder pass; None: encoders.default_chunk_size (a few at a time on CPU, all on GPU).
         self.encoder_chunk_size: int | None = None
         self.backend = "torch"  # or "onnxruntime": see from_checkpoint and captioner.onnx_backend
@@ -186,7 +191,14 @@ class Captioner(nn.Module):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
             raise CheckpointError(f"{source}: checkpoint does not match this model code: {first}") from exc
         encoder.preprocess = Preprocess.from_dict(data["preprocess"])  # what the model was trained with
-        return cls(encoder, decoder, vocab, metadata=data.get("metadata") or {})
+        rules = data.get("caption_rules")
+        return cls(
+            encoder,
+            decoder,
+            vocab,
+            metadata=data.get("metadata") or {},
+            caption_rules=CaptionRules.from_dict(rules) if rules else None,
+        )
 
     def optimize_for_inference(self) -> Captioner:
         """Fold the encoder's BatchNorm layers into its convolutions (:meth:`ImageEncoder.fuse_for_inference`):
@@ -212,6 +224,7 @@ class Captioner(nn.Module):
             "decoder_state": clean_state_dict(self.decoder.state_dict(), half=half),
             "encoder_state": clean_state_dict(self.encoder.state_dict(), half=half) if store_encoder else None,
             "metadata": {**self.metadata, **(metadata or {})},
+            "caption_rules": self.caption_rules.to_dict() if self.caption_rules is not None else None,
         }
 
     def save(self, path: str | os.PathLike, *, half: bool = False, metadata: dict[str, Any] | None = None) -> None:
@@ -245,9 +258,18 @@ class Captioner(nn.Module):
         """Caption encoder feature grids ``(B, C, h, w)`` (e.g. from a feature cache)."""
         grid = grid.to(self.device)
         shape = tuple(grid.shape[2:]) if self.decoder.config.attention else None
-        return [
-            CaptionResult([self._to_caption(h) for h in hyps], shape) for hyps in decode(self.decoder, grid, options)
-        ]
+        hypotheses = decode(self.decoder, grid, options, self.rule_masks())
+        return [CaptionResult([self._to_caption(h) for h in hyps], shape) for hyps in hypotheses]
+
+    def rule_masks(self) -> RuleMasks | None:
+        """:attr:`caption_rules` compiled for this vocabulary on this device (cached), or None."""
+        if self.caption_rules is None:
+            return None
+        key = (self.caption_rules, str(self.device))
+        if getattr(self, "_rule_masks_key", None) != key:
+            self._rule_masks = self.caption_rules.compile(self.vocab, self.device)
+            self._rule_masks_key = key
+        return self._rule_masks
 
     def caption(
         self,

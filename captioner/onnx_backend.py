@@ -277,6 +277,7 @@ class OnnxDecoder:
 def load_onnx_captioner(path: str | os.PathLike | None, *, threads: int | None = None):
     """A :class:`~captioner.model.Captioner` on ONNX Runtime from an export folder, a ``.pt`` checkpoint
     (exported into the cache on first use) or ``None`` (the bundled default model)."""
+    from captioner.caption_rules import CaptionRules
     from captioner.model import Captioner, default_checkpoint
     from captioner.vocab import Vocabulary
 
@@ -291,9 +292,10 @@ def load_onnx_captioner(path: str | os.PathLike | None, *, threads: int | None =
         encoder = OnnxEncoder(folder, meta, threads)
         decoder = OnnxDecoder(folder, meta, threads)
         vocab = Vocabulary(meta["vocab"])
+        rules = CaptionRules.from_dict(meta["caption_rules"]) if meta.get("caption_rules") else None
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{folder}: the export's {METADATA_FILE} does not match this captioner: {exc}") from exc
-    model = Captioner(encoder, decoder, vocab, metadata=meta.get("metadata") or {})  # type: ignore[arg-type]
+    model = Captioner(encoder, decoder, vocab, metadata=meta.get("metadata") or {}, caption_rules=rules)  # type: ignore[arg-type]
     model.backend = "onnxruntime"
     model.export_dir = folder
     model.export_parameters = int(meta.get("parameters") or 0)

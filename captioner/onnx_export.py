@@ -258,6 +258,7 @@ def _write_export(
         "encoder": model.encoder.identity(),
         "parameters": parameters,
         "metadata": to_jsonable(model.metadata),
+        "caption_rules": model.caption_rules.to_dict() if model.caption_rules is not None else None,
         "source": {"checkpoint": source, "sha256": source_sha256},
         "opset": OPSET,
         "quantization": quantization,

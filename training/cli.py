@@ -168,6 +168,13 @@ def get_eval_args_parser() -> argparse.ArgumentParser:
         default=None,
         help="METEOR needs Java; default: use it when found",
     )
+    parser.add_argument(
+        "--caption-rules",
+        choices=["checkpoint", "off"],
+        default="checkpoint",
+        help="decode under the checkpoint's caption rules (where a caption may start and end; "
+        "captioner.caption_rules), or without them, to compare (default: checkpoint)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -189,6 +196,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     # shares the cache the training run built (eval then runs only the decoder). The onnxruntime backend's
     # features are cached apart, keyed by its encoder graph.
     model = Captioner.from_checkpoint(checkpoint_arg(args.checkpoint), device=args.device, backend=args.backend)
+    if args.caption_rules == "off":
+        model.caption_rules = None
     corpus = load_corpus(args.data, format=args.format, images_dir=args.images_dir)
     records = corpus.split(args.split, restval_as_train=False)
     if not records:
@@ -212,13 +221,14 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         ]
         if rows:
             grid = store.get(rows).to(model.device).float()
-            for row, hyps in zip(rows, decode(model.decoder, grid, options), strict=True):
+            for row, hyps in zip(rows, decode(model.decoder, grid, options, model.rule_masks()), strict=True):
                 predictions[records[row].image_id] = model.vocab.decode(hyps[0].tokens)
         bar.update(min(args.batch_size, len(records) - first))
     bar.close()
     seconds = time.perf_counter() - start
     references = {r.image_id: list(r.captions) for r in records if r.image_id in predictions}
     metrics = compute_metrics(predictions, references, java=args.java)
+    metrics.update(caption_shape_rates(predictions, corpus, model))
     report = {
         "checkpoint": str(args.checkpoint or "default"),
         "data": str(args.data),
@@ -236,6 +246,24 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         results = [{"image_id": _coco_id(k), "caption": v} for k, v in predictions.items()]
         (out / "predictions.json").write_text(json.dumps(results, indent=1))
     return report
+
+
+def caption_shape_rates(predictions: dict[str, str], corpus, model) -> dict[str, float]:
+    """The share of captions that end where human captions do not (``dangling``) and that start where
+    they do not (``subjectless``), judged by rules learned from the data's training captions (whatever
+    the checkpoint holds, so models with and without rules are judged alike); else the checkpoint's."""
+    from captioner.caption_rules import CaptionRules
+    from captioner.text import tokenize
+
+    train = corpus.train_captions()
+    rules = CaptionRules.derive(tokenize(c) for c in train) if train else model.caption_rules
+    if rules is None or not predictions:
+        return {}
+    words = [tokenize(caption) for caption in predictions.values()]
+    return {
+        "dangling": sum(rules.dangling(w) for w in words) / len(words),
+        "subjectless": sum(rules.subjectless(w) for w in words) / len(words),
+    }
 
 
 def _coco_id(image_id: str) -> int | str:

@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from captioner import Captioner, DecodingOptions, EncoderConfig, Vocabulary
+from captioner.caption_rules import CaptionRules
 from captioner.checkpoint import checkpoint_arg, load_checkpoint, save_checkpoint
 from captioner.decoding import decode
 from captioner.model import resolve_device
@@ -77,6 +78,10 @@ class TrainConfig:
     scst_batch_images: int = 32  # images per step (per process under DDP)
     scst_lr: float = 1e-4  # constant decoder learning rate during self-critical epochs (the default model's)
     scst_max_length: int = 16  # sampled captions end after this many words
+    # where captions may start and end, learned from the training captions (captioner.caption_rules): no
+    # caption ends on "a", "on" or "wooden", none starts with "is"; validation decoding and self-critical
+    # sampling follow them, and checkpoints carry them for every decoding method
+    caption_rules: bool = True
     # run control
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -280,13 +285,14 @@ class _TrainModule(nn.Module):
     def __init__(self, model: Captioner) -> None:
         super().__init__()
         self.encoder, self.decoder = model.encoder, model.decoder
+        self.rules = model.rule_masks()  # the self-critical sampler follows the caption rules
 
     def forward(self, inputs: torch.Tensor, captions: torch.Tensor | None, from_pixels: bool, sample=None):
         """Teacher-forced logits for ``captions``; with ``sample=(samples, max_length)``, sampled captions
         and their log-probabilities instead (self-critical training). Either way through DDP's hooks."""
         grid = self.encoder.forward_features(inputs) if from_pixels else inputs  # (B, C, h, w)
         if sample is not None:
-            return sample_captions(self.decoder, grid, *sample)
+            return sample_captions(self.decoder, grid, *sample, rules=self.rules)
         return self.decoder(grid, captions)
 
 
@@ -333,6 +339,11 @@ class Trainer:
             vocab = Vocabulary.build(self.corpus.train_captions(), min_count=config.min_word_count)
             encoder = EncoderConfig(config.encoder, config.encoder_weights, trainable=False)
             self.model = Captioner.build(encoder, vocab, **config.decoder_kwargs())
+        if not config.caption_rules:
+            self.model.caption_rules = None
+        elif self.model.caption_rules is None or resume_state is None:  # this run's own training captions
+            captions = (tokenize(c) for c in self.corpus.train_captions())
+            self.model.caption_rules = CaptionRules.derive(captions)
         self.model.to(self.device)
         self.vocab = self.model.vocab
         self.train_split = Split(self.corpus.split("train"))
@@ -838,7 +849,7 @@ class Trainer:
                 logits, alphas = model.decoder(grid[[i for i, _ in pairs]], captions)
                 total += float(caption_loss(logits, alphas, captions, c)) * len(pairs)
                 count += len(pairs)
-            for r, hyps in zip(rows, decode(model.decoder, grid, options), strict=True):
+            for r, hyps in zip(rows, decode(model.decoder, grid, options, model.rule_masks()), strict=True):
                 if r in by_row:
                     predictions[split.records[r].image_id] = self.vocab.decode(hyps[0].tokens)
         references = {k: v for k, v in self.val_corpus_references().items() if k in predictions}

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from captioner.caption_rules import RuleMasks
 from captioner.decoder import CaptionDecoder
 from captioner.decoding import next_word_logits
 from captioner.vocab import Vocabulary
@@ -89,23 +90,26 @@ class CiderD:
 
 
 def sample_captions(
-    decoder: CaptionDecoder, grid: torch.Tensor, samples: int, max_length: int
+    decoder: CaptionDecoder, grid: torch.Tensor, samples: int, max_length: int, rules: RuleMasks | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample ``samples`` captions per image, feeding each sampled word back in, with gradients.
 
     Returns ``tokens (B*samples, T)`` (``<end>`` included, then ``<pad>``), the log-probability of
     each chosen token ``(B*samples, T)`` and the mask of real tokens ``(B*samples, T)``. Rows are
     image-major: the samples of image 0, then image 1, ... ``<pad>``, ``<start>`` and ``<unk>`` are
-    never sampled (as in ``captioner.decoding``), and a caption still going at ``max_length`` words
-    ends there.
+    never sampled (as in ``captioner.decoding``), nor what ``rules`` forbid (a caption may not stop
+    where human captions never do: the reward cannot favour what decoding will not produce), and a
+    caption still going at ``max_length`` words ends there.
     """
     rows = grid.shape[0] * samples
     state = decoder.init_state(grid).repeat_interleave(samples)
     tokens = torch.full((rows,), Vocabulary.bos_id, dtype=torch.long, device=grid.device)
+    before: torch.Tensor | None = None
     finished = torch.zeros(rows, dtype=torch.bool, device=grid.device)
     chosen, log_probs, masks = [], [], []
     for t in range(max_length + 1):
-        logits, state, _ = next_word_logits(decoder, tokens, state)
+        logits, state, _ = next_word_logits(decoder, tokens, state, rules if t < max_length else None, before)
+        before = tokens
         logp = logits.log_softmax(-1)  # (R, V)
         if t == max_length:
             tokens = torch.full_like(tokens, Vocabulary.eos_id)

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from captioner import Captioner, DecodingOptions
+from captioner.caption_rules import CaptionRules
 from captioner.checkpoint import CheckpointError
 from captioner.cli import main
 from captioner.onnx_backend import BackendUnavailable, cached_export_dir
@@ -42,6 +43,9 @@ def _photos(tmp: Path, count: int = 3) -> list[str]:
     return paths
 
 
+RULES = CaptionRules(frozenset({"a", "the", "on", "in"}), frozenset({("black", "dog")}), frozenset({"on", "runs"}))
+
+
 @dataclass
 class Exported:
     checkpoint: Path
@@ -53,7 +57,9 @@ class Exported:
 
 def _export(tmp: Path, **decoder_kwargs) -> Exported:
     checkpoint = tmp / "model.pt"
-    tiny_captioner(**decoder_kwargs).save(checkpoint)
+    model = tiny_captioner(**decoder_kwargs)
+    model.caption_rules = RULES  # every parity test below decodes under them on both backends
+    model.save(checkpoint)
     reference = Captioner.from_checkpoint(checkpoint)
     export_onnx(reference, tmp / "onnx", source=str(checkpoint), source_sha256="0" * 64)
     onnx_model = Captioner.from_checkpoint(tmp / "onnx", backend="onnxruntime")
@@ -148,6 +154,7 @@ def test_the_export_folder_holds_the_graphs_and_what_describes_them(exported) ->
     assert {p.name for p in folder.iterdir()} == {*GRAPH_FILES.values(), METADATA_FILE}
     meta = json.loads((folder / METADATA_FILE).read_text())
     assert meta["vocab"] == list(reference.vocab.tokens)
+    assert reference.caption_rules == onnx_model.caption_rules == RULES  # the rules travel in the export
     assert Preprocess.from_dict(meta["preprocess"]) == reference.preprocess_config
     assert meta["config"]["decoder"] == reference.config.to_dict()["decoder"]
     assert meta["source"]["sha256"] == "0" * 64 and meta["opset"] >= 17

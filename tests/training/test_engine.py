@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from captioner import Captioner
+from captioner.caption_rules import CaptionRules
+from captioner.text import tokenize
 from tests.helpers import free_port, make_flickr_folder, require_data
 from training.cli import eval_main, parse_train_config, train_main
+from training.data import load_corpus
 from training.engine import TrainConfig, Trainer, epoch_batches, train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -235,6 +238,11 @@ def test_train_and_eval_clis(shapes, cache_dir, tmp_path, capsys):
     assert resolved.embed_dim == 16 and resolved.epochs == 2  # file sets, flags override
     assert train_main(argv) == 0
     assert json.loads((tmp_path / "run" / "config.json").read_text())["hidden_dim"] == 16
+    assert parse_train_config([*argv, "--no-caption-rules"]).caption_rules is False
+    # the run learned its caption rules from its own training captions, and its checkpoints carry them
+    train_captions = [tokenize(c) for c in load_corpus(str(shapes)).train_captions()]
+    trained = Captioner.from_checkpoint(tmp_path / "run" / "best.pt")
+    assert trained.caption_rules == CaptionRules.derive(train_captions)
     out = tmp_path / "eval"
     cache_folders = sorted(p.name for p in Path(cache_dir).iterdir())
     code = eval_main(
@@ -266,6 +274,8 @@ def test_train_and_eval_clis(shapes, cache_dir, tmp_path, capsys):
     assert "CIDEr" in printed and "BLEU-4" in printed
     report = json.loads((out / "metrics.json").read_text())
     assert report["images"] == 8 and set(report["metrics"]) >= {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"}
+    assert 0.0 <= report["metrics"]["dangling"] <= 1.0 and 0.0 <= report["metrics"]["subjectless"] <= 1.0
+    assert "dangling" in printed
     predictions = json.loads((out / "predictions.json").read_text())
     assert len(predictions) == 8 and set(predictions[0]) == {"image_id", "caption"}
 
