@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import re
-import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -48,7 +46,6 @@ from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "coco-mini" / "train2017"
-_LISTENING = re.compile(r"Uvicorn running on (http://127\.0\.0\.1:\d+)")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -182,62 +179,48 @@ class Bare:
         return _median_ms(lambda: self.model.preprocess([load_image(self.images[self._next()])]), runs)
 
 
+def _load_launcher():
+    """tests/service/server.py, which starts ``captioner-serve`` for the tests as well, loaded from its file: the
+    install provides neither tests/ nor bench/ as packages, and a script's folder is what it can import from."""
+    spec = importlib.util.spec_from_file_location("captioner_tests_server", ROOT / "tests" / "service" / "server.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+_launcher = _load_launcher()
+
+
 class Server:
-    """``python -m service.cli --port 0`` with the given CAPTIONER_* environment."""
+    """``captioner-serve --port 0`` with the given CAPTIONER_* environment (the caller's own stay out, but for
+    where exports made on first use are cached), started by the tests' launcher."""
 
     def __init__(self, checkpoint: Path | None, device: str, env: dict[str, str], threads: int | None) -> None:
-        args = [sys.executable, "-m", "service.cli", "--host", "127.0.0.1", "--port", "0", "--no-access-log"]
-        args += ["--device", device]
+        args = ["--host", "127.0.0.1", "--port", "0", "--no-access-log", "--device", device]
         if checkpoint is not None:
             args += ["--checkpoint", str(checkpoint)]
-        # the caller's settings stay out, but for where exports made on first use are cached
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_") or k == "CAPTIONER_CACHE_DIR"}
         if threads is not None:
-            environ["OMP_NUM_THREADS"] = str(threads)
-        self.process = subprocess.Popen(
-            args,
-            cwd=ROOT,
-            env={**environ, **env, "PYTHONUNBUFFERED": "1"},
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        self.url: str | None = None
-        self.log: list[str] = []
-        threading.Thread(target=self._collect, daemon=True).start()
-
-    def _collect(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.log.append(line)
-            match = _LISTENING.search(line)
-            if match:
-                self.url = match.group(1)
+            env = {"OMP_NUM_THREADS": str(threads), **env}
+        self.server = _launcher.launch(args, env)
 
     def wait_ready(self, timeout: float = 120.0) -> str:
-        deadline = time.monotonic() + timeout
-        while self.url is None:
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("captioner-serve did not start:\n" + "".join(self.log))
-            time.sleep(0.05)
-        return self.url
+        try:
+            return self.server.wait_ready(timeout)
+        except RuntimeError as exc:
+            raise SystemExit(str(exc)) from None
 
     def peak_rss_mb(self) -> float | None:
         """The server process's peak resident memory (Linux), read before it stops."""
         try:
-            status = Path(f"/proc/{self.process.pid}/status").read_text()
+            status = Path(f"/proc/{self.server.process.pid}/status").read_text()
         except OSError:
             return None
         match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
         return int(match.group(1)) / 1024 if match else None
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        _launcher.stop(self.server, timeout=30)
 
 
 class Connection:

@@ -109,22 +109,24 @@ def main(argv: list[str] | None = None) -> None:
     rows.append(("encoder images/s", bare, ours, 0.70))
 
     with tempfile.TemporaryDirectory() as tmp:
-        config = TrainConfig(
-            data=args.data,
-            output_dir=f"{tmp}/run",
-            cache_dir=f"{tmp}/cache",
-            encoder=args.encoder,
-            attention=False,
-            embed_dim=args.hidden,
-            hidden_dim=args.hidden,
-            epochs=1,
-            batch_size=args.batch_size,
-            limit_images=args.train_images,
-            device=args.device,
-            num_workers=args.num_workers,
-            progress=False,
-            val_max_images=8,
-            warmup_steps=1,
+        config = TrainConfig.from_dict(
+            dict(
+                data=args.data,
+                output_dir=f"{tmp}/run",
+                cache_dir=f"{tmp}/cache",
+                encoder=args.encoder,
+                attention=False,
+                embed_dim=args.hidden,
+                hidden_dim=args.hidden,
+                epochs=1,
+                batch_size=args.batch_size,
+                limit_images=args.train_images,
+                device=args.device,
+                num_workers=args.num_workers,
+                progress=False,
+                val_max_images=8,
+                warmup_steps=1,
+            )
         )
         trainer = Trainer(config)
         vocab = len(trainer.vocab)

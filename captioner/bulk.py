@@ -337,10 +337,10 @@ def _collect(chunk: list[str], futures: list) -> Batch:
 
 def caption_records(model, batch: Batch, options) -> list[dict[str, Any]]:
     """One record per image of ``batch``: its captions, or its error."""
-    readable = [i for i, crop in enumerate(batch.crops) if crop is not None]
+    readable = {i: crop for i, crop in enumerate(batch.crops) if crop is not None}
     results = {}
     if readable:
-        pixels = normalize_crops(np.stack([batch.crops[i] for i in readable]), model.preprocess_config)
+        pixels = normalize_crops(np.stack(list(readable.values())), model.preprocess_config)
         results = dict(zip(readable, model.caption_pixels(pixels, options), strict=True))
     records = []
     for i, path in enumerate(batch.paths):

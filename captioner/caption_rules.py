@@ -56,7 +56,11 @@ class CaptionRules:
         """From tokenised training captions (lists of words, no special tokens)."""
         if not 0.0 < max_rate < 1.0:
             raise ValueError(f"max_rate must be in (0, 1), got {max_rate}")
-        seen, ends, starts, pairs_seen, pairs_end = Counter(), Counter(), Counter(), Counter(), Counter()
+        seen: Counter[str] = Counter()
+        ends: Counter[str] = Counter()
+        starts: Counter[str] = Counter()
+        pairs_seen: Counter[tuple[str, str]] = Counter()
+        pairs_end: Counter[tuple[str, str]] = Counter()
         for words in captions:
             if not words:
                 continue

@@ -7,13 +7,14 @@ import dataclasses
 import json
 import os
 import sys
+import typing
 from dataclasses import asdict
 from pathlib import Path
 
 from captioner.bulk import InputError, default_workers
 from captioner.caption_rules import DEFAULT_MAX_RATE
 from captioner.checkpoint import CheckpointError, checkpoint_arg
-from captioner.decoding import METHODS, DecodingOptions
+from captioner.decoding import DecodingOptions
 from captioner.encoders import EncoderWeightsError
 from captioner.model import BACKEND_CHOICES, BACKENDS
 from captioner.onnx_backend import BackendUnavailable
@@ -138,18 +139,24 @@ def add_backend_arg(
 def add_decoding_args(parser: argparse.ArgumentParser) -> None:
     """The decoding flags, shared by every command that captions (``captioner``, ``captioner-eval``).
 
-    An option the method does not use (``--beam-size`` with ``--method sample``) is refused by
-    :class:`DecodingOptions`, as the service refuses it.
+    One flag per :class:`DecodingOptions` field (``max_length`` -> ``--max-length``), with its type,
+    default, and help or choices. An option the method does not use (``--beam-size`` with ``--method
+    sample``) is refused by :class:`DecodingOptions`, as the service refuses it.
     """
-    parser.add_argument("--method", default="beam", choices=list(METHODS))
-    parser.add_argument("--beam-size", type=int, default=3)
-    parser.add_argument("--length-penalty", type=float, default=0.0)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--num-captions", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--max-length", type=int, default=20)
+    types = typing.get_type_hints(DecodingOptions)
+    for option in dataclasses.fields(DecodingOptions):
+        hint = types[option.name]
+        kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint)  # int | None -> int
+        help_text = option.metadata.get("help", "").replace("%", "%%")
+        if option.default is not None:
+            help_text = f"{help_text} (default: %(default)s)".lstrip()
+        parser.add_argument(
+            "--" + option.name.replace("_", "-"),
+            type=kind,
+            default=option.default,
+            choices=option.metadata.get("choices"),
+            help=help_text or None,
+        )
 
 
 def decoding_options_from_args(args: argparse.Namespace) -> DecodingOptions:
@@ -218,6 +225,7 @@ def _caption(args: argparse.Namespace) -> int:
     skipped = len(inputs.paths[rank::world]) - len(todo)
     printer = _Printer(args.json, sink)
     if skipped:
+        assert sink is not None  # only an --output file holds images already captioned
         print(f"captioner: {skipped} images already in {sink.path}; captioning the other {len(todo)}", file=sys.stderr)
     bar = progress_bar(len(todo), None, not args.no_progress and sys.stderr.isatty())
     try:

@@ -26,17 +26,10 @@ Needs httpx: ``pip install 'captioner[client]'``.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import email.utils
-import io
-import mimetypes
 import os
 import random
-import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 try:
@@ -46,9 +39,30 @@ except ImportError as exc:
 
 from PIL import Image
 
+from captioner.client_wire import (
+    _TRANSIENT,
+    BACKOFF_START,
+    IMAGE_FIELD,
+    RETRY_STATUSES,
+    CaptionError,
+    CaptionResponse,
+    ClientRequestError,
+    ConnectionFailed,
+    ImageInput,
+    ImageReadError,
+    ServerBusyError,
+    ServerError,
+    _async_sleep,
+    _check_image_type,
+    _connection_failed,
+    _query,
+    _read_reply,
+    _resolve_options,
+    _retry_after,
+    _sleep,
+    _upload,
+)
 from captioner.decoding import DecodingOptions
-from captioner.model import Caption
-from captioner.transforms import ImageError, load_image
 
 __all__ = [
     "AsyncCaptionClient",
@@ -61,221 +75,6 @@ __all__ = [
     "ServerBusyError",
     "ServerError",
 ]
-
-ImageInput = str | os.PathLike | bytes | Image.Image
-
-OPTION_NAMES = tuple(f.name for f in dataclasses.fields(DecodingOptions))
-RETRY_STATUSES = frozenset((429, 503))  # "come back later": the server said so, the request itself was fine
-BACKOFF_START = 0.5  # seconds before the first retry when the server gave no Retry-After
-IMAGE_FIELD = "image"
-
-
-# -- errors ---------------------------------------------------------------------------------------
-
-
-class CaptionError(Exception):
-    """A request that gave no captions: the HTTP ``status`` (None when no answer came), a stable ``code``
-    (the server's, e.g. ``unsupported_image_format``) and a one-line ``message``."""
-
-    def __init__(self, status: int | None, code: str, message: str) -> None:
-        super().__init__(f"{status} {code}: {message}" if status is not None else f"{code}: {message}")
-        self.status = status
-        self.code = code
-        self.message = message
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # the default reduce passes only the formatted text back to __init__; this keeps errors picklable
-        return (self.__class__, (self.status, self.code, self.message))
-
-
-class ClientRequestError(CaptionError):
-    """4xx: the request itself is wrong (bad image, too large, bad key, bad option). Never retried."""
-
-
-class ServerBusyError(CaptionError):
-    """503 or 429 still answered after every retry: the server is shedding load; try later or more slowly."""
-
-
-class ServerError(CaptionError):
-    """Any other failure on the server's side (500, a proxy's 502/504, a body that is not a caption response)."""
-
-
-class ConnectionFailed(CaptionError):
-    """No answer at all (refused, reset, timed out) after every retry; ``status`` is None."""
-
-
-class ImageReadError(CaptionError):
-    """The image could not be read or encoded here (a missing file, a broken PIL image); nothing was sent."""
-
-
-# -- responses ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CaptionResponse:
-    """What ``POST /caption`` answered; ``raw`` is the whole JSON body (image size, attention region, ...)."""
-
-    captions: list[Caption]  # best first; the library's own Caption, so code works against either
-    options: dict[str, Any]  # the decoding options the server applied, defaults filled in
-    model_id: str
-    timing: dict[str, Any]  # total_ms, decode_ms, queue_ms, model_ms, batch_size
-    attention_shape: tuple[int, int] | None = None  # (h, w) grid the attention weights cover; attention=True only
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    @classmethod
-    def from_json(cls, body: Mapping[str, Any]) -> CaptionResponse:
-        """Parse a ``POST /caption`` body; raises KeyError/TypeError/ValueError when it is not one."""
-        captions = [
-            Caption(
-                text=str(c["text"]),
-                tokens=[str(t) for t in c["tokens"]],
-                log_prob=float(c["log_prob"]),
-                score=float(c["score"]),
-                attention=c.get("attention"),
-            )
-            for c in body["captions"]
-        ]
-        shape = body.get("attention_shape")
-        return cls(
-            captions=captions,
-            options=dict(body["options"]),
-            model_id=str(body["model_id"]),
-            timing=dict(body["timing"]),
-            attention_shape=(int(shape[0]), int(shape[1])) if shape else None,
-            raw=dict(body),
-        )
-
-
-# -- requests: options, images, answers -----------------------------------------------------------
-
-
-def _resolve_options(options: DecodingOptions | None, fields: Mapping[str, Any]) -> DecodingOptions:
-    """``options`` with ``fields`` (DecodingOptions field names) laid over it, checked by the library itself.
-
-    Building the :class:`DecodingOptions` here means a bad option raises the library's ``ValueError`` before
-    any request is made, with the same message the CLI and the library give.
-    """
-    unknown = [name for name in fields if name not in OPTION_NAMES]
-    if unknown:
-        raise TypeError(f"unknown option {unknown[0]!r}; expected one of {', '.join(OPTION_NAMES)}")
-    if options is None:
-        return DecodingOptions(**fields)
-    if not isinstance(options, DecodingOptions):
-        raise TypeError(f"options must be a captioner.DecodingOptions or None, got {type(options).__name__}")
-    return dataclasses.replace(options, **fields) if fields else options
-
-
-def _query(options: DecodingOptions, attention: bool) -> dict[str, Any]:
-    """The options the method uses (``to_dict``), so the server runs exactly what was checked here; ``seed``
-    only when set (None: random)."""
-    params = {name: value for name, value in options.to_dict().items() if value is not None}
-    if attention:
-        params["attention"] = "true"
-    return params
-
-
-def _check_image_type(image: object) -> None:
-    if not isinstance(image, str | os.PathLike | bytes | bytearray | memoryview | Image.Image):
-        raise TypeError(f"image must be a path, bytes or a PIL image, got {type(image).__name__}")
-
-
-def _upload(image: ImageInput) -> tuple[str, bytes, str]:
-    """The multipart file part ``(filename, bytes, content type)`` for ``image``.
-
-    Files and bytes go as they are: the server sniffs the format and applies EXIF orientation, and a JPEG
-    stays small. A PIL image goes as lossless PNG of the upright RGB pixels the library itself would
-    caption, so the server's caption equals ``Captioner.caption`` on the same image.
-    """
-    _check_image_type(image)
-    if isinstance(image, bytes | bytearray | memoryview):
-        return IMAGE_FIELD, bytes(image), "application/octet-stream"
-    if isinstance(image, Image.Image):
-        return "image.png", _encode_png(image), "image/png"
-    path = Path(image)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ImageReadError(None, "unreadable_file", f"cannot read {path}: {exc.strerror or exc}") from exc
-    return path.name, data, mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-
-
-def _encode_png(image: Image.Image) -> bytes:
-    try:
-        upright = load_image(image, max_pixels=None)  # the server enforces its own pixel limit
-    except ImageError as exc:
-        raise ImageReadError(None, "invalid_image", str(exc)) from exc
-    buffer = io.BytesIO()
-    upright.save(buffer, "PNG", compress_level=1)  # size matters less than time on the way to a local server
-    return buffer.getvalue()
-
-
-def _read_reply(response: httpx.Response, attempts: int) -> CaptionResponse:
-    """A 2xx body as a :class:`CaptionResponse`; anything else as the matching :class:`CaptionError`."""
-    if not response.is_success:
-        raise _error_for(response, attempts)
-    try:
-        return CaptionResponse.from_json(response.json())
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
-        message = f"not a caption response ({exc.__class__.__name__}: {exc}): {response.text[:200]!r}"
-        raise ServerError(response.status_code, "invalid_response", message) from None
-
-
-def _error_for(response: httpx.Response, attempts: int) -> CaptionError:
-    status = response.status_code
-    code, message = _error_body(response)
-    if status in RETRY_STATUSES:
-        return ServerBusyError(status, code, f"{message} ({_gave_up(attempts)})")
-    if 400 <= status < 500:
-        return ClientRequestError(status, code, message)
-    return ServerError(status, code, message)
-
-
-def _error_body(response: httpx.Response) -> tuple[str, str]:
-    """The service's ``{"error": {"code", "message"}}``, or the status line and text from a proxy in front."""
-    try:
-        error = response.json()["error"]
-        return str(error["code"]), str(error["message"])
-    except (ValueError, KeyError, TypeError):
-        text = " ".join(response.text.split())[:200]
-        return "http_error", f"{response.reason_phrase or 'HTTP ' + str(response.status_code)}: {text}".rstrip(": ")
-
-
-def _connection_failed(base_url: str, exc: httpx.TransportError, attempts: int) -> ConnectionFailed:
-    code = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection_failed"
-    detail = str(exc) or exc.__class__.__name__
-    return ConnectionFailed(None, code, f"no answer from {base_url}: {detail} ({_gave_up(attempts)})")
-
-
-def _gave_up(attempts: int) -> str:
-    return f"gave up after {attempts} attempt{'' if attempts == 1 else 's'}"
-
-
-# Failures worth another try: the request may never have reached the server, or it restarted mid-way.
-# UnsupportedProtocol and LocalProtocolError are this side's mistakes and would fail the same way again.
-_TRANSIENT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError, httpx.ProxyError)
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date); None when absent or unreadable."""
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
-            return None
-    return max(0.0, seconds) if seconds == seconds else None  # NaN is unreadable too
-
-
-# Indirections so tests can see the waits without waiting.
-def _sleep(seconds: float) -> None:
-    time.sleep(seconds)
-
-
-async def _async_sleep(seconds: float) -> None:
-    await asyncio.sleep(seconds)
 
 
 # -- clients --------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,7 +34,8 @@ class DecoderState:
         def rep(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.repeat_interleave(n, dim=0)
 
-        return DecoderState(tuple(rep(h) for h in self.hidden), rep(self.memory), rep(self.keys))
+        hidden = tuple(h.repeat_interleave(n, dim=0) for h in self.hidden)
+        return DecoderState(hidden, rep(self.memory), rep(self.keys))
 
 
 class CaptionDecoder(nn.Module):
@@ -102,6 +105,7 @@ class CaptionDecoder(nn.Module):
     # -- one step ---------------------------------------------------------------------------------
 
     def _attend(self, state: DecoderState) -> tuple[torch.Tensor, torch.Tensor]:
+        assert state.keys is not None and state.memory is not None  # init_state fills both with attention on
         h_top = state.hidden[0][:, -1]  # (B, H)
         query = self.att_query(h_top).unsqueeze(1)  # (B, 1, A)
         scores = self.att_score(torch.tanh(state.keys + query)).squeeze(-1)  # (B, N)
@@ -128,8 +132,13 @@ class CaptionDecoder(nn.Module):
         per call); the fused single-step cell functions are what ``nn.LSTMCell`` runs, on the same
         parameters, so the fused whole-sequence kernel stays available for teacher forcing.
         """
-        cell = {"lstm": torch.lstm_cell, "gru": torch.gru_cell, "rnn": torch.rnn_tanh_cell}[self.config.cell]
-        layers = []
+        cells: dict[str, Callable[..., Any]] = {
+            "lstm": torch.lstm_cell,
+            "gru": torch.gru_cell,
+            "rnn": torch.rnn_tanh_cell,
+        }
+        cell = cells[self.config.cell]
+        layers: list[tuple[torch.Tensor, ...]] = []
         for layer in range(self.config.num_layers):
             if layer > 0 and self.training and self.rnn.dropout > 0:
                 x = nn.functional.dropout(x, self.rnn.dropout, training=True)
@@ -167,9 +176,11 @@ class CaptionDecoder(nn.Module):
             hx = tuple(h.transpose(0, 1).contiguous() for h in state.hidden)
             out, _ = self.rnn(inputs, hx if len(hx) == 2 else hx[0])  # (B, T-1, H)
             return self.head(self.dropout(out)), None  # (B, T-1, V)
-        outs, alphas = [], []
+        outs: list[torch.Tensor] = []
+        alphas: list[torch.Tensor] = []
         for t in range(inputs.shape[1]):
             out, state, alpha = self._advance(inputs[:, t], state)
+            assert alpha is not None  # attention is on
             outs.append(out)
             alphas.append(alpha)
         out = torch.stack(outs, dim=1)  # (B, T-1, H)

@@ -6,7 +6,7 @@ feeding each chosen word back in. Each image's result is a list of :class:`Hypot
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -39,17 +39,27 @@ APPLIES_TO = {
 
 @dataclass(frozen=True)
 class DecodingOptions:
-    """How to turn image features into words. Invalid values raise ``ValueError`` naming the range."""
+    """How to turn image features into words. Invalid values raise ``ValueError`` naming the range.
 
-    method: str = "beam"  # greedy | sample | beam
-    max_length: int = 20  # most words in a caption (the end token not counted)
-    beam_size: int = 3  # beams per image (beam)
-    length_penalty: float = 0.0  # final beam ranking by log_prob / (words + 1) ** length_penalty
-    temperature: float = 1.0  # softmax temperature (sample)
-    top_k: int = 0  # keep the k most likely words; 0 keeps all (sample)
-    top_p: float = 1.0  # nucleus: keep the smallest set with this much probability (sample)
-    num_captions: int = 1  # captions returned per image (sample: independent draws; beam: best beams)
-    seed: int | None = None  # same seed => same samples (sample)
+    Every front end (the ``captioner`` and ``captioner-eval`` flags, the service's ``/caption`` options)
+    is made from these fields: their names, types and defaults, and each field's ``metadata``: ``help``,
+    what it does in a few words (the front end adds the valid values), or ``choices``, its only values.
+    """
+
+    method: str = field(default="beam", metadata={"choices": METHODS})
+    max_length: int = field(default=20, metadata={"help": "most words per caption"})  # the end token not counted
+    beam_size: int = field(default=3, metadata={"help": "beams per image (beam)"})
+    length_penalty: float = field(
+        default=0.0, metadata={"help": "beam ranking by log_prob / (words + 1) ** length_penalty"}
+    )
+    temperature: float = field(default=1.0, metadata={"help": "softmax temperature (sample)"})
+    top_k: int = field(default=0, metadata={"help": "sample from the k likeliest words"})  # 0 keeps all
+    # nucleus: sample from the smallest set of likeliest words holding this much probability
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
+    num_captions: int = field(  # sample: independent draws; beam: the best beams
+        default=1, metadata={"help": "captions returned (sample: draws, beam: best beams, <= beam_size)"}
+    )
+    seed: int | None = field(default=None, metadata={"help": "same seed, same samples (sample)"})
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -123,7 +133,8 @@ def decode(
 def greedy(
     decoder: CaptionDecoder, grid: torch.Tensor, options: DecodingOptions, rules: RuleMasks | None = None
 ) -> list[list[Hypothesis]]:
-    return [[h] for h in _rollout(decoder, grid, options.max_length, lambda logits: logits.argmax(-1), rules)]
+    rolled = rollout(decoder, grid, options.max_length, lambda logits: logits.argmax(-1), rules)
+    return [[h] for h in _hypotheses(rolled)]
 
 
 @torch.inference_mode()
@@ -139,7 +150,7 @@ def sample(
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
 
     n = options.num_captions
-    hyps = _rollout(decoder, grid.repeat_interleave(n, dim=0), options.max_length, choose, rules)
+    hyps = _hypotheses(rollout(decoder, grid.repeat_interleave(n, dim=0), options.max_length, choose, rules))
     return [hyps[i * n : (i + 1) * n] for i in range(grid.shape[0])]
 
 
@@ -182,41 +193,73 @@ def next_word_logits(
     return logits, state, alpha
 
 
-def _rollout(
-    decoder: CaptionDecoder, grid: torch.Tensor, max_length: int, choose, rules: RuleMasks | None = None
-) -> list[Hypothesis]:
-    """Feed each chosen word back in until every row has produced ``<end>`` or hit ``max_length``."""
-    batch, device = grid.shape[0], grid.device
-    eos = Vocabulary.eos_id
+@dataclass(frozen=True)
+class Rollout:
+    """Captions made word by word, one row each (see :func:`rollout`); T is the longest caption + 1."""
+
+    tokens: torch.Tensor  # (R, T) the chosen words, then <end>, then <pad>
+    log_probs: torch.Tensor  # (R, T) each token's log-probability under the decoder; 0 after <end>
+    mask: torch.Tensor  # (R, T) bool: a real token (a word or the <end>)
+    attention: torch.Tensor | None  # (R, T, N) fp32 attention weights of each step; None without attention
+
+
+def rollout(
+    decoder: CaptionDecoder,
+    grid: torch.Tensor,
+    max_length: int,
+    choose,
+    rules: RuleMasks | None = None,
+    *,
+    samples: int = 1,
+) -> Rollout:
+    """Feed each chosen word back in until every row has produced ``<end>`` or hit ``max_length``.
+
+    ``choose`` maps next-word logits ``(R, V)`` to word ids ``(R,)``: argmax for greedy, a draw for
+    sampling. ``samples`` rows per image of ``grid (B, C, h, w)``, image-major, share the image's
+    initial state. Not under ``inference_mode``: :func:`greedy` and :func:`sample` call it there, the
+    self-critical sampler (``training.scst.sample_captions``) with gradients, through ``log_probs``.
+    """
     state = decoder.init_state(grid)
-    tokens = torch.full((batch,), Vocabulary.bos_id, dtype=torch.long, device=device)
+    if samples > 1:
+        state = state.repeat_interleave(samples)
+    rows, device = grid.shape[0] * samples, grid.device
+    tokens = torch.full((rows,), Vocabulary.bos_id, dtype=torch.long, device=device)
     before: torch.Tensor | None = None
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    log_prob = torch.zeros(batch, device=device)
-    words, alphas = [], []
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    chosen, log_probs, masks, alphas = [], [], [], []
     for t in range(max_length + 1):
         # At max_length the caption must end, whatever its last word: no rule then.
         logits, state, alpha = next_word_logits(decoder, tokens, state, rules if t < max_length else None, before)
         before = tokens
         # Out of room at max_length: the caption ends there.
-        tokens = torch.full_like(tokens, eos) if t == max_length else choose(logits)
-        step_logp = logits.log_softmax(-1).gather(1, tokens.unsqueeze(1)).squeeze(1)  # (B,)
-        log_prob += step_logp.masked_fill(finished, 0.0)
-        tokens = tokens.masked_fill(finished, eos)
-        words.append(tokens)
+        tokens = torch.full_like(tokens, Vocabulary.eos_id) if t == max_length else choose(logits)
+        tokens = tokens.masked_fill(finished, Vocabulary.pad_id)  # (R,)
+        step_logp = logits.log_softmax(-1).gather(1, tokens.unsqueeze(1)).squeeze(1)  # (R,)
+        # A finished row's <pad> has log-probability -inf: zero it, do not multiply it by 0 (NaN).
+        log_probs.append(step_logp.masked_fill(finished, 0.0))
+        chosen.append(tokens)
+        masks.append(~finished)
         if alpha is not None:
             alphas.append(alpha.float())
-        finished |= tokens == eos
+        # Not in place: autograd keeps this step's mask for the backward pass of masked_fill.
+        finished = finished | (tokens == Vocabulary.eos_id)
         if bool(finished.all()):
             break
-    words_t = torch.stack(words, dim=1).cpu()  # (B, T)
-    alphas_t = torch.stack(alphas, dim=1).cpu() if alphas else None  # (B, T, N)
-    log_prob = log_prob.cpu()
+    attention = torch.stack(alphas, dim=1) if alphas else None  # (R, T, N)
+    return Rollout(torch.stack(chosen, dim=1), torch.stack(log_probs, dim=1), torch.stack(masks, dim=1), attention)
+
+
+def _hypotheses(rolled: Rollout) -> list[Hypothesis]:
+    log_prob = torch.zeros(rolled.log_probs.shape[0], device=rolled.log_probs.device)
+    for step_logp in rolled.log_probs.unbind(1):  # added up step by step, as beam search adds its scores
+        log_prob += step_logp
+    tokens, log_prob = rolled.tokens.cpu(), log_prob.cpu()  # (R, T), (R,)
+    attention = rolled.attention.cpu() if rolled.attention is not None else None  # (R, T, N)
     out = []
-    for i in range(batch):
-        seq = _until_eos(words_t[i].tolist())
+    for i in range(tokens.shape[0]):
+        seq = _until_eos(tokens[i].tolist())
         lp = float(log_prob[i])
-        att = alphas_t[i, : len(seq)] if alphas_t is not None else None
+        att = attention[i, : len(seq)] if attention is not None else None
         out.append(Hypothesis(seq, lp, lp, att))
     return out
 

@@ -215,10 +215,10 @@ def _resnet(name: str, config: EncoderConfig) -> ImageEncoder:
 
     def conv_bn_pairs() -> list[tuple[nn.Module, str, str]]:
         pairs: list[tuple[nn.Module, str, str]] = [(body, "0", "1")]  # conv1, bn1
-        for stage in body[4:]:
-            for block in stage:
+        for stage in list(body.children())[4:]:  # layer1 .. layer4
+            for block in stage.children():
                 pairs += [(block, f"conv{i}", f"bn{i}") for i in (1, 2, 3) if hasattr(block, f"conv{i}")]
-                if block.downsample is not None:
+                if isinstance(block.downsample, nn.Module):  # None where the shapes already match
                     pairs.append((block.downsample, "0", "1"))
         return pairs
 

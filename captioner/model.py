@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from PIL import Image
@@ -183,6 +183,8 @@ class Captioner(nn.Module):
                     f"{source}: the installed {encoder.name} weights (sha256 {str(encoder.weights_sha256)[:12]}…) "
                     f"differ from those the model was trained with ({identity['weights_sha256'][:12]}…)"
                 )
+            if config.decoder is None:
+                raise CheckpointError(f"{source}: the checkpoint's config has no decoder")
             decoder = CaptionDecoder(config.decoder)
             decoder.load_state_dict({k: v.float() for k, v in data["decoder_state"].items()})
         except CheckpointError:
@@ -257,7 +259,7 @@ class Captioner(nn.Module):
     def caption_features(self, grid: torch.Tensor, options: DecodingOptions) -> list[CaptionResult]:
         """Caption encoder feature grids ``(B, C, h, w)`` (e.g. from a feature cache)."""
         grid = grid.to(self.device)
-        shape = tuple(grid.shape[2:]) if self.decoder.config.attention else None
+        shape = (grid.shape[2], grid.shape[3]) if self.decoder.config.attention else None
         hypotheses = decode(self.decoder, grid, options, self.rule_masks())
         return [CaptionResult([self._to_caption(h) for h in hyps], shape) for hyps in hypotheses]
 
@@ -283,7 +285,7 @@ class Captioner(nn.Module):
         elif kwargs:
             options = dataclasses.replace(options, **kwargs)
         if not isinstance(images, list | tuple):
-            images = [images]
+            images = [cast(ImageSource, images)]  # one image (a path given as str is a Sequence too)
         self.eval()
         return self.caption_pixels(self.preprocess(images), options)
 

@@ -264,6 +264,7 @@ class OnnxDecoder:
     def step(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
         parts = [tokens.long(), *state.hidden]
         if self.config.attention:
+            assert state.memory is not None and state.keys is not None  # init_state returns both with attention
             parts += [state.memory, state.keys]
         outputs = self.step_session.run(
             self._step_outputs, {name: _numpy(t) for name, t in zip(self._step_inputs, parts, strict=True)}

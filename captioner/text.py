@@ -292,7 +292,7 @@ class _Rule:
         self.trail = re.compile(_expand(trail), re.IGNORECASE) if trail is not None else None
         # The trailing context is captured inside a lookahead so its length counts towards the
         # longest match without being consumed, as in (J)Flex's r/s.
-        body = self.main.pattern if trail is None else f"(?:{self.main.pattern})(?=({self.trail.pattern}))"
+        body = self.main.pattern if self.trail is None else f"(?:{self.main.pattern})(?=({self.trail.pattern}))"
         self.combined = re.compile(body, re.IGNORECASE)
 
     def match(self, text: str, pos: int, limit: int) -> tuple[int, int]:
@@ -392,7 +392,9 @@ def _lex(text: str) -> list[str]:
             tokens.append(m.group())
             pos = m.end()
             continue
-        limit = _CHUNK_END.search(text, pos).start()
+        chunk_end = _CHUNK_END.search(text, pos)
+        assert chunk_end is not None  # "$" matches at the end of the text at the latest
+        limit = chunk_end.start()
         best_total, best_end, best_rule = 0, pos + 1, _RULES[-1]
         for rule in _RULES:
             tok_end, total_end = rule.match(text, pos, limit)

@@ -6,12 +6,13 @@ here, so that a model never sees differently prepared pixels at training and at 
 
 from __future__ import annotations
 
+import enum
 import io
 import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -31,8 +32,25 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 IMAGE_EXTENSIONS = frozenset((".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"))
 
 
+class ImageErrorCode(enum.Enum):
+    """Why an input is not a usable image: what a caller acts on (the service's HTTP status), never the wording."""
+
+    UNSUPPORTED_FORMAT = "unsupported_format"  # not one of IMAGE_FORMATS (or not an image at all)
+    TOO_LARGE = "too_large"  # over the pixel limit, or a decompression bomb
+    EMPTY_FILE = "empty_file"  # zero bytes
+    NO_SUCH_FILE = "no_such_file"  # a path that is not a file
+    INVALID_IMAGE = "invalid_image"  # truncated, corrupt, unreadable, or no pixels
+
+
 class ImageError(ValueError):
-    """An input that cannot be turned into an image (not an image, truncated, too large, ...)."""
+    """An input that cannot be turned into an image: ``code`` says why, the message says it in words."""
+
+    def __init__(self, message: str, code: ImageErrorCode) -> None:
+        super().__init__(message)
+        self.code = code
+
+    def __reduce__(self):  # pickled with its code (DataLoader workers, process pools)
+        return type(self), (str(self), self.code)
 
 
 @dataclass(frozen=True)
@@ -52,8 +70,8 @@ class Preprocess:
         return cls(
             resize=int(data["resize"]),
             crop=int(data["crop"]),
-            mean=tuple(float(v) for v in data["mean"]),
-            std=tuple(float(v) for v in data["std"]),
+            mean=cast("tuple[float, float, float]", tuple(float(v) for v in data["mean"])),
+            std=cast("tuple[float, float, float]", tuple(float(v) for v in data["std"])),
         )
 
     def crop_geometry(self, width: int, height: int) -> tuple[int, int, int, int]:
@@ -64,6 +82,12 @@ class Preprocess:
         else:
             resized_w, resized_h = max(1, int(width * self.resize / height)), self.resize
         return resized_w, resized_h, round((resized_w - self.crop) / 2), round((resized_h - self.crop) / 2)
+
+    def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """``(x0, y0, x1, y1)``: the pixels of the resized image (see :meth:`crop_geometry`) that the centre
+        crop covers, clamped to that image: a crop larger than it is padded, so it covers all of that side."""
+        resized_w, resized_h, left, top = self.crop_geometry(width, height)
+        return max(0, left), max(0, top), min(resized_w, left + self.crop), min(resized_h, top + self.crop)
 
 
 def load_image(
@@ -83,25 +107,28 @@ def load_image(
     else:
         if isinstance(source, bytes | bytearray | memoryview):
             if len(source) == 0:
-                raise ImageError("empty file: zero bytes")
+                raise ImageError("empty file: zero bytes", ImageErrorCode.EMPTY_FILE)
             fp: Any = io.BytesIO(source)
         else:
             fp = os.fspath(source)
             if not os.path.isfile(fp):
-                raise ImageError(f"no such file: {fp}")
+                raise ImageError(f"no such file: {fp}", ImageErrorCode.NO_SUCH_FILE)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image = Image.open(fp, formats=IMAGE_FORMATS)
         except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageError(_describe_open_error(exc)) from exc
+            raise _open_error(exc) from exc
         except OSError as exc:
-            raise ImageError(f"cannot read image: {exc}") from exc
+            raise ImageError(f"cannot read image: {exc}", ImageErrorCode.INVALID_IMAGE) from exc
     width, height = image.size
     if width < 1 or height < 1:
-        raise ImageError(f"image has no pixels ({width}x{height})")
+        raise ImageError(f"image has no pixels ({width}x{height})", ImageErrorCode.INVALID_IMAGE)
     if max_pixels is not None and width * height > max_pixels:
-        raise ImageError(f"image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}")
+        raise ImageError(
+            f"image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}",
+            ImageErrorCode.TOO_LARGE,
+        )
     try:
         if getattr(image, "is_animated", False):
             image.seek(0)
@@ -115,13 +142,15 @@ def load_image(
         image.info["original_size"] = (width, height)
         return image
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"truncated or corrupt image data: {exc}") from exc
+        raise ImageError(f"truncated or corrupt image data: {exc}", ImageErrorCode.INVALID_IMAGE) from exc
 
 
-def _describe_open_error(exc: Exception) -> str:
+def _open_error(exc: Exception) -> ImageError:
     if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning):
-        return "image dimensions are too large (possible decompression bomb)"
-    return "not a recognised image format (expected JPEG, PNG, GIF, WebP, BMP or TIFF)"
+        return ImageError("image dimensions are too large (possible decompression bomb)", ImageErrorCode.TOO_LARGE)
+    return ImageError(
+        "not a recognised image format (expected JPEG, PNG, GIF, WebP, BMP or TIFF)", ImageErrorCode.UNSUPPORTED_FORMAT
+    )
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -157,7 +186,8 @@ def _high_bit_to_gray(image: Image.Image) -> Image.Image:
     16-bit PNG: ~1 GB per decoding thread).
     """
     width, height = image.size
-    low, high = image.getextrema()  # in Pillow, without a copy of the pixels
+    # in Pillow, without a copy of the pixels; one band (HIGH_BIT_MODES), so (min, max), not one pair per band
+    low, high = cast("tuple[float, float]", image.getextrema())
     if image.mode == "F":
         scale = 255.0 if high <= 1.0 else 1.0
     elif image.mode.startswith("I;16") or high > 255:
@@ -185,9 +215,9 @@ def resize_crop(image: Image.Image, preprocess: Preprocess) -> Image.Image:
     """
     width, height = image.size
     resized_w, resized_h, left, top = preprocess.crop_geometry(width, height)
+    x0, y0, x1, y1 = preprocess.crop_box(width, height)
     sx, sy = width / resized_w, height / resized_h
     crop = preprocess.crop
-    x0, y0, x1, y1 = max(0, left), max(0, top), min(resized_w, left + crop), min(resized_h, top + crop)
     box = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
     out = image.resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR, box=box)
     if out.size != (crop, crop):

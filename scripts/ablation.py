@@ -23,12 +23,9 @@ DECODINGS = {
     "beam3": ["--method", "beam", "--beam-size", "3"],
     "sample T0.7": ["--method", "sample", "--temperature", "0.7", "--seed", "0"],
 }
-# the default model's recipe (scripts/train_default_model.sh) except for the epoch budget
-TRAIN_FLAGS = [
-    "--encoder", "efficientnet_lite2", "--embed-dim", "512", "--hidden-dim", "512", "--attention-dim", "512",
-    "--dropout", "0.5", "--min-word-count", "5", "--batch-size", "64", "--lr", "5e-4", "--warmup-steps", "300",
-    "--label-smoothing", "0.1", "--seed", "0",
-]  # fmt: skip
+# the default model's recipe; each run sets its cell and attention, and the ablation its epoch budget, all
+# cross-entropy (the recipe's self-critical phase is not part of the comparison)
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "default_model.yaml"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -51,14 +48,21 @@ def _slug(cell: str, attention: bool) -> str:
     return f"{cell}-{'att' if attention else 'noatt'}"
 
 
+def train_command(args, cell: str, attention: bool) -> list[str]:
+    """captioner-train for one row: the recipe file, then what this ablation varies, then where and how to run."""
+    return [
+        _bin("captioner-train"), "--config", str(RECIPE),
+        "--cell", cell, "--attention" if attention else "--no-attention", "--epochs", str(args.epochs),
+        "--scst-after", "none",
+        "--data", args.data, "--output-dir", str(Path(args.out) / _slug(cell, attention)),
+        "--cache-dir", args.cache_dir, "--device", args.device, "--resume",
+    ]  # fmt: skip
+
+
 def run_one(args, cell: str, attention: bool) -> None:
     run = Path(args.out) / _slug(cell, attention)
     if _train_time(run)[0] is None:  # not finished: train, resuming from last.pt when a run was cut short
-        cmd = [
-            _bin("captioner-train"), "--data", args.data, "--output-dir", str(run), "--cache-dir", args.cache_dir,
-            "--cell", cell, "--attention" if attention else "--no-attention", "--epochs", str(args.epochs),
-            "--device", args.device, "--resume", *TRAIN_FLAGS,
-        ]  # fmt: skip
+        cmd = train_command(args, cell, attention)
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
     for name, flags in DECODINGS.items():

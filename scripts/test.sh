@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Everything the test suite needs on a fresh Debian machine, then the tests. Extra args go to pytest.
+# scripts/test.sh -m "not slow": the fast subset (README, "The two commands"); CI runs everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # System packages: Chromium for the browser tests, Java for METEOR, nginx for the replicas smoke test
@@ -16,4 +17,5 @@ fi
 scripts/setup.sh dev
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+.venv/bin/mypy
 exec .venv/bin/python -m pytest -q "$@"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce the bundled default model: train on Flickr8k's official train split (selecting the
 # checkpoint on its dev split), score it on the test split, and export it in fp16.
-# 10 epochs of cross-entropy, then 15 of self-critical sequence training (CIDEr-D reward); on a
-# 2-core CPU about 48 + 75 minutes.
+# The recipe is configs/default_model.yaml: 10 epochs of cross-entropy, then 15 of self-critical
+# sequence training (CIDEr-D reward); on a 2-core CPU about 48 + 75 minutes.
 #   scripts/train_default_model.sh [FLICKR8K_DIR] [RUN_DIR]     (extra flags: TRAIN_FLAGS="--device cuda")
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,10 +10,7 @@ data="${1:-../shared/data/flickr8k}"
 run="${2:-runs/default}"
 scripts/setup.sh train
 # shellcheck disable=SC2086
-.venv/bin/captioner-train --data "$data" --encoder efficientnet_lite2 --output-dir "$run" \
-    --cell lstm --attention --embed-dim 512 --hidden-dim 512 --attention-dim 512 --dropout 0.5 \
-    --min-word-count 5 --batch-size 64 --lr 5e-4 --epochs 25 --warmup-steps 300 --label-smoothing 0.1 \
-    --scst-after 10 --scst-lr 1e-4 --patience 3 --seed 0 ${TRAIN_FLAGS:-}
+.venv/bin/captioner-train --config configs/default_model.yaml --data "$data" --output-dir "$run" ${TRAIN_FLAGS:-}
 .venv/bin/captioner-eval --checkpoint "$run/best.pt" --data "$data" --split test --method beam --beam-size 3 \
     --out "$run/test"
 # the test scores travel inside the shipped model (GET /model, captioner info)

@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         log_level=args.log_level,
         access_log=settings.access_log == "text",
         lifespan="on",
-        timeout_graceful_shutdown=settings.shutdown_grace_s,
+        # uvicorn annotates an int but waits with asyncio, which takes the float as it is
+        timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]
     )
     server = _DrainingServer(config, app)
     # uvicorn re-raises the signal it shut down on, once its own handlers are gone: a drained SIGTERM is a

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from captioner.transforms import ImageError
+from captioner.transforms import ImageError, ImageErrorCode
 from service.schemas import OPTION_NAMES, option_range
 
 log = logging.getLogger(__name__)
@@ -26,16 +28,21 @@ class ApiError(Exception):
         self.headers = headers
 
 
+# The status and API code of each reason the library gives for refusing an image: by its code, never its
+# wording, so rewording a message cannot change a status.
+IMAGE_ERRORS: dict[ImageErrorCode, tuple[int, str]] = {
+    ImageErrorCode.UNSUPPORTED_FORMAT: (415, "unsupported_image_format"),
+    ImageErrorCode.TOO_LARGE: (413, "image_too_large"),
+    ImageErrorCode.EMPTY_FILE: (400, "empty_file"),
+    ImageErrorCode.NO_SUCH_FILE: (400, "invalid_image"),
+    ImageErrorCode.INVALID_IMAGE: (400, "invalid_image"),
+}
+
+
 def image_error(exc: ImageError) -> ApiError:
-    """Map the library's one-line image errors onto statuses: unknown format 415, too big 413, else 400."""
-    message = str(exc)
-    if message.startswith("not a recognised image format"):
-        return ApiError(415, "unsupported_image_format", message)
-    if "decompression bomb" in message or (message.startswith("image is ") and "the limit is" in message):
-        return ApiError(413, "image_too_large", message)
-    if message.startswith("empty file"):
-        return ApiError(400, "empty_file", message)
-    return ApiError(400, "invalid_image", message)
+    """The library's image error as the API's: unsupported format 415, too large 413, else 400."""
+    status, code = IMAGE_ERRORS[exc.code]
+    return ApiError(status, code, str(exc))
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -79,7 +86,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal_error", f"internal error: {exc.__class__.__name__}")
 
 
-def describe_validation_errors(errors: list[dict]) -> str:
+def describe_validation_errors(errors: Sequence[Mapping[str, Any]]) -> str:
     """pydantic errors -> one line; the option's valid range comes first so clients can fix the request."""
     parts = []
     for err in errors:

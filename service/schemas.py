@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_serializer
 
 from captioner.decoding import (
+    APPLIES_TO,
     BEAM_SIZE_RANGE,
     LENGTH_PENALTY_RANGE,
     MAX_LENGTH_RANGE,
@@ -16,7 +20,6 @@ from captioner.decoding import (
     DecodingOptions,
 )
 
-_DEFAULTS = DecodingOptions()
 SEED_MAX = 2**63 - 1
 
 # The valid values of each option, as error messages and the OpenAPI descriptions state them.
@@ -32,6 +35,23 @@ _RANGES = {
     "seed": f"an integer in [0, {SEED_MAX}]",
     "attention": "true or false",
 }
+# The same ranges as pydantic's constraints (DecodingOptions checks them too, but pydantic's errors name the field).
+_CONSTRAINTS: dict[str, dict[str, Any]] = {
+    "max_length": {"ge": MAX_LENGTH_RANGE[0], "le": MAX_LENGTH_RANGE[1]},
+    "beam_size": {"ge": BEAM_SIZE_RANGE[0], "le": BEAM_SIZE_RANGE[1]},
+    "length_penalty": {"ge": LENGTH_PENALTY_RANGE[0], "le": LENGTH_PENALTY_RANGE[1]},
+    "temperature": {"gt": 0.0, "le": TEMPERATURE_MAX},
+    "top_k": {"ge": 0},
+    "top_p": {"gt": 0.0, "le": 1.0},
+    "num_captions": {"ge": NUM_CAPTIONS_RANGE[0], "le": NUM_CAPTIONS_RANGE[1]},
+    "seed": {"ge": 0, "le": SEED_MAX},
+}
+# The request and response models are made from DecodingOptions' fields (names, types, defaults, help), in
+# its order, then the service's own option, attention: an option or a default is written there only.
+_OPTIONS = dataclasses.fields(DecodingOptions)
+_TYPES = typing.get_type_hints(DecodingOptions)
+if missing := [o.name for o in _OPTIONS if o.name not in _RANGES]:
+    raise RuntimeError(f"decoding option(s) {', '.join(missing)} have no valid values in words: add them to _RANGES")
 
 
 def option_range(name: str) -> str | None:
@@ -39,75 +59,62 @@ def option_range(name: str) -> str | None:
     return _RANGES.get(name)
 
 
-class CaptionOptions(BaseModel):
-    """Decoding options of ``POST /caption``, as query parameters or multipart form fields."""
+def _request_field(option: dataclasses.Field) -> tuple[Any, Any]:
+    """A DecodingOptions field as a request option: its type (its choices as a Literal), default and range."""
+    choices = option.metadata.get("choices")
+    kind = Literal[choices] if choices else _TYPES[option.name]
+    described = "; ".join(filter(None, (option.metadata.get("help"), _RANGES[option.name])))
+    return kind, Field(option.default, description=described, **_CONSTRAINTS.get(option.name, {}))
 
+
+def _field_definitions(make: Callable[[dataclasses.Field], tuple[Any, Any]]) -> dict[str, Any]:
+    # dict[str, Any], not dict[str, tuple[Any, Any]]: mypy checks a **-unpacked dict's values against every
+    # keyword parameter of create_model, __config__ and __base__ included, and no overload would match.
+    return {option.name: make(option) for option in _OPTIONS}
+
+
+class _CaptionOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Literal["greedy", "sample", "beam"] = Field(_DEFAULTS.method, description=_RANGES["method"])
-    max_length: int = Field(
-        _DEFAULTS.max_length,
-        ge=MAX_LENGTH_RANGE[0],
-        le=MAX_LENGTH_RANGE[1],
-        description=f"most words per caption; {_RANGES['max_length']}",
-    )
-    beam_size: int = Field(
-        _DEFAULTS.beam_size,
-        ge=BEAM_SIZE_RANGE[0],
-        le=BEAM_SIZE_RANGE[1],
-        description=f"beams per image (beam); {_RANGES['beam_size']}",
-    )
-    length_penalty: float = Field(
-        _DEFAULTS.length_penalty,
-        ge=LENGTH_PENALTY_RANGE[0],
-        le=LENGTH_PENALTY_RANGE[1],
-        description=f"beam ranking by log_prob / (words + 1) ** length_penalty; {_RANGES['length_penalty']}",
-    )
-    temperature: float = Field(
-        _DEFAULTS.temperature,
-        gt=0.0,
-        le=TEMPERATURE_MAX,
-        description=f"softmax temperature (sample); {_RANGES['temperature']}",
-    )
-    top_k: int = Field(_DEFAULTS.top_k, ge=0, description=f"sample from the k likeliest words; {_RANGES['top_k']}")
-    top_p: float = Field(_DEFAULTS.top_p, gt=0.0, le=1.0, description=f"nucleus sampling; {_RANGES['top_p']}")
-    num_captions: int = Field(
-        _DEFAULTS.num_captions,
-        ge=NUM_CAPTIONS_RANGE[0],
-        le=NUM_CAPTIONS_RANGE[1],
-        description=f"captions returned (sample: draws, beam: best beams, <= beam_size); {_RANGES['num_captions']}",
-    )
-    seed: int | None = Field(
-        None, ge=0, le=SEED_MAX, description=f"same seed, same samples (sample); {_RANGES['seed']}"
-    )
-    attention: bool = Field(False, description="return per-word attention maps (models with attention only)")
+    if typing.TYPE_CHECKING:  # the fields are made by create_model below
+        attention: bool
 
     def decoding_options(self) -> DecodingOptions:
         """The library's options; raises ``ValueError`` for combinations (greedy with num_captions > 1, ...)."""
         return DecodingOptions(**self.model_dump(exclude={"attention"}))
 
 
+CaptionOptions = create_model(
+    "CaptionOptions",
+    __base__=_CaptionOptions,
+    __doc__="Decoding options of ``POST /caption``, as query parameters or multipart form fields.",
+    **_field_definitions(_request_field),
+    attention=(bool, Field(False, description="return per-word attention maps (models with attention only)")),
+)
+
 OPTION_NAMES = tuple(CaptionOptions.model_fields)
 
 
-class AppliedOptions(BaseModel):
-    """The options the caption was made with: only those its method uses (``beam_size`` only for beam, ...)."""
-
-    method: str
-    max_length: int
-    beam_size: int | None = None
-    length_penalty: float | None = None
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    num_captions: int | None = None
-    seed: int | None = None
-    attention: bool
-
+class _AppliedOptions(BaseModel):
     @model_serializer(mode="wrap")
     def _only_what_applies(self, handler):
         # an option another method uses is left out, not shown as null; an unseeded sample has no seed
         return {name: value for name, value in handler(self).items() if value is not None}
+
+
+def _applied_field(option: dataclasses.Field) -> tuple[Any, Any]:
+    """A DecodingOptions field as a response states it: required when every method uses it, else optional."""
+    kind = _TYPES[option.name]
+    return (kind, ...) if option.name not in APPLIES_TO else (kind | None, None)
+
+
+AppliedOptions = create_model(
+    "AppliedOptions",
+    __base__=_AppliedOptions,
+    __doc__="The options the caption was made with: only those its method uses (``beam_size`` only for beam, ...).",
+    **_field_definitions(_applied_field),
+    attention=(bool, ...),
+)
 
 
 class CaptionOut(BaseModel):

@@ -47,12 +47,16 @@ def tiny_vocab() -> Vocabulary:
     return Vocabulary.build(CAPTIONS, min_count=1)
 
 
-def tiny_captioner(*, seed: int = 0, size: int = 64, **decoder_kwargs) -> Captioner:
-    """resnet18 (random weights) + a 16-unit decoder on 64x64 images: builds and runs in well under a second."""
+def tiny_captioner(*, seed: int = 0, size: int | None = 64, **decoder_kwargs) -> Captioner:
+    """resnet18 (random weights) + a 16-unit decoder on 64x64 images: builds and runs in well under a second.
+
+    ``size=None`` keeps resnet18's own preprocessing (resize 256, crop 224), as a served model has.
+    """
     torch.manual_seed(seed)
     vocab = tiny_vocab()
     encoder = build_encoder(EncoderConfig("resnet18", weights=None))
-    encoder.preprocess = Preprocess(resize=size, crop=size)
+    if size is not None:
+        encoder.preprocess = Preprocess(resize=size, crop=size)
     kwargs = {"embed_dim": 16, "hidden_dim": 16, "attention_dim": 8, "dropout": 0.1, **decoder_kwargs}
     decoder = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), feature_dim=encoder.feature_dim, **kwargs))
     return Captioner(encoder, decoder, vocab).eval()

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import require_data
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 SPEC = "torch==2.14.1 torchvision==0.29.1"
 DEFAULT_INDEX = "http://default-index.invalid/simple"
@@ -121,7 +123,7 @@ def test_cpu_index_probe_works_without_curl(tmp_path: Path, cpu_index: str) -> N
     assert _command(result) == f".venv/bin/python -m pip install -q {SPEC}"
 
 
-@pytest.mark.parametrize("name", ["setup.sh", "docker-smoke.sh", "serve.sh", "test.sh"])
+@pytest.mark.parametrize("name", ["setup.sh", "docker-smoke.sh", "serve.sh", "test.sh", "gpu-check.sh"])
 def test_scripts_parse(name: str) -> None:
     subprocess.run(["bash", "-n", str(SCRIPTS / name)], check=True, timeout=30)
 
@@ -170,3 +172,56 @@ def test_docker_smoke_names_the_package_for_a_missing_dockerd(tmp_path: Path) ->
     result = _smoke(tmp_path, bin_dir)
     assert result.returncode == 1
     assert "dockerd is not installed (Debian/Ubuntu: apt-get install -y docker.io)" in result.stderr
+
+
+def _gpu_check(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    venv = Path(sys.executable).parent.parent  # the environment running these tests, whatever its name
+    return subprocess.run(
+        ["bash", str(SCRIPTS / "gpu-check.sh"), *args],
+        env={**os.environ, "VENV": str(venv), "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_gpu_check_without_data_says_so_and_stops(tmp_path: Path) -> None:
+    result = _gpu_check("--no-setup", "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert f"skipped: no Flickr8k at {tmp_path / 'absent'}" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_check_refuses_an_unknown_device(tmp_path: Path) -> None:
+    result = _gpu_check("--device", "tpu", "--data", str(tmp_path))
+    assert result.returncode == 2 and "--device must be cuda, cuda:N or cpu, got 'tpu'" in result.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_step_on_cpu(tmp_path: Path) -> None:
+    """The GPU check's CPU mode: the same steps at toy sizes, ending in a table with a row per step."""
+    data = require_data("flickr8k")
+    if not (Path(sys.executable).parent / "captioner-serve").exists():
+        pytest.skip(f"no captioner-serve beside {sys.executable} (pip install -e '.[train,serve]')")
+    out = tmp_path / "check"
+    result = _gpu_check("--device", "cpu", "--no-setup", "--data", str(data), "--out", str(out), timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    rows = [
+        [cell.strip() for cell in line.split("|")[1:]] for line in result.stdout.splitlines() if line.startswith("| ")
+    ]
+    assert [row[:2] for row in rows[1:]] == [
+        ["environment", "ok"],
+        ["train", "ok"],
+        ["eval", "ok"],
+        ["serve", "ok"],
+        ["throughput", "ok"],
+    ], result.stdout
+    results = {row[0]: row[3] for row in rows[1:]}
+    assert "AMP off" in results["environment"]
+    assert results["train"].startswith("1 epoch on 16 images: loss ") and "val CIDEr" in results["train"]
+    assert results["eval"].startswith("8 test images, beam 3: BLEU-4 ")
+    assert results["serve"].startswith('cpu with torch: "')  # a caption came back through /caption
+    assert "encoder images/s" in results["throughput"] and "LSTM train captions/s" in results["throughput"]
+    assert (out / "train" / "best.pt").is_file() and (out / "eval" / "metrics.json").is_file()
+    assert "captioner-serve exited with status 0 after SIGTERM" in (out / "logs" / "serve.log").read_text()

@@ -37,8 +37,16 @@ def _optional(parse):
     return convert
 
 
+def _train_field_help() -> dict[str, str]:
+    """--help text for every TrainConfig key: its own fields' comments, and the decoder's (DecoderConfig's)."""
+    from captioner.config import DecoderConfig
+    from training.config import TrainConfig
+
+    return {**_field_help(DecoderConfig), **_field_help(TrainConfig)}
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    from training.engine import TrainConfig
+    from training.config import flat_fields
 
     parser = argparse.ArgumentParser(
         prog="captioner-train",
@@ -46,11 +54,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", default=None, help="YAML or JSON file of TrainConfig fields")
-    helps = _field_help(TrainConfig)
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
+    helps = _train_field_help()
+    for f, kind in flat_fields():
         flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
         args = typing.get_args(kind)
         optional = isinstance(kind, types.UnionType) and type(None) in args
         base = next((a for a in args if a is not type(None)), kind) if optional else kind
@@ -84,13 +90,13 @@ def _load_config_file(path: str) -> dict[str, Any]:
 
 
 def parse_train_config(argv: list[str] | None = None):
-    from training.engine import TrainConfig
+    from training.config import TrainConfig, flat_fields
 
     parser = get_args_parser()
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         values = _load_config_file(pre.config)
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        known = {f.name for f, _ in flat_fields()}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{pre.config}: unknown config keys {unknown}; valid keys: {', '.join(sorted(known))}")
@@ -99,7 +105,7 @@ def parse_train_config(argv: list[str] | None = None):
     args.pop("config")
     if not args.get("data"):
         raise ValueError("--data is required (a Flickr8k folder, a COCO captions JSON, or a Karpathy split JSON)")
-    return TrainConfig(**args)
+    return TrainConfig.from_dict(args)
 
 
 def _setup_logging() -> None:
@@ -181,11 +187,10 @@ def get_eval_args_parser() -> argparse.ArgumentParser:
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from captioner import Captioner
-    from captioner.decoding import decode
     from captioner.progress import progress_bar
     from training.data import load_corpus
+    from training.evaluation import caption_shape_rates, predict_captions, score_captions
     from training.features import build_feature_cache
-    from training.metrics import compute_metrics
 
     if args.method == "sample" and args.seed is None:
         args.seed = 0  # a seeded default keeps sampled evaluations repeatable
@@ -210,24 +215,21 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         device=model.device,
         progress=not args.no_progress,
     )
-    predictions: dict[str, str] = {}
     bar = progress_bar(len(records), f"captioning ({args.method})", not args.no_progress)
+
+    def batches():  # the readable images' cached grids, batch by batch
+        for first in range(0, len(records), args.batch_size):
+            end = min(first + args.batch_size, len(records))
+            rows = [i for i in range(first, end) if str(records[i].path) not in store.failed]
+            if rows:
+                yield rows, store.get(rows)
+            bar.update(end - first)
+
     start = time.perf_counter()
-    for first in range(0, len(records), args.batch_size):
-        rows = [
-            i
-            for i in range(first, min(first + args.batch_size, len(records)))
-            if str(records[i].path) not in store.failed
-        ]
-        if rows:
-            grid = store.get(rows).to(model.device).float()
-            for row, hyps in zip(rows, decode(model.decoder, grid, options, model.rule_masks()), strict=True):
-                predictions[records[row].image_id] = model.vocab.decode(hyps[0].tokens)
-        bar.update(min(args.batch_size, len(records) - first))
+    predictions = predict_captions(model, batches(), records, options)
     bar.close()
     seconds = time.perf_counter() - start
-    references = {r.image_id: list(r.captions) for r in records if r.image_id in predictions}
-    metrics = compute_metrics(predictions, references, java=args.java)
+    metrics = score_captions(predictions, records, java=args.java)
     metrics.update(caption_shape_rates(predictions, corpus, model))
     report = {
         "checkpoint": str(args.checkpoint or "default"),
@@ -246,24 +248,6 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         results = [{"image_id": _coco_id(k), "caption": v} for k, v in predictions.items()]
         (out / "predictions.json").write_text(json.dumps(results, indent=1))
     return report
-
-
-def caption_shape_rates(predictions: dict[str, str], corpus, model) -> dict[str, float]:
-    """The share of captions that end where human captions do not (``dangling``) and that start where
-    they do not (``subjectless``), judged by rules learned from the data's training captions (whatever
-    the checkpoint holds, so models with and without rules are judged alike); else the checkpoint's."""
-    from captioner.caption_rules import CaptionRules
-    from captioner.text import tokenize
-
-    train = corpus.train_captions()
-    rules = CaptionRules.derive(tokenize(c) for c in train) if train else model.caption_rules
-    if rules is None or not predictions:
-        return {}
-    words = [tokenize(caption) for caption in predictions.values()]
-    return {
-        "dangling": sum(rules.dangling(w) for w in words) / len(words),
-        "subjectless": sum(rules.subjectless(w) for w in words) / len(words),
-    }
 
 
 def _coco_id(image_id: str) -> int | str:

@@ -17,34 +17,26 @@ worker. A file that cannot be read at all raises :class:`DataError` with a one-l
 from __future__ import annotations
 
 import csv
-import json
-import logging
-import random
 import re
-from collections import Counter
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from training.corpus import (
+    SPLITS,
+    CaptionCorpus,
+    DataError,
+    ImageRecord,
+    LoadReport,
+    add_caption,
+    finish_corpus,
+    read_json,
+    read_text,
+)
 
-logger = logging.getLogger(__name__)
+__all__ = ["CaptionCorpus", "DataError", "ImageRecord", "LoadReport", "load_corpus"]
 
-SPLITS = ("train", "val", "test", "restval", "unsplit")
+
 FORMATS = ("auto", "coco", "karpathy", "flickr8k")
-
-# Problem kinds a loader reports, with the one-line description used in summaries.
-PROBLEMS = {
-    "malformed": "entry that cannot be parsed (skipped)",
-    "unknown_image": "caption for an image id that is not in the image list (skipped)",
-    "empty_caption": "empty caption (skipped)",
-    "duplicate": "duplicate entry (later one skipped)",
-    "split_unknown": "split file lists an image that has no captions (skipped)",
-    "no_captions": "image with no captions (skipped)",
-    "missing_image": "image file not found (skipped)",
-    "unreadable_image": "image file cannot be decoded (skipped)",
-}
-
 _FLICKR_CAPTION_FILES = ("captions.txt", "Flickr8k.token.txt")
 _FLICKR_SPLIT_FILES = {
     "train": "Flickr_8k.trainImages.txt",
@@ -54,111 +46,6 @@ _FLICKR_SPLIT_FILES = {
 # Folder names the Flickr8k images come in: this repository's data, the Kaggle copy, the original zip.
 _FLICKR_IMAGE_DIRS = ("images", "Images", "Flicker8k_Dataset", "Flickr8k_Dataset")
 _COCO_NAME = re.compile(r"captions_(train|val|test)(\d{4})$")
-
-
-class DataError(ValueError):
-    """A data file that cannot be used at all: missing, not valid JSON, wrong schema, nothing usable."""
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    """One image and all of its captions."""
-
-    image_id: str  # COCO: str(images[].id); Karpathy: str(cocoid) or filename; Flickr8k: file name
-    path: Path  # the image file (checked to exist when the corpus was loaded)
-    captions: tuple[str, ...]  # stripped, non-empty, in file order
-    split: str  # one of SPLITS
-
-
-@dataclass
-class LoadReport:
-    """What a loader skipped: a count and the first few examples for each problem kind in PROBLEMS."""
-
-    max_examples: int = 5
-    counts: Counter[str] = field(default_factory=Counter)
-    examples: dict[str, list[str]] = field(default_factory=dict)
-
-    def add(self, kind: str, example: str) -> None:
-        if kind not in PROBLEMS:
-            raise ValueError(f"unknown problem kind {kind!r}; expected one of {', '.join(PROBLEMS)}")
-        self.counts[kind] += 1
-        shown = self.examples.setdefault(kind, [])
-        if len(shown) < self.max_examples:
-            shown.append(example)
-
-    def count(self, kind: str) -> int:
-        return self.counts[kind]
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def merge(self, other: LoadReport) -> None:
-        for kind in PROBLEMS:
-            self.counts[kind] += other.counts[kind]
-            shown = self.examples.setdefault(kind, [])
-            shown.extend(other.examples.get(kind, [])[: self.max_examples - len(shown)])
-        self.counts = +self.counts  # drop the zero counts merge added
-
-    def summary(self) -> str:
-        """One line per problem kind seen, e.g. ``missing_image: 3 image file not found ... e.g. a.jpg``."""
-        if not self.total:
-            return "no problems"
-        lines = []
-        for kind, description in PROBLEMS.items():
-            if self.counts[kind]:
-                examples = "; ".join(self.examples.get(kind, []))
-                lines.append(f"{kind}: {self.counts[kind]} {description}, e.g. {examples}")
-        return "\n".join(lines)
-
-
-@dataclass
-class CaptionCorpus:
-    """The images of one data set with their captions and splits, plus what was skipped on loading.
-
-    Karpathy's ``restval`` images are training data by convention (train + restval = 113,287 COCO
-    images); ``split("train")`` and ``train_captions()`` include them unless ``restval_as_train=False``.
-    """
-
-    records: list[ImageRecord]
-    problems: LoadReport
-    source: str  # the format read: "coco", "karpathy" or "flickr8k"
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def split(self, name: str, *, restval_as_train: bool = True) -> list[ImageRecord]:
-        """The records of split ``name`` (one of SPLITS), in file order."""
-        if name not in SPLITS:
-            raise ValueError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")
-        wanted = {"train", "restval"} if name == "train" and restval_as_train else {name}
-        return [r for r in self.records if r.split in wanted]
-
-    def split_sizes(self) -> dict[str, int]:
-        """Images per split, for the splits present, e.g. ``{"train": 6000, "val": 1000, ...}``."""
-        sizes = Counter(r.split for r in self.records)
-        return {name: sizes[name] for name in SPLITS if sizes[name]}
-
-    def train_captions(self, *, restval_as_train: bool = True) -> list[str]:
-        """All captions of the training split: the only text a vocabulary may be built from."""
-        return [c for r in self.split("train", restval_as_train=restval_as_train) for c in r.captions]
-
-    def to_references(self, split: str | None = None) -> dict[str, list[str]]:
-        """``{image_id: [captions]}`` for evaluation, for one split or (default) every record."""
-        records = self.records if split is None else self.split(split, restval_as_train=False)
-        return {r.image_id: list(r.captions) for r in records}
-
-    def subset(self, n_per_split: int, *, seed: int | None = None) -> CaptionCorpus:
-        """At most ``n_per_split`` images of each split: the first ones, or a seeded random sample."""
-        if n_per_split < 0:
-            raise ValueError(f"n_per_split must be >= 0, got {n_per_split}")
-        keep: set[int] = set()
-        for name in SPLITS:
-            indices = [i for i, r in enumerate(self.records) if r.split == name]
-            if seed is not None and len(indices) > n_per_split:
-                indices = sorted(random.Random(f"{seed}-{name}").sample(indices, n_per_split))
-            keep.update(indices[:n_per_split])
-        return replace(self, records=[r for i, r in enumerate(self.records) if i in keep])
 
 
 def load_corpus(
@@ -188,17 +75,17 @@ def load_corpus(
     if format == "auto":
         format = _detect_format(path)
         if format == "json":
-            data = _read_json(path)  # parsed once: a Karpathy COCO file is ~150 MB
+            data = read_json(path)  # parsed once: a Karpathy COCO file is ~150 MB
             format = _detect_json_format(path, data)
     if split is not None and format != "coco":
         raise ValueError(f"split= only applies to COCO files; {format} data records its own splits")
     if format == "coco" and path.is_dir():
         return _load_coco_folder(path, images_dir=images_dir, split=split, verify_images=verify_images)
     if format == "coco":
-        data = _read_json(path) if data is None else data
+        data = read_json(path) if data is None else data
         return _build_coco(path, data, images_dir=images_dir, split=split, verify_images=verify_images)
     if format == "karpathy":
-        data = _read_json(path) if data is None else data
+        data = read_json(path) if data is None else data
         return _build_karpathy(path, data, images_dir=images_dir, verify_images=verify_images)
     return load_flickr8k(path, images_dir=images_dir, verify_images=verify_images)
 
@@ -212,9 +99,7 @@ def load_coco(
 ) -> CaptionCorpus:
     """Read an official COCO captions file; images default to ``../train2017`` for ``captions_train2017``."""
     json_path = Path(json_path)
-    return _build_coco(
-        json_path, _read_json(json_path), images_dir=images_dir, split=split, verify_images=verify_images
-    )
+    return _build_coco(json_path, read_json(json_path), images_dir=images_dir, split=split, verify_images=verify_images)
 
 
 def load_karpathy(
@@ -222,7 +107,7 @@ def load_karpathy(
 ) -> CaptionCorpus:
     """Read a Karpathy split file; images are ``images_dir/filepath/filename`` (default: the JSON's dir)."""
     json_path = Path(json_path)
-    return _build_karpathy(json_path, _read_json(json_path), images_dir=images_dir, verify_images=verify_images)
+    return _build_karpathy(json_path, read_json(json_path), images_dir=images_dir, verify_images=verify_images)
 
 
 def _build_coco(
@@ -262,9 +147,9 @@ def _build_coco(
         if image_id not in entries:
             report.add("unknown_image", f"annotation {ann.get('id', i)} -> image {image_id}")
             continue
-        _add_caption(entries[image_id][1], ann["caption"], report, f"annotation {ann.get('id', i)}")
+        add_caption(entries[image_id][1], ann["caption"], report, f"annotation {ann.get('id', i)}")
     candidates = [(image_id, p, caps, split) for image_id, (p, caps) in entries.items()]
-    return _finish(candidates, report, "coco", json_path, Path(images_dir), verify_images)
+    return finish_corpus(candidates, report, "coco", json_path, Path(images_dir), verify_images)
 
 
 def _build_karpathy(json_path: Path, data: Any, *, images_dir: str | Path | None, verify_images: bool) -> CaptionCorpus:
@@ -302,10 +187,10 @@ def _build_karpathy(json_path: Path, data: Any, *, images_dir: str | Path | None
                 # Some derived files keep only the tokens; their join is the caption the tokens came from.
                 tokens = sentence.get("tokens")
                 raw = " ".join(map(str, tokens)) if isinstance(tokens, list) else ""
-            _add_caption(captions, raw, report, where)
+            add_caption(captions, raw, report, where)
         path = images_dir / (image.get("filepath") or "") / image["filename"]
         candidates.append((image_id, path, captions, split))
-    return _finish(candidates, report, "karpathy", json_path, images_dir, verify_images)
+    return finish_corpus(candidates, report, "karpathy", json_path, images_dir, verify_images)
 
 
 def load_flickr8k(
@@ -317,6 +202,7 @@ def load_flickr8k(
     kept with split ``"unsplit"`` (91 in the official release).
     """
     root = Path(root)
+    caption_file: Path | None
     if root.is_file():
         root, caption_file = root.parent, root
     else:
@@ -328,7 +214,7 @@ def load_flickr8k(
     images_dir = Path(images_dir)
 
     report = LoadReport()
-    lines = _read_text(caption_file).split("\n")
+    lines = read_text(caption_file).split("\n")
     if caption_file.name.endswith(".token.txt"):
         captions = _parse_flickr_tokens(lines, caption_file, report)
     else:
@@ -339,7 +225,7 @@ def load_flickr8k(
         split_file = next((d / name for d in (root, root / "splits") if (d / name).is_file()), None)
         if split_file is None:
             raise DataError(f"{root}: split file {name} not found (looked in {root} and {root / 'splits'})")
-        for line in _read_text(split_file).split("\n"):
+        for line in read_text(split_file).split("\n"):
             filename = line.strip()
             if not filename:
                 continue
@@ -350,7 +236,7 @@ def load_flickr8k(
             else:
                 splits[filename] = split
     candidates = [(name, images_dir / name, caps, splits.get(name, "unsplit")) for name, caps in captions.items()]
-    return _finish(candidates, report, "flickr8k", caption_file, images_dir, verify_images)
+    return finish_corpus(candidates, report, "flickr8k", caption_file, images_dir, verify_images)
 
 
 def _detect_format(path: Path) -> str:
@@ -441,7 +327,7 @@ def _parse_flickr_csv(lines: list[str], path: Path, report: LoadReport) -> dict[
             # A CSV-quoted caption ("a ""b"" c"): undo the quoting, or keep the text if it is not valid CSV.
             fields = next(csv.reader([caption]))
             caption = fields[0] if len(fields) == 1 else caption
-        _add_caption(captions.setdefault(name, []), caption, report, f"{path.name}:{lineno}")
+        add_caption(captions.setdefault(name, []), caption, report, f"{path.name}:{lineno}")
     return captions
 
 
@@ -461,74 +347,5 @@ def _parse_flickr_tokens(lines: list[str], path: Path, report: LoadReport) -> di
             continue
         seen.add(key)
         name = key.rpartition("#")[0] or key
-        _add_caption(captions.setdefault(name, []), caption, report, f"{path.name}:{lineno}")
+        add_caption(captions.setdefault(name, []), caption, report, f"{path.name}:{lineno}")
     return captions
-
-
-def _add_caption(captions: list[str], caption: str, report: LoadReport, where: str) -> None:
-    caption = caption.strip()
-    if caption:
-        captions.append(caption)
-    else:
-        report.add("empty_caption", where)
-
-
-def _finish(
-    candidates: list[tuple[str, Path, list[str], str]],
-    report: LoadReport,
-    source: str,
-    path: Path,
-    images_dir: Path,
-    verify_images: bool,
-) -> CaptionCorpus:
-    records = []
-    for image_id, image_path, captions, split in candidates:
-        if not captions:
-            report.add("no_captions", image_id)
-        elif not image_path.is_file():
-            report.add("missing_image", str(image_path))
-        elif verify_images and (reason := _unreadable(image_path)):
-            report.add("unreadable_image", f"{image_path}: {reason}")
-        else:
-            records.append(ImageRecord(image_id, image_path, tuple(captions), split))
-    if not records:
-        raise DataError(f"{path}: no usable images (images looked for in {images_dir}); {report.summary()}")
-    corpus = CaptionCorpus(records, report, source)
-    sizes = ", ".join(f"{k} {v}" for k, v in corpus.split_sizes().items())
-    n_captions = sum(len(r.captions) for r in records)
-    logger.info("%s (%s): %d images, %d captions (%s)", path, source, len(records), n_captions, sizes)
-    if report.total:
-        logger.warning("%s: skipped %d problem entries:\n%s", path, report.total, report.summary())
-    return corpus
-
-
-def _unreadable(path: Path) -> str | None:
-    """Why ``path`` cannot be decoded, or None. JPEGs decode at 1/8 scale: truncation still shows."""
-    try:
-        with Image.open(path) as image:
-            image.draft("RGB", (1, 1))
-            image.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        return str(exc) or type(exc).__name__
-    return None
-
-
-def _read_text(path: Path) -> str:
-    try:
-        # utf-8-sig drops a BOM; text mode turns Windows line endings into "\n".
-        return path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-
-
-def _read_json(path: Path) -> Any:
-    text = _read_text(path)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        where = f"line {exc.lineno}, column {exc.colno}"
-        raise DataError(f"{path}: not valid JSON ({where}: {exc.msg})") from None

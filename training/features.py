@@ -97,15 +97,15 @@ def build_feature_cache(
     progress: bool = True,
 ) -> FeatureStore:
     """Return the cached features for ``paths``, encoding (batched, with workers) only when needed."""
-    paths = [str(p) for p in paths]
+    files = [str(p) for p in paths]  # str: FeatureStore indexes by these
     fingerprint = encoder_fingerprint(encoder)
     # keyed by the resolved paths: `data/x` and `/home/me/data/x` share one cache
-    list_hash = hashlib.sha256("\n".join(os.path.realpath(p) for p in paths).encode()).hexdigest()[:16]
+    list_hash = hashlib.sha256("\n".join(os.path.realpath(p) for p in files).encode()).hexdigest()[:16]
     folder = Path(cache_dir) / f"{encoder.name}-{fingerprint}"
     target = folder / f"{list_hash}.npy"
     if target.is_file() and target.with_suffix(".json").is_file():
-        log.info("feature cache hit: %s (%d images)", target, len(paths))
-        return FeatureStore(target, paths)
+        log.info("feature cache hit: %s (%d images)", target, len(files))
+        return FeatureStore(target, files)
     folder.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     encoder = encoder.to(device).eval()
@@ -113,11 +113,11 @@ def build_feature_cache(
         probe = encoder.forward_features(
             torch.zeros(1, 3, encoder.preprocess.crop, encoder.preprocess.crop, device=device)
         )
-    shape = (len(paths), *probe.shape[1:])
+    shape = (len(files), *probe.shape[1:])
     tmp = folder / f".{list_hash}.{os.getpid()}.tmp.npy"
     array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
     loader = DataLoader(
-        ImageFiles(paths, encoder.preprocess),
+        ImageFiles(files, encoder.preprocess),
         batch_size=batch_size,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
@@ -130,22 +130,22 @@ def build_feature_cache(
     amp = device.type == "cuda"
     chunk_size = default_chunk_size(device)  # the loader's batches keep the decoding workers busy; see CPU_CHUNK_SIZE
     start, row = time.perf_counter(), 0
-    bar = progress_bar(len(paths), f"encoding {len(paths)} images", progress)
+    bar = progress_bar(len(files), f"encoding {len(files)} images", progress)
     try:
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             for pixels, ok, errors in loader:
                 grid = encoder.forward_features(pixels.to(device, non_blocking=True), chunk_size=chunk_size)
                 array[row : row + len(pixels)] = grid.float().cpu().numpy().astype(np.float16)
                 for i in torch.nonzero(~ok).flatten().tolist():
-                    failed[paths[row + i]] = errors[i]
+                    failed[files[row + i]] = errors[i]
                 row += len(pixels)
                 bar.update(len(pixels))
         array.flush()
         del array
         seconds = time.perf_counter() - start
-        meta = {"encoder": encoder.identity(), "fingerprint": fingerprint, "count": len(paths), "shape": list(shape)}
+        meta = {"encoder": encoder.identity(), "fingerprint": fingerprint, "count": len(files), "shape": list(shape)}
         meta.update(
-            failed=failed, seconds=round(seconds, 2), images_per_second=round(len(paths) / max(seconds, 1e-9), 1)
+            failed=failed, seconds=round(seconds, 2), images_per_second=round(len(files) / max(seconds, 1e-9), 1)
         )
         target.with_suffix(".json").write_text(json.dumps(meta, indent=1))
         os.replace(tmp, target)
@@ -154,6 +154,6 @@ def build_feature_cache(
         tmp.unlink(missing_ok=True)
     if failed:
         first = "; ".join(f"{p}: {e}" for p, e in list(failed.items())[:3])
-        log.warning("%d of %d images could not be read and were skipped (first: %s)", len(failed), len(paths), first)
-    log.info("encoded %d images in %.1fs (%.1f images/s) -> %s", len(paths), seconds, len(paths) / seconds, target)
-    return FeatureStore(target, paths)
+        log.warning("%d of %d images could not be read and were skipped (first: %s)", len(failed), len(files), first)
+    log.info("encoded %d images in %.1fs (%.1f images/s) -> %s", len(files), seconds, len(files) / seconds, target)
+    return FeatureStore(target, files)

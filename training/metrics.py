@@ -5,8 +5,9 @@ tokenised with ``captioner.text.tokenize`` (coco-caption's PTBTokenizer, in pure
 with the formulas, constants and corner cases of pycocoevalcap's ``Bleu`` (corpus level, "closest"
 reference length), ``Rouge`` (ROUGE-L, beta 1.2, best reference) and ``Cider`` (which is CIDEr-D:
 1- to 4-grams, clipped tf-idf vectors, Gaussian length penalty with sigma 6, x10, document
-frequencies from the references of the evaluated set). N-grams are counted once, into numpy
-arrays, so 5,000 images score in well under a second.
+frequencies from the references of the evaluated set; computed in ``training.cider``, which the
+self-critical reward shares). N-grams are counted once, into numpy arrays (``training.ngrams``), so
+5,000 images score in well under a second.
 
 METEOR needs Java: it runs pycocoevalcap's bundled ``meteor-1.5.jar`` when pycocoevalcap is
 installed and ``java`` is on PATH, and is skipped with a logged message otherwise. SPICE is always
@@ -26,11 +27,13 @@ import tempfile
 import threading
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, NamedTuple
+from typing import IO, TypeVar
 
 import numpy as np
 
 from captioner.text import tokenize
+from training.cider import corpus_cider_d
+from training.ngrams import NgramTable, Tokens, gather
 
 __all__ = [
     "METRIC_NAMES",
@@ -44,16 +47,15 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+ImageId = TypeVar("ImageId", bound=Hashable)  # any hashable id, the same kind in predictions and references
 
 # Report order, as in coco-caption's COCOEvalCap.
 METRIC_NAMES = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
 
-Tokens = Sequence[str]
-
 
 def compute_metrics(
-    predictions: Mapping[Hashable, str],
-    references: Mapping[Hashable, Sequence[str]],
+    predictions: Mapping[ImageId, str],
+    references: Mapping[ImageId, Sequence[str]],
     *,
     java: bool | None = None,
 ) -> dict[str, float]:
@@ -70,13 +72,13 @@ def compute_metrics(
     ids = _check_inputs(predictions, references)
     hyps = [tokenize(predictions[i]) for i in ids]
     refs = [[tokenize(r) for r in references[i]] for i in ids]
-    table = _NgramTable(hyps, refs, n=4)
+    table = NgramTable(hyps, refs, n=4)
     metrics = {f"BLEU-{k}": score for k, score in enumerate(_bleu(table), start=1)}
     meteor = _meteor_or_none(hyps, refs, java)
     if meteor is not None:
         metrics["METEOR"] = meteor
     metrics["ROUGE-L"] = float(np.mean(compute_rouge_l(hyps, refs)))
-    metrics["CIDEr"] = float(np.mean(_cider_d(table, sigma=6.0)))
+    metrics["CIDEr"] = float(np.mean(corpus_cider_d(table, sigma=6.0)))
     return metrics
 
 
@@ -89,7 +91,7 @@ def format_metrics(metrics: Mapping[str, float]) -> str:
     return "\n".join(lines)
 
 
-def _check_inputs(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]) -> list:
+def _check_inputs(predictions: Mapping[ImageId, str], references: Mapping[ImageId, Sequence[str]]) -> list:
     if predictions.keys() != references.keys():
         only_pred = [i for i in predictions if i not in references]
         only_ref = [i for i in references if i not in predictions]
@@ -119,103 +121,6 @@ def _check_lengths(hyps: Sequence[Tokens], refs: Sequence[Sequence[Tokens]]) -> 
         raise ValueError("every image needs at least one reference caption")
 
 
-# --- n-gram counts ------------------------------------------------------------------------------------
-
-
-class _Entries(NamedTuple):
-    """One row per distinct n-gram of a caption: which caption, which n-gram, how often."""
-
-    caption: np.ndarray  # index of the caption among the candidates (= image), or among all references
-    gram: np.ndarray  # n-gram id, unique across orders
-    order: np.ndarray  # n - 1
-    count: np.ndarray
-    key: np.ndarray  # image * number_of_ngrams + gram: joins candidates to their references
-
-
-class _NgramTable:
-    """Every 1..n-gram of every candidate and reference caption, counted with numpy.
-
-    Words get integer ids; the k-gram starting at a token is the (k-1)-gram there extended by one
-    word, and ``np.unique`` numbers those pairs, so n-grams never exist as Python tuples.
-    """
-
-    def __init__(self, hyps: Sequence[Tokens], refs: Sequence[Sequence[Tokens]], n: int) -> None:
-        self.n = n
-        self.n_images = len(hyps)
-        sentences = [*hyps, *(r for image_refs in refs for r in image_refs)]
-        self.hyp_len = np.array([len(h) for h in hyps], dtype=np.int64)
-        self.ref_len = np.array([len(s) for s in sentences[len(hyps) :]], dtype=np.int64)
-        self.refs_per_image = np.array([len(r) for r in refs], dtype=np.int64)
-        self.ref_image = np.repeat(np.arange(self.n_images), self.refs_per_image)
-
-        flat = [w for s in sentences for w in s]
-        vocab = {w: i for i, w in enumerate(dict.fromkeys(flat))}
-        words = np.fromiter(map(vocab.__getitem__, flat), dtype=np.int64, count=len(flat))
-        lengths = np.concatenate([self.hyp_len, self.ref_len])
-        starts = np.cumsum(lengths) - lengths
-        sentence_of_token = np.repeat(np.arange(len(sentences)), lengths)
-        tokens_left = np.repeat(starts + lengths, lengths) - np.arange(len(words))  # this one included
-
-        columns: list[tuple[np.ndarray, np.ndarray]] = []  # (sentence, gram id) per k-gram occurrence
-        grams_per_order: list[int] = []
-        code, offset = words, 0
-        for k in range(1, n + 1):
-            at = np.flatnonzero(tokens_left >= k)
-            if k > 1:
-                pairs = code[at] * max(len(vocab), 1) + words[at + k - 1]
-                unique, numbered = np.unique(pairs, return_inverse=True)
-                code = np.full(len(words), -1, dtype=np.int64)
-                code[at] = numbered
-                grams_per_order.append(len(unique))
-            else:
-                grams_per_order.append(len(vocab))
-            columns.append((sentence_of_token[at], code[at] + offset))
-            offset += grams_per_order[-1]
-        self.n_grams = max(offset, 1)
-        gram_order = np.repeat(np.arange(n), grams_per_order)
-
-        keys = np.concatenate([s * self.n_grams + g for s, g in columns])
-        keys, counts = np.unique(keys, return_counts=True)
-        sentence, gram = keys // self.n_grams, keys % self.n_grams
-        is_hyp = sentence < self.n_images
-        hyp_image = sentence[is_hyp]
-        ref_index = sentence[~is_hyp] - self.n_images
-        ref_image = self.ref_image[ref_index]
-        self.hyp = _Entries(hyp_image, gram[is_hyp], gram_order[gram[is_hyp]], counts[is_hyp], keys[is_hyp])
-        self.ref = _Entries(
-            ref_index,
-            gram[~is_hyp],
-            gram_order[gram[~is_hyp]],
-            counts[~is_hyp],
-            ref_image * self.n_grams + gram[~is_hyp],
-        )
-        # The distinct (image, n-gram) pairs of the references, sorted, with the n-gram's largest
-        # count in any one reference of that image.
-        by_key = np.argsort(self.ref.key, kind="stable")
-        sorted_keys = self.ref.key[by_key]
-        first = np.flatnonzero(np.diff(sorted_keys, prepend=-1))
-        self.ref_keys = sorted_keys[first]
-        self.ref_max_count = (
-            np.maximum.reduceat(self.ref.count[by_key], first) if len(first) else np.zeros(0, dtype=np.int64)
-        )
-
-    def ref_lengths_per_image(self) -> list[list[int]]:
-        bounds = np.cumsum(self.refs_per_image).tolist()
-        lengths = self.ref_len.tolist()
-        return [lengths[end - count : end] for end, count in zip(bounds, self.refs_per_image.tolist(), strict=True)]
-
-
-def _gather(values: np.ndarray, sorted_keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """``values[j]`` where ``sorted_keys[j] == query``, else 0, for each query."""
-    out = np.zeros(len(queries), dtype=np.float64)
-    if len(sorted_keys) == 0:
-        return out
-    at = np.minimum(np.searchsorted(sorted_keys, queries), len(sorted_keys) - 1)
-    found = sorted_keys[at] == queries
-    out[found] = values[at[found]]
-    return out
-
-
 # --- BLEU ---------------------------------------------------------------------------------------------
 
 
@@ -227,10 +132,10 @@ def compute_bleu(hyps: Sequence[Tokens], refs: Sequence[Sequence[Tokens]], *, n:
     uses, per image, the reference length closest to the candidate's (the shorter one on ties).
     """
     _check_lengths(hyps, refs)
-    return _bleu(_NgramTable(hyps, refs, n=n))
+    return _bleu(NgramTable(hyps, refs, n=n))
 
 
-def _bleu(table: _NgramTable) -> list[float]:
+def _bleu(table: NgramTable) -> list[float]:
     # pycocoevalcap's constants: they keep empty counts finite, and they move the scores slightly.
     small, tiny = 1e-9, 1e-15
     test_len = int(table.hyp_len.sum())
@@ -240,7 +145,7 @@ def _bleu(table: _NgramTable) -> list[float]:
     )
     guess = [int(np.maximum(table.hyp_len - k, 0).sum()) for k in range(table.n)]
     # A candidate n-gram is credited at most as often as it occurs in any single reference.
-    clipped = np.minimum(table.hyp.count, _gather(table.ref_max_count, table.ref_keys, table.hyp.key))
+    clipped = np.minimum(table.hyp.count, gather(table.ref_max_count, table.ref_keys, table.hyp.key))
     correct = np.bincount(table.hyp.order, weights=clipped, minlength=table.n).tolist()
 
     scores, bleu = [], 1.0
@@ -308,33 +213,10 @@ def compute_cider_d(
     """Per-image CIDEr-D of tokenised captions, exactly as pycocoevalcap's ``Cider``; report the mean.
 
     Document frequencies come from the references of these images, so a score depends on the whole
-    evaluated set (as in coco-caption).
+    evaluated set (as in coco-caption). Equal to ``training.cider.CiderD(refs).scores(range(len(hyps)), hyps)``.
     """
     _check_lengths(hyps, refs)
-    return _cider_d(_NgramTable(hyps, refs, n=n), sigma=sigma)
-
-
-def _cider_d(table: _NgramTable, *, sigma: float) -> np.ndarray:
-    n, hyp, ref = table.n, table.hyp, table.ref
-    n_refs = len(table.ref_len)
-    # Document frequency: the number of images whose references contain the n-gram.
-    df = np.bincount(table.ref_keys % table.n_grams, minlength=table.n_grams)
-    idf = np.log(float(table.n_images)) - np.log(np.maximum(1.0, df))
-    hyp_w = hyp.count * idf[hyp.gram]
-    ref_w = ref.count * idf[ref.gram]
-    hyp_norm = np.sqrt(np.bincount(hyp.caption * n + hyp.order, hyp_w**2, minlength=table.n_images * n))
-    ref_norm = np.sqrt(np.bincount(ref.caption * n + ref.order, ref_w**2, minlength=n_refs * n))
-    # Clipped dot product: only n-grams in both the candidate and the reference contribute.
-    hyp_w_at_ref = _gather(hyp_w, hyp.key, ref.key)
-    dot = np.bincount(ref.caption * n + ref.order, np.minimum(hyp_w_at_ref, ref_w) * ref_w, minlength=n_refs * n)
-    dot, ref_norm = dot.reshape(n_refs, n), ref_norm.reshape(n_refs, n)
-    norms = hyp_norm.reshape(table.n_images, n)[table.ref_image] * ref_norm
-    sim = np.divide(dot, norms, out=dot.copy(), where=norms != 0)
-    # pycocoevalcap measures length in bigrams (its "length" counts 2-gram occurrences).
-    delta = (np.maximum(table.hyp_len - 1, 0)[table.ref_image] - np.maximum(table.ref_len - 1, 0)).astype(float)
-    sim *= np.exp(-(delta**2) / (2 * sigma**2))[:, None]
-    per_image = np.stack([np.bincount(table.ref_image, sim[:, k], minlength=table.n_images) for k in range(n)], axis=1)
-    return per_image.mean(axis=1) / table.refs_per_image * 10.0
+    return corpus_cider_d(NgramTable(hyps, refs, n=n), sigma=sigma)
 
 
 # --- METEOR (Java) ------------------------------------------------------------------------------------
@@ -371,19 +253,21 @@ def compute_meteor(hyps: Sequence[Tokens], refs: Sequence[Sequence[Tokens]], *, 
     cmd = [java, "-jar", "-Xmx2G", jar_path.name, "-", "-", "-stdio", "-l", "en", "-norm"]
     with tempfile.TemporaryFile() as stderr:
         proc = subprocess.Popen(cmd, cwd=jar_path.parent, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)
+        stdin, stdout = proc.stdin, proc.stdout
+        assert stdin is not None and stdout is not None  # both are PIPEs
         try:
             # Write from a thread: the statistics come back while we are still sending, and a full
             # pipe in each direction would otherwise deadlock.
-            writer = threading.Thread(target=_write_lines, args=(proc.stdin, lines), daemon=True)
+            writer = threading.Thread(target=_write_lines, args=(stdin, lines), daemon=True)
             writer.start()
             stats = [_read_line(proc, stderr) for _ in lines]
             writer.join()
-            _write_lines(proc.stdin, ["EVAL ||| " + " ||| ".join(stats)])
+            _write_lines(stdin, ["EVAL ||| " + " ||| ".join(stats)])
             for _ in lines:
                 _read_line(proc, stderr)  # per-image scores
             score = float(_read_line(proc, stderr))
         finally:
-            for pipe in (proc.stdin, proc.stdout):
+            for pipe in (stdin, stdout):
                 # A broken pipe when METEOR died; _read_line has already reported that.
                 with contextlib.suppress(OSError):
                     pipe.close()
@@ -414,6 +298,7 @@ def _write_lines(pipe: IO[bytes], lines: Sequence[str]) -> None:
 
 
 def _read_line(proc: subprocess.Popen, stderr: IO[bytes]) -> str:
+    assert proc.stdout is not None  # compute_meteor starts METEOR with stdout=PIPE
     line = proc.stdout.readline().decode().strip()
     if not line:
         proc.kill()

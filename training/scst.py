@@ -9,84 +9,23 @@ baseline. The baseline here is the mean reward of the *other* samples of the sam
 "A Better Variant of Self-Critical Sequence Training"), so no extra greedy decode is needed and the
 baseline is unbiased.
 
-The reward is CIDEr-D exactly as coco-caption computes it (``training.metrics``) except for its
-document frequencies, which come from the whole training corpus rather than from the scored batch,
-as in the reference SCST implementations: a batch of 32 images is too small a corpus for idf.
+The reward is CIDEr-D exactly as coco-caption computes it, from the same code as the reported metric
+(``training.cider``; ``CiderD`` is imported from there), except for its document frequencies, which
+come from the whole training corpus rather than from the scored batch, as in the reference SCST
+implementations: a batch of 32 images is too small a corpus for idf. The sampler is the decoding
+rollout of ``captioner.decoding``, run with gradients.
 """
 
 from __future__ import annotations
 
-import math
-from collections import Counter
-from collections.abc import Sequence
-
-import numpy as np
 import torch
 
 from captioner.caption_rules import RuleMasks
 from captioner.decoder import CaptionDecoder
-from captioner.decoding import next_word_logits
-from captioner.vocab import Vocabulary
+from captioner.decoding import rollout
+from training.cider import CiderD
 
-Tokens = Sequence[str]
-_Grams = list[dict[tuple[str, ...], float]]  # per order: n-gram -> tf-idf weight
-
-
-def _counts(tokens: Tokens, n: int) -> list[Counter]:
-    return [Counter(tuple(tokens[i : i + k]) for i in range(len(tokens) - k + 1)) for k in range(1, n + 1)]
-
-
-class CiderD:
-    """Per-caption CIDEr-D against fixed references, with their corpus's document frequencies.
-
-    ``references[i]`` holds the tokenised reference captions of image ``i``. Scoring a caption for
-    image ``i`` costs a few dictionary look-ups per n-gram: the references' tf-idf vectors are built
-    once. With ``references`` equal to the evaluated set, scores equal ``metrics.compute_cider_d``.
-    """
-
-    def __init__(self, references: Sequence[Sequence[Tokens]], *, n: int = 4, sigma: float = 6.0) -> None:
-        if not references:
-            raise ValueError("CiderD needs at least one image's references")
-        self.n, self.sigma = n, sigma
-        ref_counts = [[_counts(ref, n) for ref in refs] for refs in references]
-        df: Counter = Counter()
-        for refs in ref_counts:  # the number of images whose references contain the n-gram
-            df.update({gram for counts in refs for order in counts for gram in order})
-        self._log_images = math.log(float(len(references)))
-        self._df = df
-        self._refs = [
-            [(*self._vector(counts), max(len(ref) - 1, 0)) for counts, ref in zip(cr, refs, strict=True)]
-            for cr, refs in zip(ref_counts, references, strict=True)
-        ]
-
-    def _vector(self, counts: list[Counter]) -> tuple[_Grams, list[float]]:
-        weights = [
-            {g: c * (self._log_images - math.log(max(1.0, self._df.get(g, 0.0)))) for g, c in order.items()}
-            for order in counts
-        ]
-        return weights, [math.sqrt(sum(w * w for w in order.values())) for order in weights]
-
-    def __len__(self) -> int:
-        return len(self._refs)
-
-    def score(self, image: int, tokens: Tokens) -> float:
-        """CIDEr-D (x10, as reported) of one tokenised caption for image ``image``."""
-        vec, norms = self._vector(_counts(tokens, self.n))
-        length = max(len(tokens) - 1, 0)  # coco-caption measures length in bigrams
-        total = 0.0
-        refs = self._refs[image]
-        for ref_vec, ref_norms, ref_length in refs:
-            penalty = math.exp(-((length - ref_length) ** 2) / (2 * self.sigma**2))
-            for k in range(self.n):
-                ref_k = ref_vec[k]
-                dot = sum(min(w, ref_k[g]) * ref_k[g] for g, w in vec[k].items() if g in ref_k)
-                if norms[k] != 0 and ref_norms[k] != 0:
-                    dot /= norms[k] * ref_norms[k]
-                total += dot * penalty
-        return total / self.n / len(refs) * 10.0
-
-    def scores(self, images: Sequence[int], captions: Sequence[Tokens]) -> np.ndarray:
-        return np.array([self.score(i, c) for i, c in zip(images, captions, strict=True)], dtype=np.float64)
+__all__ = ["CiderD", "leave_one_out_advantage", "sample_captions", "scst_loss"]
 
 
 def sample_captions(
@@ -99,32 +38,15 @@ def sample_captions(
     image-major: the samples of image 0, then image 1, ... ``<pad>``, ``<start>`` and ``<unk>`` are
     never sampled (as in ``captioner.decoding``), nor what ``rules`` forbid (a caption may not stop
     where human captions never do: the reward cannot favour what decoding will not produce), and a
-    caption still going at ``max_length`` words ends there.
+    caption still going at ``max_length`` words ends there. Draws come from torch's global generator.
     """
-    rows = grid.shape[0] * samples
-    state = decoder.init_state(grid).repeat_interleave(samples)
-    tokens = torch.full((rows,), Vocabulary.bos_id, dtype=torch.long, device=grid.device)
-    before: torch.Tensor | None = None
-    finished = torch.zeros(rows, dtype=torch.bool, device=grid.device)
-    chosen, log_probs, masks = [], [], []
-    for t in range(max_length + 1):
-        logits, state, _ = next_word_logits(decoder, tokens, state, rules if t < max_length else None, before)
-        before = tokens
-        logp = logits.log_softmax(-1)  # (R, V)
-        if t == max_length:
-            tokens = torch.full_like(tokens, Vocabulary.eos_id)
-        else:
-            tokens = torch.multinomial(logp.detach().exp(), 1).squeeze(1)  # (R,)
-        tokens = tokens.masked_fill(finished, Vocabulary.pad_id)
-        # A finished row's <pad> has log-probability -inf: zero it, do not multiply it by 0 (NaN).
-        log_probs.append(logp.gather(1, tokens.unsqueeze(1)).squeeze(1).masked_fill(finished, 0.0))
-        chosen.append(tokens)
-        masks.append(~finished)
-        finished = finished | (tokens == Vocabulary.eos_id)
-        if bool(finished.all()):
-            break
-    mask = torch.stack(masks, dim=1)
-    return torch.stack(chosen, dim=1), torch.stack(log_probs, dim=1), mask
+
+    def draw(logits: torch.Tensor) -> torch.Tensor:
+        # exp(log_softmax), not softmax: these probabilities (to the last bit) are what a seed has always drawn from.
+        return torch.multinomial(logits.detach().log_softmax(-1).exp(), 1).squeeze(1)  # (R,)
+
+    rolled = rollout(decoder, grid, max_length, draw, rules, samples=samples)
+    return rolled.tokens, rolled.log_probs, rolled.mask
 
 
 def leave_one_out_advantage(rewards: torch.Tensor, samples: int) -> torch.Tensor:

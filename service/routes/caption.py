@@ -126,13 +126,14 @@ async def caption(request: Request, loaded: LoadedDep, batcher: BatcherDep, sett
     except OutOfMemory as exc:
         raise ApiError(503, "out_of_memory", str(exc), headers={"Retry-After": "1"}) from None
 
-    with_attention = params.attention and result.attention_shape is not None
+    shape = result.attention_shape if params.attention else None  # None: not asked for, or a model without attention
+    with_attention = shape is not None
     return CaptionResponse(
         captions=_captions(result, with_attention),
         options=AppliedOptions(**options.to_dict(), attention=params.attention),
         model_id=loaded.id,
         image=ImageInfo(width=width, height=height),
-        attention_shape=list(result.attention_shape) if with_attention else None,
+        attention_shape=list(shape) if shape is not None else None,
         attention_region=_crop_region(width, height, loaded.model.preprocess_config) if with_attention else None,
         timing=Timing(
             total_ms=round((time.perf_counter() - started) * 1000.0, 3),
@@ -208,9 +209,8 @@ def _captions(result: CaptionResult, with_attention: bool) -> list[CaptionOut]:
 
 def _crop_region(width: int, height: int, preprocess: Preprocess) -> AttentionRegion:
     """Where the encoder's centre crop (which the attention grid covers) lies in the upright image."""
-    resized_w, resized_h, left, top = preprocess.crop_geometry(width, height)
-    x0, y0 = max(0, left), max(0, top)
-    x1, y1 = min(resized_w, left + preprocess.crop), min(resized_h, top + preprocess.crop)
+    resized_w, resized_h, _, _ = preprocess.crop_geometry(width, height)
+    x0, y0, x1, y1 = preprocess.crop_box(width, height)
     return AttentionRegion(
         left=x0 / resized_w, top=y0 / resized_h, width=(x1 - x0) / resized_w, height=(y1 - y0) / resized_h
     )

@@ -177,6 +177,7 @@ def test_merge_restores_the_input_order(tmp_path) -> None:
         merge_parts(out)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_caption_their_shares_and_merge(checkpoint, tmp_path) -> None:
     images = _tree(tmp_path / "photos", count=7)
     out = tmp_path / "out.jsonl"

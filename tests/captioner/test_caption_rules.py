@@ -216,6 +216,7 @@ def test_the_independent_scorer_counts_bad_endings_and_starts(tmp_path: Path, ca
     assert "1 (100.00 %)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_default_model_ends_its_captions_properly_on_flickr8k_test_photos() -> None:
     """The shipped file carries rules, and on real test photos an independent word list finds no caption
     ending on an article, preposition, conjunction, colour or bare adjective (it found 4-6 % before)."""

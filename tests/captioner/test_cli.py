@@ -97,6 +97,7 @@ def test_info_describes_the_checkpoint(checkpoint, capsys):
     assert info["encoder"]["name"] == "resnet18" and info["vocab_size"] > 4
 
 
+@pytest.mark.slow
 def test_export_writes_a_smaller_model_only_copy(checkpoint, images, tmp_path, capsys):
     import torch
 

@@ -44,6 +44,7 @@ def default_model():
     return Captioner.from_checkpoint(None)
 
 
+@pytest.mark.slow
 def test_default_model_describes_real_test_photos(default_model):
     flickr = require_data("flickr8k")
     test_files = (flickr / "splits" / "Flickr_8k.testImages.txt").read_text().split()[:8]

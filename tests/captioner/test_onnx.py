@@ -66,7 +66,11 @@ def _export(tmp: Path, **decoder_kwargs) -> Exported:
     return Exported(checkpoint, tmp / "onnx", reference, onnx_model, _photos(tmp))
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS))
+@pytest.fixture(
+    scope="module",
+    # the default model's shape runs in the fast subset; the second export is for the full run
+    params=[pytest.param(name, marks=[pytest.mark.slow] if i else []) for i, name in enumerate(VARIANTS)],
+)
 def exported(request, tmp_path_factory) -> tuple[Captioner, Captioner, list[str]]:
     """(PyTorch model, the same on onnxruntime, photos) for one decoder variant."""
     found = _export(tmp_path_factory.mktemp(request.param), **VARIANTS[request.param])
@@ -206,6 +210,7 @@ def test_a_failed_export_leaves_nothing_and_a_foreign_folder_is_refused(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no folder, no temporary left behind
 
 
+@pytest.mark.slow
 def test_a_checkpoint_is_exported_once_into_the_cache(tmp_path, monkeypatch) -> None:
     import captioner.onnx_export as onnx_export
 
@@ -264,6 +269,7 @@ def test_backend_errors_are_clear(attention_export, tmp_path) -> None:
         Captioner.from_checkpoint(folder, backend="onnxruntime")
 
 
+@pytest.mark.slow
 def test_cli_export_onnx_and_caption_with_it(tmp_path, capsys) -> None:
     checkpoint = tmp_path / "model.pt"
     tiny_captioner(attention=True).save(checkpoint)
@@ -294,6 +300,7 @@ def test_cli_export_onnx_and_caption_with_it(tmp_path, capsys) -> None:
     assert "apply to --format onnx" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_int8_export_quantizes_the_encoder_and_still_captions(attention_export, tmp_path, capsys) -> None:
     checkpoint, fp32 = attention_export.checkpoint, attention_export.folder
     photos = _photos(tmp_path, 6)

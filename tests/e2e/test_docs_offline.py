@@ -7,17 +7,15 @@ Content-Security-Policy either (Chromium logs each refusal to the console).
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
 
-from tests.e2e.test_browser import CHROMIUM_ARGS
 from tests.service.server import Server, running_server
 from tests.service.tiny_model import save_tiny_checkpoint
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]  # a real server and Chromium
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 
@@ -25,17 +23,6 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 # refuses it before any request leaves the browser (so the route below never sees it) and ReDoc then
 # drops the image; it is the one refusal the page may log.
 REDOC_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,7 @@
-"""Start the real ``captioner-serve`` process on a free loopback port and stop it again."""
+"""Start the real ``captioner-serve`` process on a free loopback port and stop it again.
+
+Standard library only: bench/serving.py loads this file too, to start the servers it times.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +37,15 @@ class Server:
     @property
     def log(self) -> str:
         return "".join(self.lines)
+
+    def wait_ready(self, timeout: float = 120.0) -> str:
+        """The server's URL once uvicorn listens; ``RuntimeError`` with its output if it exits or takes too long."""
+        deadline = time.monotonic() + timeout
+        while self.url is None:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"captioner-serve did not start:\n{self.log}")
+            time.sleep(0.05)
+        return self.url
 
 
 def _clean_env(extra: dict[str, str] | None) -> dict[str, str]:
@@ -72,21 +84,18 @@ def running_server(checkpoint: Path, env: dict[str, str] | None = None, timeout:
     """``captioner-serve --port 0`` (the OS picks a free port; the URL is read from uvicorn's log)."""
     server = launch(["--host", "127.0.0.1", "--port", "0", "--checkpoint", str(checkpoint)], env)
     try:
-        deadline = time.monotonic() + timeout
-        while server.url is None:
-            if server.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"captioner-serve did not start:\n{server.log}")
-            time.sleep(0.05)
+        server.wait_ready(timeout)
         yield server
     finally:
         stop(server)
 
 
-def stop(server: Server) -> int:
+def stop(server: Server, timeout: float = 20.0) -> int:
+    """Ctrl-C (uvicorn's graceful shutdown), then kill after ``timeout`` seconds; the exit status."""
     if server.process.poll() is None:
         server.process.send_signal(signal.SIGINT)
         try:
-            server.process.wait(timeout=20)
+            server.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             server.process.kill()
             server.process.wait()

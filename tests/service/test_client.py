@@ -62,6 +62,7 @@ def picture(tmp_path: Path) -> tuple[bytes, Path, object]:
     return data, path, image
 
 
+@pytest.mark.slow
 def test_caption_gives_what_the_server_gives(server: Server, picture: tuple) -> None:
     data, path, image = picture
     expected = _direct(server, data).json()
@@ -73,6 +74,7 @@ def test_caption_gives_what_the_server_gives(server: Server, picture: tuple) -> 
             assert reply.options == expected["options"] and reply.timing["batch_size"] >= 1
 
 
+@pytest.mark.slow
 def test_async_caption_gives_what_the_server_gives(server: Server, picture: tuple) -> None:
     data, path, image = picture
     expected = _direct(server, data).json()
@@ -85,6 +87,7 @@ def test_async_caption_gives_what_the_server_gives(server: Server, picture: tupl
         _assert_same_captions(reply, expected)
 
 
+@pytest.mark.slow
 def test_options_round_trip(server: Server, picture: tuple) -> None:
     data = picture[0]
     expected = _direct(server, data, method="beam", beam_size=2, num_captions=2).json()
@@ -125,6 +128,7 @@ def _check_batch_results(server: Server, results: list, widths: list[int]) -> No
             assert result.raw["image"]["width"] == width
 
 
+@pytest.mark.slow
 def test_caption_many_keeps_order_and_isolates_failures(server: Server, tmp_path: Path) -> None:
     batch, widths = _batch(tmp_path)
     with CaptionClient(server.url) as client:
@@ -135,6 +139,7 @@ def test_caption_many_keeps_order_and_isolates_failures(server: Server, tmp_path
     assert isinstance(missing[1], CaptionResponse)
 
 
+@pytest.mark.slow
 def test_async_caption_many_keeps_order_and_isolates_failures(server: Server, tmp_path: Path) -> None:
     batch, widths = _batch(tmp_path)
 

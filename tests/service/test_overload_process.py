@@ -16,6 +16,8 @@ import pytest
 from tests.service import images
 from tests.service.server import Server, running_server
 
+pytestmark = pytest.mark.slow  # real server processes, and waits for their grace periods
+
 PNG = images.png(seed=11, width=160, height=120)
 
 

@@ -6,6 +6,7 @@ import asyncio
 import importlib.util
 import json
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +38,7 @@ def _upload_bytes() -> tuple[str, bytes]:
     return "pattern.png", images.png(seed=42, width=320, height=240)
 
 
+@pytest.mark.slow
 def test_endpoints_over_http(server: Server) -> None:
     with httpx.Client(base_url=server.url, timeout=60) as client:
         assert client.get("/health").json() == {"status": "ok"}
@@ -55,6 +57,7 @@ def test_endpoints_over_http(server: Server) -> None:
         assert "captioner" in client.get("/").text
 
 
+@pytest.mark.slow
 def test_oversized_upload_is_refused_before_its_body_is_sent(server: Server) -> None:
     """Only the headers go out; the 413 comes back without the server waiting for 100 MB."""
     address = urlsplit(server.url)
@@ -72,6 +75,7 @@ def test_oversized_upload_is_refused_before_its_body_is_sent(server: Server) -> 
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
 
 
+@pytest.mark.slow
 def test_concurrent_requests_share_batches(server: Server) -> None:
     uploads = [images.png(seed=200 + i) for i in range(8)]
 
@@ -105,6 +109,7 @@ def _bench_serving():
     return module
 
 
+@pytest.mark.slow
 def test_serving_benchmark_client_gets_the_same_answers_as_httpx(server: Server) -> None:
     """bench/serving.py times pre-encoded requests over its own keep-alive connections: they must be real requests."""
     bench = _bench_serving()
@@ -130,6 +135,7 @@ def test_serving_benchmark_client_gets_the_same_answers_as_httpx(server: Server)
     assert level.seconds > 0 and all(ms > 0 for ms in level.latencies_ms)
 
 
+@pytest.mark.slow
 def test_serving_benchmark_runs_end_to_end(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
     """Both servers side by side, taking turns with the bare model; the table and both verdicts print."""
     photos = tmp_path / "photos"
@@ -150,20 +156,25 @@ def test_serving_benchmark_runs_end_to_end(tiny_checkpoint: Path, tmp_path: Path
     assert "only 200 and 503: met" in out, out
 
 
-def test_upload_pressure_benchmark_runs_end_to_end(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+@pytest.mark.slow
+def test_upload_pressure_benchmark_runs_end_to_end(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Run as its usage says, ``python bench/upload_pressure.py``: a script, whose folder is first on sys.path
+    so that it imports its sibling serving.py."""
     photos = tmp_path / "photos"
     photos.mkdir()
     for i in range(2):
         (photos / f"{i}.jpg").write_bytes(images.encode(images.pattern(seed=500 + i), "JPEG"))
-    sys.path.insert(0, str(ROOT / "bench"))  # as when run as a script: it imports its sibling serving.py
-    try:
-        spec = importlib.util.spec_from_file_location("bench_upload_pressure", ROOT / "bench" / "upload_pressure.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
     argv = ["--checkpoint", str(tiny_checkpoint), "--images", str(photos), "--uploads", "3", "--upload-mb", "1"]
-    assert module.main([*argv, "--slow", "4", "--requests", "4", "--rounds", "1"]) == 0
-    out = capsys.readouterr().out
+    argv += ["--slow", "4", "--requests", "4", "--rounds", "1"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "upload_pressure.py"), *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
     assert "statuses 200: 3;" in out and "big uploads all 200: met" in out, out
     assert "| beside 4 slow uploads" in out and "p50 beside slow uploads / alone" in out

@@ -12,9 +12,11 @@ from captioner import Captioner
 from captioner.caption_rules import CaptionRules
 from captioner.text import tokenize
 from tests.helpers import free_port, make_flickr_folder, require_data
+from training.batches import epoch_batches
 from training.cli import eval_main, parse_train_config, train_main
+from training.config import TrainConfig
 from training.data import load_corpus
-from training.engine import TrainConfig, Trainer, epoch_batches, train
+from training.engine import Trainer, train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,7 +51,7 @@ def _config(data, out, cache, **overrides) -> TrainConfig:
         device="cpu",
     )
     base.update(overrides)
-    return TrainConfig(**base)
+    return TrainConfig.from_dict(base)  # flat keys, as flags and config files give them
 
 
 # CLI flags every quick CLI run here shares: tiny vocabulary threshold, no workers, no bars, CPU.
@@ -65,6 +67,7 @@ def _log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_loss_falls_and_the_checkpoint_captions(shapes, cache_dir, tmp_path):
     summary = train(_config(shapes, tmp_path, cache_dir, epochs=8))
     epochs = [r for r in _log(tmp_path) if "val_loss" in r]
@@ -81,6 +84,7 @@ def test_loss_falls_and_the_checkpoint_captions(shapes, cache_dir, tmp_path):
     assert "red" in caption.split() or "square" in caption.split()
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_matches_an_uninterrupted_run(shapes, cache_dir, tmp_path):
     whole = tmp_path / "whole"
     train(_config(shapes, whole, cache_dir, epochs=2, attention=True))
@@ -99,6 +103,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(shapes, cache_di
     assert a["training"]["scheduler"]["last_epoch"] == b["training"]["scheduler"]["last_epoch"]
 
 
+@pytest.mark.slow
 def test_self_critical_epochs_raise_the_cider_reward(shapes, cache_dir, tmp_path):
     """Cross-entropy for 3 epochs, then 6 self-critical epochs that optimise CIDEr-D on sampled captions.
 
@@ -120,6 +125,7 @@ def test_self_critical_epochs_raise_the_cider_reward(shapes, cache_dir, tmp_path
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(3e-3)  # constant during SCST
 
 
+@pytest.mark.slow
 def test_resume_inside_a_self_critical_epoch_matches_an_uninterrupted_run(shapes, cache_dir, tmp_path):
     settings = dict(epochs=3, scst_after=2, scst_batch_images=8, scst_lr=1e-3)
     whole = tmp_path / "whole"
@@ -136,6 +142,7 @@ def test_resume_inside_a_self_critical_epoch_matches_an_uninterrupted_run(shapes
         assert torch.equal(value, b["decoder_state"][key]), key
 
 
+@pytest.mark.slow
 def test_init_from_starts_a_new_run_from_a_trained_model(shapes, cache_dir, tmp_path):
     """--init-from: the checkpoint's architecture, vocabulary and weights, whatever the flags say; a new
     optimizer, schedule and step count; config.json records the architecture that actually trained."""
@@ -148,7 +155,7 @@ def test_init_from_starts_a_new_run_from_a_trained_model(shapes, cache_dir, tmp_
         init_from=str(first / "best.pt"), cell="lstm", hidden_dim=32, min_word_count=4,
     )  # fmt: skip
     trainer = Trainer(config)
-    assert (trainer.config.cell, trainer.config.hidden_dim) == ("gru", 24)
+    assert (trainer.config.decoder.cell, trainer.config.decoder.hidden_dim) == ("gru", 24)
     assert trainer.vocab.tokens == trained.vocab.tokens  # not rebuilt with min_word_count=4
     for key, value in trained.decoder.state_dict().items():
         assert torch.equal(trainer.model.decoder.state_dict()[key], value), key
@@ -179,6 +186,7 @@ def test_vanilla_rnn_and_gru_cells_train(shapes, cache_dir, tmp_path):
         assert Captioner.from_checkpoint(tmp_path / cell / "best.pt").config.decoder.cell == cell
 
 
+@pytest.mark.slow
 def test_encoder_finetuning_phase_reads_images(shapes, cache_dir, tmp_path):
     summary = train(_config(shapes, tmp_path, cache_dir, epochs=2, finetune_after=1, attention=False))
     assert summary["epoch"] == 2
@@ -194,11 +202,13 @@ def test_encoder_finetuning_phase_reads_images(shapes, cache_dir, tmp_path):
     assert torch.equal(tuned.encoder.state_dict()[stem], original.state_dict()[stem])
 
 
+@pytest.mark.slow
 def test_early_stopping_with_patience(shapes, cache_dir, tmp_path):
     summary = train(_config(shapes, tmp_path, cache_dir, epochs=10, lr=1e-9, warmup_steps=1, patience=1))
     assert summary["stopped"] == "early_stopping" and summary["epoch"] < 10
 
 
+@pytest.mark.slow
 def test_early_stopping_in_the_cross_entropy_phase_goes_on_to_the_self_critical_epochs(shapes, cache_dir, tmp_path):
     """Patience counts within a phase: it ends cross-entropy early, and the self-critical epochs still run."""
     config = _config(
@@ -235,7 +245,7 @@ def test_train_and_eval_clis(shapes, cache_dir, tmp_path, capsys):
         *QUICK_FLAGS,
     ]
     resolved = parse_train_config([*argv, "--epochs", "2"])
-    assert resolved.embed_dim == 16 and resolved.epochs == 2  # file sets, flags override
+    assert resolved.decoder.embed_dim == 16 and resolved.epochs == 2  # file sets, flags override
     assert train_main(argv) == 0
     assert json.loads((tmp_path / "run" / "config.json").read_text())["hidden_dim"] == 16
     assert parse_train_config([*argv, "--no-caption-rules"]).caption_rules is False
@@ -304,6 +314,7 @@ def test_unknown_config_keys_are_refused(tmp_path):
         parse_train_config(["--config", str(config)])
 
 
+@pytest.mark.slow
 def test_real_flickr8k_subset_trains(cache_dir, tmp_path):
     flickr = require_data("flickr8k")
     summary = train(_config(flickr, tmp_path, cache_dir, limit_images=48, epochs=3, attention=True))
@@ -315,12 +326,14 @@ def test_real_flickr8k_subset_trains(cache_dir, tmp_path):
     assert model.caption([image], method="greedy")[0].captions[0].tokens
 
 
+@pytest.mark.slow
 def test_real_coco_mini_trains(cache_dir, tmp_path):
     coco = require_data("coco-mini", "annotations", "captions_train2017.json")
     summary = train(_config(coco, tmp_path, cache_dir, val_data=str(coco), val_max_images=16, epochs=2))
     assert summary["epoch"] == 2 and (tmp_path / "best.pt").is_file()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_on_gloo_agree(shapes, cache_dir, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

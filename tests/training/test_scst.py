@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import math
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
 
+from captioner.caption_rules import CaptionRules
 from captioner.config import DecoderConfig
 from captioner.decoder import CaptionDecoder
 from captioner.text import tokenize
 from captioner.vocab import Vocabulary
+from tests.helpers import tiny_captioner
 from training.metrics import compute_cider_d
 from training.scst import CiderD, leave_one_out_advantage, sample_captions, scst_loss
 
@@ -59,6 +64,57 @@ def test_document_frequencies_come_from_the_whole_corpus() -> None:
         CiderD([])
 
 
+def _plain_cider_d(corpus: list[list[list[str]]], image: int, tokens: list[str], n: int = 4) -> float:
+    """CIDEr-D written out with Counters, one caption at a time: idf over every image of ``corpus``."""
+
+    def grams(words: list[str]) -> list[Counter]:
+        return [Counter(tuple(words[i : i + k]) for i in range(len(words) - k + 1)) for k in range(1, n + 1)]
+
+    df = Counter(g for refs in corpus for g in {g for ref in refs for order in grams(ref) for g in order})
+
+    def vector(words: list[str]) -> list[dict]:
+        return [
+            {g: c * (math.log(len(corpus)) - math.log(max(1.0, df[g]))) for g, c in o.items()} for o in grams(words)
+        ]
+
+    def norm(weights: dict) -> float:
+        return math.sqrt(sum(w * w for w in weights.values()))
+
+    hyp, total = vector(tokens), 0.0
+    for ref in corpus[image]:
+        penalty = math.exp(-((max(len(tokens) - 1, 0) - max(len(ref) - 1, 0)) ** 2) / (2 * 6.0**2))
+        for h, r in zip(hyp, vector(ref), strict=True):
+            dot = sum(min(w, r[g]) * r[g] for g, w in h.items() if g in r)
+            total += (dot / (norm(h) * norm(r)) if norm(h) * norm(r) else dot) * penalty
+    return total / n / len(corpus[image]) * 10.0
+
+
+def test_reward_equals_cider_d_written_out_for_samples_with_unseen_words() -> None:
+    """Several samples per image, scored against a corpus larger than the batch; n-grams and words that
+    no reference has (they weigh in the caption's norm only), repeats, an empty caption."""
+    corpus = [_tokens(r) for r in REFERENCES]
+    reward = CiderD(corpus)
+    images = [0, 0, 0, 2, 2, 3, 1, 0]
+    captions = [
+        tokenize("a dog runs through the snow"),
+        tokenize("a zebra runs through the snow"),  # "zebra" is in no reference
+        tokenize("dog dog dog dog in snow snow"),
+        tokenize("a man rides a bike down a hill"),
+        [],
+        tokenize("a woman walking in a red coat on a red street with a red jacket"),
+        tokenize("kids play play on a sandy quasar beach"),
+        tokenize("snow"),
+    ]
+    expected = [_plain_cider_d(corpus, i, c) for i, c in zip(images, captions, strict=True)]
+    np.testing.assert_allclose(reward.scores(images, captions), expected, rtol=1e-12, atol=1e-12)
+    assert reward.score(2, captions[3]) == pytest.approx(expected[3], rel=1e-12)
+    assert reward.scores([], []).shape == (0,)
+    with pytest.raises(ValueError, match="3 captions for 2 images"):
+        reward.scores([0, 1], captions[:3])
+    with pytest.raises(ValueError, match="every image"):
+        CiderD([corpus[0], []])
+
+
 def _decoder(vocab_size: int = 12, attention: bool = True) -> CaptionDecoder:
     torch.manual_seed(0)
     config = DecoderConfig(vocab_size, 8, embed_dim=16, hidden_dim=16, attention=attention, attention_dim=8)
@@ -85,6 +141,40 @@ def test_sampling_feeds_words_back_and_keeps_gradients(attention: bool) -> None:
     log_probs.sum().backward()
     assert decoder.head.weight.grad is not None and decoder.head.weight.grad.abs().sum() > 0
     assert decoder.init_state_proj.weight.grad.abs().sum() > 0  # through the image, too
+
+
+def test_seeded_samples_are_those_of_the_sampler_before_it_shared_the_decoding_rollout() -> None:
+    """Fixed values, drawn before ``sample_captions`` became a call of ``captioner.decoding.rollout``:
+    the same seed must still give the same captions (they depend on torch's random stream too)."""
+    decoder = _decoder()
+    grid = torch.randn(2, 8, 2, 2)
+    torch.manual_seed(7)
+    tokens, _, mask = sample_captions(decoder, grid, samples=3, max_length=5)
+    assert tokens.tolist() == [
+        [8, 8, 10, 8, 5, 2],
+        [2, 0, 0, 0, 0, 0],
+        [4, 9, 7, 9, 9, 2],
+        [9, 9, 10, 5, 4, 2],
+        [9, 9, 10, 7, 7, 2],
+        [5, 10, 9, 2, 0, 0],
+    ]
+    assert mask.sum(1).tolist() == [6, 1, 6, 6, 6, 4]
+
+    model = tiny_captioner()
+    rules = CaptionRules.derive([["a", "dog", "runs", "on", "the", "grass"]] * 50 + [["the", "dog", "runs"]] * 50)
+    torch.manual_seed(0)
+    grid = torch.randn(2, model.encoder.feature_dim, 2, 2)
+    torch.manual_seed(11)
+    tokens, _, mask = sample_captions(model.decoder, grid, samples=3, max_length=6, rules=rules.compile(model.vocab))
+    assert tokens.tolist() == [
+        [15, 26, 12, 24, 23, 6, 2],
+        [4, 7, 2, 0, 0, 0, 0],
+        [5, 17, 17, 12, 11, 26, 2],
+        [11, 12, 21, 24, 11, 9, 2],
+        [23, 15, 18, 11, 25, 7, 2],
+        [5, 16, 28, 11, 16, 13, 2],
+    ]
+    assert mask.sum(1).tolist() == [7, 3, 7, 7, 7, 7]
 
 
 def _teacher_forced(decoder: CaptionDecoder, grid: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,41 @@
+"""The request and response option models are made from DecodingOptions' fields, plus the service's attention."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from pydantic import ValidationError
+
+from captioner.decoding import APPLIES_TO, DecodingOptions
+from service.schemas import OPTION_NAMES, AppliedOptions, CaptionOptions, option_range
+
+FIELDS = dataclasses.fields(DecodingOptions)
+
+
+def test_request_options_are_the_library_options_then_attention() -> None:
+    assert tuple(OPTION_NAMES) == (*(option.name for option in FIELDS), "attention")
+    defaults = CaptionOptions()
+    assert defaults.decoding_options() == DecodingOptions()
+    assert defaults.attention is False
+    for option in FIELDS:
+        description = CaptionOptions.model_fields[option.name].description
+        assert description.startswith(option.metadata.get("help", ""))
+        assert description.endswith(option_range(option.name))
+
+
+def test_request_options_keep_the_library_ranges() -> None:
+    for name, value in [("max_length", 0), ("beam_size", 21), ("temperature", 0), ("top_p", 1.5), ("seed", -1)]:
+        with pytest.raises(ValidationError):
+            CaptionOptions(**{name: value})
+    with pytest.raises(ValidationError):
+        CaptionOptions(method="best")
+
+
+def test_applied_options_require_only_what_every_method_uses() -> None:
+    required = {name for name, info in AppliedOptions.model_fields.items() if info.is_required()}
+    assert required == {option.name for option in FIELDS if option.name not in APPLIES_TO} | {"attention"}
+    for method in ("greedy", "sample", "beam"):
+        options = DecodingOptions(method=method)
+        applied = AppliedOptions(**options.to_dict(), attention=False).model_dump()
+        assert applied == {**{k: v for k, v in options.to_dict().items() if v is not None}, "attention": False}
