@@ -196,6 +196,10 @@ def test_web_page_and_assets_need_no_cdn(client: TestClient) -> None:
         assert response.status_code == 200
         assert not re.search(r"https?://", response.text), f"{asset} loads something from outside the server"
     assert not re.search(r"(src|href)=\"https?://", page.text)
+    icon = re.search(r'<link rel="icon" href="([^"]+)"', page.text)
+    assert icon is not None  # without one the browser asks for /favicon.ico and logs a 404
+    response = client.get(icon.group(1))
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
 
 
 def test_unknown_path_and_method_are_json_errors(client: TestClient) -> None:
