@@ -13,6 +13,7 @@ defaults to ``$XDG_CACHE_HOME/captioner`` (``~/.cache/captioner``). Later loads 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -84,6 +85,10 @@ def _cache_folder(sha256: str) -> Path:
     return cache_dir() / "onnx" / f"v{EXPORT_VERSION}-{sha256[:16]}"
 
 
+# The cache folder cannot be written: permissions, or a read-only file system (a container's root).
+_UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
 def ensure_exported(checkpoint: str | os.PathLike) -> Path:
     """The export of ``checkpoint`` in the cache, exporting it first when it is not there yet.
 
@@ -102,7 +107,9 @@ def ensure_exported(checkpoint: str | os.PathLike) -> Path:
         with FileLock(str(folder.parent / f".{folder.name}.lock")):
             if not _valid_export(folder, sha):
                 _export_into_cache(checkpoint, sha, folder)
-    except PermissionError as exc:
+    except OSError as exc:
+        if exc.errno not in _UNWRITABLE:
+            raise
         raise CheckpointError(
             f"cannot write the ONNX export of {checkpoint} to {folder} ({exc.strerror}); set CAPTIONER_CACHE_DIR "
             f"to a writable folder, or export it beforehand with: captioner export {checkpoint} DIR --format onnx"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -208,6 +210,27 @@ def test_a_failed_export_leaves_nothing_and_a_foreign_folder_is_refused(tmp_path
         export_onnx(model, tmp_path / "out", source="x", source_sha256="0" * 64)
     assert written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no folder, no temporary left behind
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
+def test_an_unwritable_cache_is_a_one_line_error_naming_the_setting(tmp_path, monkeypatch, code) -> None:
+    """A read-only root file system (Kubernetes' readOnlyRootFilesystem) as well as permissions."""
+    checkpoint = tmp_path / "model.pt"
+    tiny_captioner().save(checkpoint)
+    monkeypatch.setenv("CAPTIONER_CACHE_DIR", str(tmp_path / "cache"))
+
+    def failing_with(error_code: int):
+        def export(*args, **kwargs):
+            raise OSError(error_code, os.strerror(error_code))
+
+        return export
+
+    monkeypatch.setattr("captioner.onnx_backend._export_into_cache", failing_with(code))
+    with pytest.raises(CheckpointError, match="set CAPTIONER_CACHE_DIR to a writable folder"):
+        Captioner.from_checkpoint(checkpoint, backend="onnxruntime")
+    monkeypatch.setattr("captioner.onnx_backend._export_into_cache", failing_with(errno.ENOSPC))
+    with pytest.raises(OSError, match="No space left"):  # other failures are not disguised as permissions
+        Captioner.from_checkpoint(checkpoint, backend="onnxruntime")
 
 
 @pytest.mark.slow
