@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from captioner.text import tokenize
 from captioner.vocab import Vocabulary
 
 DEFAULT_MAX_RATE = 0.01
@@ -50,6 +51,11 @@ class CaptionRules:
     no_end_pairs: frozenset[tuple[str, str]]
     no_start: frozenset[str]
     max_rate: float = DEFAULT_MAX_RATE
+
+    @classmethod
+    def learn(cls, captions: Iterable[str], *, max_rate: float = DEFAULT_MAX_RATE) -> CaptionRules:
+        """From raw training captions, split into words as the vocabulary splits them (``captioner.text``)."""
+        return cls.derive((tokenize(caption) for caption in captions), max_rate=max_rate)
 
     @classmethod
     def derive(cls, captions: Iterable[Sequence[str]], *, max_rate: float = DEFAULT_MAX_RATE) -> CaptionRules:

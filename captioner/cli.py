@@ -408,7 +408,6 @@ def _rules(args: argparse.Namespace) -> int:
     from captioner.caption_rules import CaptionRules
     from captioner.checkpoint import load_checkpoint, save_checkpoint
     from captioner.model import Captioner, default_checkpoint
-    from captioner.text import tokenize
     from training.data import load_corpus
 
     source = checkpoint_arg(args.source)
@@ -418,7 +417,7 @@ def _rules(args: argparse.Namespace) -> int:
     captions = corpus.train_captions()
     if not captions:
         raise ValueError(f"{args.data}: no training captions (splits: {corpus.split_sizes()})")
-    rules = CaptionRules.derive((tokenize(c) for c in captions), max_rate=args.max_rate)
+    rules = CaptionRules.learn(captions, max_rate=args.max_rate)
     data["caption_rules"] = rules.to_dict()
     data["metadata"] = {
         **(data.get("metadata") or {}),

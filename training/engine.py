@@ -26,7 +26,6 @@ from captioner import Captioner, EncoderConfig, Vocabulary
 from captioner.caption_rules import CaptionRules
 from captioner.model import resolve_device
 from captioner.progress import progress_bar
-from captioner.text import tokenize
 from training import batches, checkpoints
 from training.batches import epoch_batches
 from training.config import TrainConfig
@@ -79,8 +78,7 @@ class Trainer:
         if not config.caption_rules:
             self.model.caption_rules = None
         elif self.model.caption_rules is None or resume_state is None:  # this run's own training captions
-            captions = (tokenize(c) for c in self.corpus.train_captions())
-            self.model.caption_rules = CaptionRules.derive(captions)
+            self.model.caption_rules = CaptionRules.learn(self.corpus.train_captions())
         self.model.to(self.device)
         self.vocab = self.model.vocab
         self.train_split, self.val_split = batches.make_splits(config, self.corpus, self.val_corpus)

@@ -59,7 +59,7 @@ def caption_shape_rates(predictions: dict[str, str], corpus: CaptionCorpus, mode
     from captioner.text import tokenize
 
     train = corpus.train_captions()
-    rules = CaptionRules.derive(tokenize(c) for c in train) if train else model.caption_rules
+    rules = CaptionRules.learn(train) if train else model.caption_rules
     if rules is None or not predictions:
         return {}
     words = [tokenize(caption) for caption in predictions.values()]

@@ -43,6 +43,8 @@ def test_rules_are_learned_from_the_training_captions() -> None:
     assert rules.dangling([]) and not rules.dangling(["a", "dog", "runs"])
     assert rules.subjectless(["runs", "on", "the", "grass"]) and not rules.subjectless(["a", "dog"])
     assert CaptionRules.from_dict(json.loads(json.dumps(rules.to_dict()))) == rules
+    raw = [" ".join(words).capitalize() + " ." for words in _corpus()]  # as a data set spells them
+    assert CaptionRules.learn(raw) == rules
 
 
 def test_invalid_rate_and_empty_corpus_are_refused() -> None:
