@@ -18,13 +18,16 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 # Dependencies first (layer caching): torch from its index (CPU wheels by default), then the rest
-# from pyproject.toml with the project's own packages as empty stand-ins.
+# from pyproject.toml with the project's own packages as empty stand-ins. What building the project's
+# metadata reads comes in for real: pyproject.toml, the README (its long description) and the version
+# file (a version bump is a new package anyway). tests/test_dockerfile.py replays this step as written.
 RUN if [ -n "$PIP_CERT_FILE" ]; then export PIP_CERT="$PIP_CERT_FILE"; fi \
     && if [ -n "$TORCH_EXTRA_INDEX_URL" ]; then export PIP_EXTRA_INDEX_URL="$TORCH_EXTRA_INDEX_URL"; fi \
     && pip install --index-url "$TORCH_INDEX_URL" $TORCH_SPEC
 COPY pyproject.toml README.md ./
+COPY captioner/_version.py ./captioner/
 RUN if [ -n "$PIP_CERT_FILE" ]; then export PIP_CERT="$PIP_CERT_FILE"; fi \
-    && mkdir -p captioner training service \
+    && mkdir -p training service \
     && touch captioner/__init__.py training/__init__.py service/__init__.py \
     && pip install --index-url "$PIP_INDEX_URL" ".[serve]" \
     && pip uninstall -y captioner \

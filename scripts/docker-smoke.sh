@@ -5,9 +5,10 @@
 #   scripts/docker-smoke.sh [PHOTO]
 #
 # Works with or without Docker Hub and PyPI's usual hosts:
-#   - as root with apt-get, installs what is missing of docker.io (docker, dockerd) and debootstrap
-#     (when it is needed), unless APT_INSTALL=0; otherwise says which package to install;
-#   - starts dockerd when no daemon answers and dockerd is installed (as root);
+#   - scripts/docker-daemon.sh: as root with apt-get, installs docker.io when docker or dockerd is
+#     missing (unless APT_INSTALL=0; otherwise says which package to install), and starts dockerd when
+#     no daemon answers;
+#   - installs debootstrap the same way when it is needed (below);
 #   - uses BASE_IMAGE when it can be pulled (default python:3.11-slim-bookworm), otherwise builds a
 #     local Debian bookworm + python3 base with debootstrap, with this host's CA bundle copied in (for
 #     networks that reach the registries through a TLS-inspecting proxy), and imports it;
@@ -16,7 +17,8 @@
 #     on loopback for the build.
 # Environment: IMAGE (default captioner, i.e. captioner:latest, as in the README), BASE_IMAGE,
 # TORCH_INDEX_URL, PIP_INDEX_URL, PORT (default 8000 on the host), KEEP_IMAGE=0 to remove the built
-# image at the end (kept by default), APT_INSTALL=0 to never install packages.
+# image at the end (kept by default), APT_INSTALL=0 to never install packages, BUILD_LOG (default
+# /tmp/captioner-docker-build.log).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +32,7 @@ PORT="${PORT:-8000}"
 PHOTO="${1:-../shared/data/flickr8k/images/3385593926_d3e9c21170.jpg}"
 if [[ $# -eq 0 ]]; then EXPECT="${EXPECT:-dog}"; else EXPECT="${EXPECT:-}"; fi
 CONTAINER="captioner-smoke-$$"
+BUILD_LOG="${BUILD_LOG:-/tmp/captioner-docker-build.log}"
 HOST_CA=/etc/ssl/certs/ca-certificates.crt
 cleanup=()
 trap 'for c in "${cleanup[@]}"; do eval "$c" || true; done' EXIT
@@ -49,20 +52,9 @@ apt_install() {
 }
 
 [[ -f "$PHOTO" ]] || die "no photo at $PHOTO (pass one: scripts/docker-smoke.sh PHOTO.jpg)"
-command -v docker >/dev/null || apt_install docker.io \
-    || die "docker is not installed (Debian/Ubuntu: apt-get install -y docker.io)"
 
 say "Docker daemon"
-if ! docker info >/dev/null 2>&1; then
-    command -v dockerd >/dev/null || apt_install docker.io \
-        || die "no Docker daemon answers and dockerd is not installed (Debian/Ubuntu: apt-get install -y docker.io)"
-    [[ $(id -u) -eq 0 ]] || die "no Docker daemon answers; start it (sudo dockerd) or run this as root"
-    echo "starting dockerd (log: /tmp/dockerd.log)"
-    nohup dockerd >/tmp/dockerd.log 2>&1 &
-    for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
-    docker info >/dev/null 2>&1 || die "dockerd did not start; see /tmp/dockerd.log"
-fi
-docker version --format 'server {{.Server.Version}}, client {{.Client.Version}}'
+scripts/docker-daemon.sh || exit 1
 
 say "Base image"
 if docker image inspect "$BASE_IMAGE" >/dev/null 2>&1 || timeout 120 docker pull -q "$BASE_IMAGE" >/dev/null 2>&1; then
@@ -109,11 +101,13 @@ else
     build_args+=(--build-arg "TORCH_INDEX_URL=${urls[0]}" --build-arg "TORCH_EXTRA_INDEX_URL=${urls[*]:1} $PIP_INDEX_URL")
 fi
 
-say "docker build -t $IMAGE"
+say "docker build -t $IMAGE (progress below; the whole log: $BUILD_LOG)"
 started=$SECONDS
-docker build --network host "${build_args[@]}" -t "$IMAGE" . 2>&1 | tail -n 15
-[[ ${PIPESTATUS[0]} -eq 0 ]] || die "docker build failed"
-echo "built in $((SECONDS - started)) s; image size $(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB", $1/1e9}')"
+# every line as it comes (the first build installs PyTorch: minutes), indented, and kept in the log
+docker build --network host "${build_args[@]}" -t "$IMAGE" . 2>&1 | tee "$BUILD_LOG" | sed -u 's/^/    /'
+[[ ${PIPESTATUS[0]} -eq 0 ]] || die "docker build failed (log: $BUILD_LOG)"
+size=$(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB", $1/1e9}')
+echo "built in $((SECONDS - started)) s; image size $size"
 if [[ "${KEEP_IMAGE:-1}" == 0 ]]; then cleanup+=("docker rmi -f '$IMAGE' >/dev/null"); fi
 
 say "docker run (no arguments: the embedded default model)"
@@ -182,4 +176,6 @@ echo "exit code after docker stop: $code"
 [[ "$code" == 0 ]] || { docker logs "$CONTAINER" | tail -20; die "the container exited $code on SIGTERM"; }
 
 say "docker-smoke: passed"
-echo "the image is $IMAGE; serve it with: docker run --rm -p 8000:8000 $IMAGE"
+echo "image: $IMAGE, $size"
+echo "caption of $PHOTO: $caption"
+echo "serve it with: docker run --rm -p 8000:8000 $IMAGE"

@@ -19,17 +19,18 @@ def test_the_version_is_written_once_in_the_package() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "version" not in project["project"], "the version lives in captioner/__init__.py only"
     assert "version" in project["project"]["dynamic"]
-    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "captioner.__version__"}
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "captioner._version.__version__"}
     assert re.fullmatch(r"\d+\.\d+\.\d+([ab]|rc|\.dev|\.post)?\d*", captioner.__version__), captioner.__version__
 
 
 def test_the_build_reads_the_version_without_importing_torch() -> None:
     """setuptools reads ``__version__`` from the file's syntax tree when it is a plain string; were it computed,
     building (and ``pip install -e .``) would import the package, and with it torch."""
+    attr = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["dynamic"]["version"]["attr"]
     probe = (
         "import sys\n"
         "from setuptools.config.expand import read_attr\n"
-        f"print(read_attr('captioner.__version__', root_dir={str(ROOT)!r}))\n"
+        f"print(read_attr({attr!r}, root_dir={str(ROOT)!r}))\n"
         "print('torch' in sys.modules)\n"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False)

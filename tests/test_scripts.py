@@ -123,7 +123,7 @@ def test_cpu_index_probe_works_without_curl(tmp_path: Path, cpu_index: str) -> N
     assert _command(result) == f".venv/bin/python -m pip install -q {SPEC}"
 
 
-@pytest.mark.parametrize("name", ["setup.sh", "docker-smoke.sh", "serve.sh", "test.sh", "gpu-check.sh"])
+@pytest.mark.parametrize("name", ["setup.sh", "docker-smoke.sh", "docker-daemon.sh", "serve.sh", "test.sh", "gpu-check.sh"])
 def test_scripts_parse(name: str) -> None:
     subprocess.run(["bash", "-n", str(SCRIPTS / name)], check=True, timeout=30)
 
@@ -137,6 +137,7 @@ def test_docker_smoke_builds_the_readme_tag() -> None:
 
 def _smoke(tmp_path: Path, bin_dir: Path) -> subprocess.CompletedProcess[str]:
     script = _copy_script(tmp_path, "docker-smoke.sh")
+    _copy_script(tmp_path, "docker-daemon.sh")
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(b"not used")
     env = {"PATH": str(bin_dir), "APT_INSTALL": "0", "HOME": str(tmp_path)}
