@@ -13,7 +13,7 @@
 #   CAPTIONER_CPU_INDEX_URL  the CPU wheel index (default https://download.pytorch.org/whl/cpu)
 #   CAPTIONER_NVIDIA_GPU     1 or 0: take an NVIDIA GPU as present or absent instead of detecting it
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$(readlink -f "$0")")/.."  # the clone this script is in, wherever it is called from
 extras="${1:-serve}"
 python="${PYTHON:-python3}"
 torch_spec="${TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}"

@@ -2,7 +2,7 @@
 # Everything the test suite needs on a fresh Debian machine, then the tests. Extra args go to pytest.
 # scripts/test.sh -m "not slow": the fast subset (README, "The two commands"); CI runs everything.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$(readlink -f "$0")")/.."  # the clone this script is in, wherever it is called from
 # System packages: Chromium for the browser tests, Java for METEOR, nginx for the replicas smoke test
 # (each skipped cleanly when absent).
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

@@ -295,6 +295,14 @@ def test_probes_hit_real_routes_on_the_image_port(rendered) -> None:
     allowed = startup.get("initialDelaySeconds", 0) + startup.get("periodSeconds", 10) * startup["failureThreshold"]
     assert allowed >= 120, "the startup probe must allow at least 2 minutes for loading the model"
 
+    # the Prometheus annotations name the image's port and the real metrics route (docs/deploy.md's scrape job)
+    annotations = one(rendered, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == port
+    client.get("/")  # counted, so the exposition below has samples
+    metrics = client.get(annotations["prometheus.io/path"])
+    assert metrics.status_code == 200 and "captioner_" in metrics.text, metrics.text[:200]
+
     service = one(rendered, "Service")
     (service_port,) = service["spec"]["ports"]
     assert service["spec"].get("type", "ClusterIP") == "ClusterIP"

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
+import io
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tests.helpers import require_data
 
@@ -123,7 +128,10 @@ def test_cpu_index_probe_works_without_curl(tmp_path: Path, cpu_index: str) -> N
     assert _command(result) == f".venv/bin/python -m pip install -q {SPEC}"
 
 
-@pytest.mark.parametrize("name", ["setup.sh", "docker-smoke.sh", "docker-daemon.sh", "serve.sh", "test.sh", "gpu-check.sh"])
+SHELL_SCRIPTS = sorted(p.name for p in SCRIPTS.glob("*.sh"))
+
+
+@pytest.mark.parametrize("name", SHELL_SCRIPTS)
 def test_scripts_parse(name: str) -> None:
     subprocess.run(["bash", "-n", str(SCRIPTS / name)], check=True, timeout=30)
 
@@ -226,3 +234,50 @@ def test_gpu_check_runs_every_step_on_cpu(tmp_path: Path) -> None:
     assert "encoder images/s" in results["throughput"] and "LSTM train captions/s" in results["throughput"]
     assert (out / "train" / "best.pt").is_file() and (out / "eval" / "metrics.json").is_file()
     assert "captioner-serve exited with status 0 after SIGTERM" in (out / "logs" / "serve.log").read_text()
+
+
+@pytest.mark.slow
+def test_serve_sh_serves_the_default_model(tmp_path: Path) -> None:
+    """The README's first command as a newcomer meets it: ``scripts/serve.sh --port P`` with an empty export cache
+    (the first start exports the model to ONNX) answers a caption, prints a handful of lines and no third-party
+    warnings, and Ctrl-C stops it with one line and status 130."""
+    httpx = pytest.importorskip("httpx")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONER_")}
+    env.update(CAPTIONER_CACHE_DIR=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
+    server = subprocess.Popen(
+        ["bash", str(SCRIPTS / "serve.sh"), "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    photo = io.BytesIO()
+    Image.linear_gradient("L").convert("RGB").resize((320, 240)).save(photo, "JPEG")
+    try:
+        deadline = time.monotonic() + 420  # setup (a no-op once installed) and the first-start export
+        while True:
+            assert server.poll() is None, f"serve.sh exited {server.returncode}:\n{server.stdout.read()}"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "serve.sh was not ready within 7 minutes"
+            time.sleep(1)
+        reply = httpx.post(f"{url}/caption", files={"image": ("photo.jpg", photo.getvalue())}, timeout=60)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["captions"][0]["text"]
+        server.send_signal(signal.SIGINT)  # Ctrl-C
+        output, _ = server.communicate(timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    lines = output.splitlines()
+    assert server.returncode == 130, output
+    assert lines[-1] == "captioner-serve: interrupted", output
+    assert "Traceback" not in output and "Warning" not in output and "warn(" not in output, output
+    assert not [line for line in lines if "onnx_ir" in line or "onnxscript" in line], output
+    assert len(lines) <= 15, f"{len(lines)} lines on a first start:\n{output}"
