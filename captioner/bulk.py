@@ -8,7 +8,8 @@
 - :class:`RecordFile`: the output file (``.jsonl`` or ``.csv``). Opening it reads which images it
   already holds, so a run again with the same output skips them; a record cut off by a kill in the
   middle of writing is cut away first, so there are never duplicates or half records. Each batch's
-  records are written, flushed and fsynced together.
+  records are written in one piece, flushed and fsynced together: Ctrl-C (``KeyboardInterrupt``) lands
+  before or after a batch, never inside one.
 - :func:`caption_stream`: decoding and cropping on a pool of threads (JPEG draft mode: a photo is
   decoded at the smallest DCT scale that still covers the model's resize), overlapping the model's
   batches; memory is bounded by the batches in flight, whatever the number of photos.
@@ -177,10 +178,8 @@ class RecordFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         existing = self._recover() if self.path.exists() else 0
         self._file = open(self.path, "a", encoding="utf-8", newline="")  # noqa: SIM115 (closed by close())
-        if self.format == ".csv":
-            self._csv = csv.DictWriter(self._file, fieldnames=CSV_FIELDS, lineterminator="\n")
-            if existing == 0:
-                self._csv.writeheader()
+        if self.format == ".csv" and existing == 0:
+            csv.DictWriter(self._file, fieldnames=CSV_FIELDS, lineterminator="\n").writeheader()
 
     def _recover(self) -> int:
         """Read the images already recorded; cut a trailing half-written record away. Returns the bytes kept."""
@@ -206,13 +205,19 @@ class RecordFile:
         return len(complete)
 
     def write(self, records: Iterable[dict[str, Any]]) -> None:
-        """Append ``records`` and make them durable (flush + fsync) before returning."""
-        for record in records:
-            if self.format == ".jsonl":
-                self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-            else:
-                self._csv.writerow(_csv_row(record))
-            self.done.add(record["image"])
+        """Append ``records`` and make them durable (flush + fsync) before returning.
+
+        The records are rendered first and written with one call, which a ``KeyboardInterrupt`` cannot split
+        (it is raised between Python operations): they are all in the file buffer, or none is.
+        """
+        records = list(records)
+        text = io.StringIO()
+        if self.format == ".jsonl":
+            text.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        else:
+            csv.DictWriter(text, fieldnames=CSV_FIELDS, lineterminator="\n").writerows(map(_csv_row, records))
+        self._file.write(text.getvalue())
+        self.done.update(record["image"] for record in records)
         self._file.flush()
         os.fsync(self._file.fileno())
 

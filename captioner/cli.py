@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 import typing
@@ -14,7 +15,7 @@ from pathlib import Path
 from captioner.bulk import InputError, default_workers
 from captioner.caption_rules import DEFAULT_MAX_RATE
 from captioner.checkpoint import CheckpointError, checkpoint_arg
-from captioner.decoding import DecodingOptions
+from captioner.decoding import DecodingOptions, check_options_apply
 from captioner.encoders import EncoderWeightsError
 from captioner.model import BACKEND_CHOICES, BACKENDS
 from captioner.onnx_backend import BackendUnavailable
@@ -64,6 +65,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_backend_arg(cap, default="auto", choices=BACKEND_CHOICES)
     cap.add_argument("--json", action="store_true", help="print one JSON document instead of text lines")
     cap.add_argument("--no-progress", action="store_true", help="no progress bar (there is none when not a terminal)")
+    _add_verbose_arg(cap)
     merge = sub.add_parser("merge", help="merge the part files a torchrun caption run wrote into one output file")
     merge.add_argument("output", help="the run's --output; its parts are OUTPUT-STEM.part-RRRRR-of-WWWWW.EXT beside it")
     info = sub.add_parser("info", help="describe a checkpoint")
@@ -100,6 +102,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         metavar="IMG",
         help="onnx: photos for the export's self-check (default: synthetic pictures)",
     )
+    _add_verbose_arg(export)
     rules = sub.add_parser(
         "rules",
         help="learn where captions may start and end from a data set's training captions, into a checkpoint copy",
@@ -140,8 +143,9 @@ def add_decoding_args(parser: argparse.ArgumentParser) -> None:
     """The decoding flags, shared by every command that captions (``captioner``, ``captioner-eval``).
 
     One flag per :class:`DecodingOptions` field (``max_length`` -> ``--max-length``), with its type,
-    default, and help or choices. An option the method does not use (``--beam-size`` with ``--method
-    sample``) is refused by :class:`DecodingOptions`, as the service refuses it.
+    default, and help or choices. A flag the method does not use (``--beam-size`` with ``--method
+    sample``) is refused by :func:`decoding_options_from_args` even at its default value, as the service
+    refuses the option: each flag records that it was given.
     """
     types = typing.get_type_hints(DecodingOptions)
     for option in dataclasses.fields(DecodingOptions):
@@ -152,6 +156,7 @@ def add_decoding_args(parser: argparse.ArgumentParser) -> None:
             help_text = f"{help_text} (default: %(default)s)".lstrip()
         parser.add_argument(
             "--" + option.name.replace("_", "-"),
+            action=_DecodingFlag,
             type=kind,
             default=option.default,
             choices=option.metadata.get("choices"),
@@ -159,9 +164,38 @@ def add_decoding_args(parser: argparse.ArgumentParser) -> None:
         )
 
 
+_GIVEN = "decoding_flags_given"  # the Namespace attribute listing the decoding options given as flags
+
+
+class _DecodingFlag(argparse.Action):
+    """Stores a decoding flag's value and records that it was given: a default value alone cannot tell."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, _GIVEN, (*getattr(namespace, _GIVEN, ()), self.dest))  # a new tuple: never shared
+
+
 def decoding_options_from_args(args: argparse.Namespace) -> DecodingOptions:
-    """Validated :class:`DecodingOptions` from the flags of :func:`add_decoding_args`."""
-    return DecodingOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DecodingOptions)})
+    """Validated :class:`DecodingOptions` from the flags of :func:`add_decoding_args`; ``ValueError`` for a
+    flag given that the method does not use (``--method sample --beam-size 3``), whatever its value."""
+    options = DecodingOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DecodingOptions)})
+    check_options_apply(options.method, getattr(args, _GIVEN, ()))
+    return options
+
+
+def _add_verbose_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show the output of the libraries an ONNX export uses (quiet by default) and debug lines",
+    )
+
+
+def _configure_logging(verbose: bool) -> None:
+    """The library's progress lines (a first-use ONNX export) and every warning on stderr; with ``verbose``,
+    the library's debug lines and other libraries' INFO lines too (captioner.onnx_export.quiet_exporter)."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("captioner").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def _fail(message: str) -> int:
@@ -171,6 +205,7 @@ def _fail(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    _configure_logging(getattr(args, "verbose", False))
     from captioner.model import Captioner  # imported late so that --help stays fast
 
     try:
@@ -191,11 +226,22 @@ def main(argv: list[str] | None = None) -> int:
         return _caption(args)
     except (ValueError, CheckpointError, EncoderWeightsError, BackendUnavailable, ExportError, InputError) as exc:
         return _fail(str(exc))
+    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status for it, never a traceback
+        print("captioner: interrupted", file=sys.stderr)
+        return 130
 
 
 def _caption(args: argparse.Namespace) -> int:
     """``captioner caption``: expand the inputs, skip what --output holds, caption the rest batch by batch."""
-    from captioner.bulk import RecordFile, caption_stream, distributed_rank, expand_inputs, output_format, part_path
+    from captioner.bulk import (
+        RecordFile,
+        caption_stream,
+        distributed_rank,
+        expand_inputs,
+        output_format,
+        part_path,
+        read_records,
+    )
     from captioner.model import Captioner
     from captioner.progress import progress_bar
 
@@ -234,6 +280,17 @@ def _caption(args: argparse.Namespace) -> int:
             bar.update(len(records))
         # after the images: part r of a torchrun then still holds images r, r + N, ... first, as merging expects
         printer.emit([{"image": m, "error": _missing_reason(m)} for m in missing])
+    except KeyboardInterrupt:
+        if sink is None:
+            raise
+        bar.close()
+        sink.close()  # every batch written so far is in the file; none is written in part (RecordFile.write)
+        kept = len(read_records(sink.path))
+        print(
+            f"captioner: interrupted: {kept} records kept in {sink.path}; run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
     finally:
         bar.close()
         if sink is not None:

@@ -22,7 +22,7 @@ except ImportError as exc:
 
 from PIL import Image
 
-from captioner.decoding import DecodingOptions
+from captioner.decoding import DecodingOptions, check_options_apply
 from captioner.model import Caption
 from captioner.transforms import ImageError, load_image
 
@@ -118,16 +118,20 @@ def _resolve_options(options: DecodingOptions | None, fields: Mapping[str, Any])
     """``options`` with ``fields`` (DecodingOptions field names) laid over it, checked by the library itself.
 
     Building the :class:`DecodingOptions` here means a bad option raises the library's ``ValueError`` before
-    any request is made, with the same message the CLI and the library give.
+    any request is made, with the same message the CLI and the library give; so does a field the method
+    does not use, even at its default value (``method="sample", beam_size=3``), as the server refuses it.
     """
     unknown = [name for name in fields if name not in OPTION_NAMES]
     if unknown:
         raise TypeError(f"unknown option {unknown[0]!r}; expected one of {', '.join(OPTION_NAMES)}")
     if options is None:
-        return DecodingOptions(**fields)
-    if not isinstance(options, DecodingOptions):
+        resolved = DecodingOptions(**fields)
+    elif not isinstance(options, DecodingOptions):
         raise TypeError(f"options must be a captioner.DecodingOptions or None, got {type(options).__name__}")
-    return dataclasses.replace(options, **fields) if fields else options
+    else:
+        resolved = dataclasses.replace(options, **fields) if fields else options
+    check_options_apply(resolved.method, fields)
+    return resolved
 
 
 def _query(options: DecodingOptions, attention: bool) -> dict[str, Any]:

@@ -6,6 +6,7 @@ feeding each chosen word back in. Each image's result is a list of :class:`Hypot
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -25,7 +26,7 @@ TEMPERATURE_MAX = 10.0
 
 
 # The methods each option is for (max_length and method are for all). Set on another method, an option
-# would be silently ignored: it is an error instead (see DecodingOptions.__post_init__).
+# would be silently ignored: it is an error instead (see check_options_apply).
 APPLIES_TO = {
     "beam_size": ("beam",),
     "length_penalty": ("beam",),
@@ -35,6 +36,24 @@ APPLIES_TO = {
     "num_captions": ("sample", "beam"),
     "seed": ("sample",),
 }
+
+
+def check_options_apply(method: str, given: Iterable[str]) -> None:
+    """Raise ``ValueError`` for any option in ``given`` that ``method`` does not use, whatever its value.
+
+    ``given`` names the options the caller set explicitly (flags, query parameters or form fields, keyword
+    arguments); options every method uses, and names that are not decoding options (the service's
+    ``attention``), pass. Every front end calls this, so ``--method sample --beam-size 3`` is refused
+    although 3 is ``beam_size``'s default. :class:`DecodingOptions` cannot tell a default from a value set
+    to it, so on its own it refuses only values other than the default.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    names = set(given)
+    unused = [name for name, methods in APPLIES_TO.items() if name in names and method not in methods]
+    if unused:
+        uses = "; ".join(f"{name} is for {' and '.join(APPLIES_TO[name])}" for name in unused)
+        raise ValueError(f"method {method} does not use {', '.join(unused)} ({uses}): leave it out")
 
 
 @dataclass(frozen=True)
@@ -80,14 +99,10 @@ class DecodingOptions:
             raise ValueError("greedy decoding gives one caption per image; use method sample or beam for more")
         if self.method == "beam" and self.num_captions > self.beam_size:
             raise ValueError(f"num_captions must be <= beam_size ({self.beam_size}) for beam search")
-        ignored = [
-            name
-            for name, methods in APPLIES_TO.items()
-            if self.method not in methods and getattr(self, name) != _FIELD_DEFAULTS[name]
-        ]
-        if ignored:
-            uses = "; ".join(f"{name} is for {' and '.join(APPLIES_TO[name])}" for name in ignored)
-            raise ValueError(f"method {self.method} does not use {', '.join(ignored)} ({uses}): leave it out")
+        # Only a value other than the default is known to be set here; the front ends, which know what the
+        # caller gave, refuse a default value given explicitly too (check_options_apply).
+        changed = [name for name in APPLIES_TO if getattr(self, name) != _FIELD_DEFAULTS[name]]
+        check_options_apply(self.method, changed)
 
     def applies(self, name: str) -> bool:
         """Whether option ``name`` does anything for this method."""

@@ -17,7 +17,7 @@ from captioner.caption_rules import CaptionRules, RuleMasks
 from captioner.checkpoint import CheckpointError, clean_state_dict, load_checkpoint, save_checkpoint
 from captioner.config import DecoderConfig, EncoderConfig, ModelConfig
 from captioner.decoder import CaptionDecoder
-from captioner.decoding import DecodingOptions, Hypothesis, decode
+from captioner.decoding import DecodingOptions, Hypothesis, check_options_apply, decode
 from captioner.encoders import ImageEncoder, build_encoder, default_chunk_size
 from captioner.transforms import DEFAULT_MAX_PIXELS, ImageSource, Preprocess, preprocess_images, to_tensor
 from captioner.vocab import Vocabulary
@@ -282,6 +282,7 @@ class Captioner(nn.Module):
         """Caption images; pass a :class:`DecodingOptions` or its fields (``method="beam", beam_size=5``)."""
         if options is None:
             options = DecodingOptions(**kwargs)
+            check_options_apply(options.method, kwargs)  # method="sample", beam_size=3: refused, whatever the value
         elif kwargs:
             options = dataclasses.replace(options, **kwargs)
         if not isinstance(images, list | tuple):

@@ -17,6 +17,8 @@ import errno
 import json
 import logging
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +108,7 @@ def ensure_exported(checkpoint: str | os.PathLike) -> Path:
         folder.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(folder.parent / f".{folder.name}.lock")):
             if not _valid_export(folder, sha):
+                _remove_abandoned_exports(folder)
                 _export_into_cache(checkpoint, sha, folder)
     except OSError as exc:
         if exc.errno not in _UNWRITABLE:
@@ -123,8 +126,23 @@ def _export_into_cache(checkpoint: Path, sha: str, folder: Path) -> None:
     from captioner.onnx_export import export_onnx
 
     model = Captioner.from_state(load_checkpoint(checkpoint), source=str(checkpoint))
-    log.info("exporting %s to ONNX once (cached in %s; set CAPTIONER_CACHE_DIR to move it)", checkpoint, folder)
+    log.info(
+        "exporting %s to ONNX for onnxruntime (first use only; cached in %s, set CAPTIONER_CACHE_DIR to move it) ...",
+        checkpoint.name,
+        folder,
+    )
+    started = time.perf_counter()
     export_onnx(model, folder, source=str(checkpoint), source_sha256=sha)
+    log.info("exported in %.0f s; later runs load it from the cache", time.perf_counter() - started)
+
+
+def _remove_abandoned_exports(folder: Path) -> None:
+    """Delete the temporary folders of exports into ``folder`` that never finished (a process stopped at once,
+    as ``captioner-serve`` does on Ctrl-C while the model loads). Called under the cache lock: no export into
+    ``folder`` is running."""
+    for tmp in folder.parent.glob(f".{folder.name}.*.tmp"):  # export_onnx's temporary folders
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _valid_export(folder: Path, sha: str) -> bool:

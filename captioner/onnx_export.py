@@ -27,6 +27,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,6 +57,11 @@ FEATURE_ATOL = 1e-3  # largest absolute difference of the encoder's feature grid
 LOGIT_ATOL = 1e-3  # largest absolute difference of next-word logits along the same words
 # int8 changes the features on purpose: the check asks only that they stay close in relative terms.
 INT8_FEATURE_RTOL = 0.25  # ||int8 - fp32|| / ||fp32|| over the check images
+
+# The libraries behind torch.onnx.export(dynamo=True): they log every optimisation pass at INFO (over a
+# hundred lines for the default model, on any terminal whose root logger shows INFO, as the service's does)
+# and warn about internals the export's self-check makes moot.
+EXPORTER_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx", "torch.export")
 
 
 class ExportError(RuntimeError):
@@ -129,25 +135,47 @@ def _require_export_tools() -> None:
             ) from exc
 
 
+@contextlib.contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """Keep the exporter's libraries off the terminal for the block: :data:`EXPORTER_LOGGERS` below ERROR,
+    warnings ignored, stdout (where the exporter prints its progress) discarded; all restored afterwards.
+
+    Nothing is silenced while this module's logger is enabled for DEBUG: ``--verbose`` on the command
+    lines (or ``logging.getLogger("captioner").setLevel(logging.DEBUG)``) shows it all.
+    """
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in EXPORTER_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def _export_graph(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str]) -> None:
     """Export ``module(*args)`` with a dynamic batch (dimension 0 of every input)."""
     batch = {0: torch.export.Dim("batch", min=1, max=4096)}
     # one entry per positional parameter: the step graph's state arrives as one *args tuple
     dynamic: tuple = (batch,) if len(args) == 1 else (batch, tuple(batch for _ in args[1:]))
-    # The dynamo exporter prints its progress and warns about internals; keep the user's terminal clean.
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module,
-            args,
-            input_names=inputs,
-            output_names=outputs,
-            dynamic_shapes=dynamic,
-            opset_version=OPSET,
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-        )
+    module.eval()  # the graph wrappers are new modules, in training mode until told (what they wrap is in eval)
+    program = torch.onnx.export(
+        module,
+        args,
+        input_names=inputs,
+        output_names=outputs,
+        dynamic_shapes=dynamic,
+        opset_version=OPSET,
+        dynamo=True,
+        external_data=False,
+        verbose=False,
+    )
     if program is None:
         raise ExportError(f"torch.onnx.export returned nothing for {path.name}")
     program.save(str(path), external_data=False)
@@ -167,7 +195,8 @@ def export_onnx(
 
     ``out_dir`` must not exist, be empty, or hold an earlier export (which is replaced); the new export
     is written to a temporary folder beside it and renamed into place only after its check passed, so
-    an interrupted or failing export never leaves a half-written folder at ``out_dir``.
+    an interrupted or failing export never leaves a half-written folder at ``out_dir``. The exporter's
+    own logging, warnings and prints are kept off the terminal (:func:`quiet_exporter`).
     """
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise ExportError(f"unknown quantization {quantize!r}; expected one of {', '.join(QUANTIZE_CHOICES)}")
@@ -187,9 +216,10 @@ def export_onnx(
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is owner-only; a container's other user must read it
     try:
-        report = _write_export(
-            model, tmp, source, source_sha256, parameters, quantize, calibration_images, check_images
-        )
+        with quiet_exporter():
+            report = _write_export(
+                model, tmp, source, source_sha256, parameters, quantize, calibration_images, check_images
+            )
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -368,5 +398,5 @@ def check_export(model: Captioner, folder: Path, image_paths: list[str] | None =
         "beam3_captions_identical": f"{same}/{len(torch_texts)}",
         "tolerances": {"feature_atol": FEATURE_ATOL, "logit_atol": LOGIT_ATOL, "int8_feature_rtol": INT8_FEATURE_RTOL},
     }
-    log.info("ONNX export check passed: %s", report)
+    log.debug("ONNX export check passed: %s", report)
     return report

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -45,22 +46,47 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-access-log", dest="access_log", action="store_const", const="off", help="--access-log off"
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show what is quiet by default: the output of the libraries a first-start ONNX export uses, "
+        "the captioner's debug lines, and uvicorn's shutdown lines on Ctrl-C",
+    )
     return parser
+
+
+INTERRUPTED = "captioner-serve: interrupted"  # the one line Ctrl-C prints; the exit status is 130
 
 
 class _DrainingServer(uvicorn.Server):
     """On SIGTERM/SIGINT, mark the app draining (``/ready`` and new requests answer 503) before uvicorn's
     graceful shutdown, which stops listening, lets requests in progress finish within
-    ``shutdown_grace_s`` and then exits."""
+    ``shutdown_grace_s`` and then exits.
 
-    def __init__(self, config: uvicorn.Config, app: Any) -> None:
+    Ctrl-C (SIGINT) is a person at a terminal: it drains as quietly as it can (uvicorn's shutdown lines only
+    with ``verbose``), and ``main`` then prints one line. Ctrl-C while the model still loads stops at once."""
+
+    def __init__(self, config: uvicorn.Config, app: Any, *, verbose: bool = False) -> None:
         super().__init__(config)
         self.captioner_app = app
+        self.verbose = verbose
+        self.interrupted = False
 
     def handle_exit(self, sig: int, frame: Any) -> None:
+        if sig == signal.SIGINT and not self.started:
+            # The model loads on the model thread, perhaps through a first-start ONNX export of many seconds that
+            # cannot be interrupted; uvicorn would wait for it, then start serving, then stop. Stop now: nothing
+            # is served yet, and the next start clears the export's temporary folder (captioner.onnx_backend).
+            print(INTERRUPTED, file=sys.stderr, flush=True)
+            os._exit(130)
+        if sig == signal.SIGINT:
+            self.interrupted = True
+            if not self.verbose:
+                logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # a stalled request still warns
         if not self.captioner_app.state.draining:
             self.captioner_app.state.draining = True
-            logging.getLogger(__name__).info("draining: refusing new requests, finishing those in progress")
+            if not self.interrupted:
+                logging.getLogger(__name__).info("draining: refusing new requests, finishing those in progress")
         super().handle_exit(sig, frame)
 
 
@@ -145,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         parser.error(f"invalid settings: {errors}")
     _configure_logging(args.log_level, settings.access_log)
+    if args.verbose:  # captioner.onnx_export then lets the exporter's libraries talk
+        logging.getLogger("captioner").setLevel(logging.DEBUG)
     app = create_app(settings)
     config = uvicorn.Config(
         _OneLineStartupError(_AnswerCancelledRequests(app)),
@@ -156,18 +184,21 @@ def main(argv: list[str] | None = None) -> int:
         # uvicorn annotates an int but waits with asyncio, which takes the float as it is
         timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]
     )
-    server = _DrainingServer(config, app)
+    server = _DrainingServer(config, app, verbose=args.verbose)
     # uvicorn re-raises the signal it shut down on, once its own handlers are gone: a drained SIGTERM is a
     # clean stop (exit 0, as orchestrators expect), not a death by signal.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         server.run()
-    except KeyboardInterrupt:  # ... and Ctrl-C arrives as KeyboardInterrupt: a clean exit too
-        pass
+    except KeyboardInterrupt:  # ... and Ctrl-C arrives as KeyboardInterrupt, after the drain
+        server.interrupted = True
     except SystemExit as exc:  # uvicorn exits with status 3 when startup fails (the error is already logged)
         return exc.code if isinstance(exc.code, int) and exc.code else 1
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if server.interrupted:
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
     return 0 if server.started else 1
 
 

@@ -18,6 +18,7 @@ from captioner.decoding import (
     NUM_CAPTIONS_RANGE,
     TEMPERATURE_MAX,
     DecodingOptions,
+    check_options_apply,
 )
 
 SEED_MAX = 2**63 - 1
@@ -80,8 +81,12 @@ class _CaptionOptions(BaseModel):
         attention: bool
 
     def decoding_options(self) -> DecodingOptions:
-        """The library's options; raises ``ValueError`` for combinations (greedy with num_captions > 1, ...)."""
-        return DecodingOptions(**self.model_dump(exclude={"attention"}))
+        """The library's options; raises ``ValueError`` for an option the request gave that its method does not
+        use (``method=sample&beam_size=3``, whatever the value) and for combinations (greedy with
+        num_captions > 1, ...)."""
+        options = DecodingOptions(**self.model_dump(exclude={"attention"}))
+        check_options_apply(options.method, self.model_fields_set)  # what the request named, defaults left out
+        return options
 
 
 CaptionOptions = create_model(

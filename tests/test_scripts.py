@@ -281,3 +281,16 @@ def test_serve_sh_serves_the_default_model(tmp_path: Path) -> None:
     assert "Traceback" not in output and "Warning" not in output and "warn(" not in output, output
     assert not [line for line in lines if "onnx_ir" in line or "onnxscript" in line], output
     assert len(lines) <= 15, f"{len(lines)} lines on a first start:\n{output}"
+
+
+def test_serve_sh_installs_the_client_too_and_passes_its_arguments_on(tmp_path: Path) -> None:
+    script = _copy_script(tmp_path, "serve.sh")
+    calls = tmp_path / "calls"
+    (tmp_path / "scripts" / "setup.sh").write_text(f'#!/usr/bin/env bash\necho "setup.sh $*" >> {calls}\n')
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "captioner-serve").write_text(f'#!/usr/bin/env bash\necho "serve $*" >> {calls}\n')
+    for stub in (tmp_path / "scripts" / "setup.sh", tmp_path / ".venv" / "bin" / "captioner-serve"):
+        stub.chmod(0o755)
+    subprocess.run(["bash", str(script), "--port", "9000"], check=True, timeout=30)
+    # the README uses the Python client (the client extra) right after serve.sh
+    assert calls.read_text().splitlines() == ["setup.sh serve,client", "serve --port 9000"]

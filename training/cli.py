@@ -262,6 +262,9 @@ def eval_main(argv: list[str] | None = None) -> int:
     except _user_errors() as exc:
         print(f"captioner-eval: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status for it, never a traceback
+        print("captioner-eval: interrupted", file=sys.stderr)
+        return 130
     from training.metrics import format_metrics
 
     print(f"{report['images']} images of {report['data']} ({report['split']}), {report['options']['method']}")

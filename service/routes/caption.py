@@ -78,7 +78,10 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "missing or invalid API key (when keys are configured)"},
     413: {"model": ErrorResponse, "description": "upload over the byte limit, or image over the pixel limit"},
     415: {"model": ErrorResponse, "description": "not multipart/form-data, or not a supported image format"},
-    422: {"model": ErrorResponse, "description": "an option outside its valid range (the message names it)"},
+    422: {
+        "model": ErrorResponse,
+        "description": "an option outside its valid range, or one the method does not use (the message names it)",
+    },
     503: {
         "model": ErrorResponse,
         "description": "overloaded (estimated wait over the budget, or too many requests in progress), shutting "

@@ -104,6 +104,23 @@ async function loadLimits() {
   }
 }
 
+// What a model knows is what it was trained on: said before its first caption, so nobody takes a
+// caption of a photo far from that data at face value.
+const DOMAINS = {
+  flickr8k: "Flickr8k: people, dogs, sports and outdoor scenes. Other photos (food, rooms, vehicles, " +
+    "objects) get poor captions",
+  coco: "COCO: everyday scenes with people, animals, vehicles, food and household objects",
+};
+
+function showDomain(training) {
+  const note = $("#model-domain");
+  const format = training && typeof training === "object" ? String(training.format || "") : "";
+  const known = DOMAINS[format.startsWith("coco") ? "coco" : format];
+  note.textContent = known ? `Trained on ${known}.` :
+    "What this model describes well depends on the photos it was trained on.";
+  note.hidden = false;
+}
+
 async function loadModelInfo() {
   try {
     const response = await fetch("/model", { headers: authHeaders() });
@@ -113,6 +130,7 @@ async function loadModelInfo() {
     if (preprocess && preprocess.resize) uploadShortSide = 2 * preprocess.resize;
     $("#model").textContent = `${info.id} · ${info.encoder.name} · ${info.vocab_size} words` +
       (info.attention ? " · attention" : "");
+    showDomain(info.training_data);
   } catch (err) {
     // The page works without it.
   }
@@ -140,10 +158,13 @@ form.addEventListener("submit", async (event) => {
     const upload = await scaledUpload();
     const body = new FormData();
     body.append("image", upload.blob, upload.name);
-    body.append("method", methodSelect.value);
+    const method = methodSelect.value;
+    body.append("method", method);
+    // Only the options this method uses: the server refuses any other, whatever its value.
     for (const label of form.querySelectorAll("[data-methods]")) {
       const input = label.querySelector("input");
-      if (!label.hidden && input.value !== "") body.append(input.name, input.value);
+      const used = label.dataset.methods.split(" ").includes(method);
+      if (used && input.value !== "") body.append(input.name, input.value);
     }
     body.append("attention", $("#attention").checked ? "true" : "false");
     setStatus("Captioning…" + upload.note);

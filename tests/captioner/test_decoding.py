@@ -1,7 +1,17 @@
 import pytest
 import torch
 
-from captioner.decoding import DecodingOptions, beam_search, decode, filter_logits, greedy, sample
+from captioner.decoding import (
+    APPLIES_TO,
+    METHODS,
+    DecodingOptions,
+    beam_search,
+    check_options_apply,
+    decode,
+    filter_logits,
+    greedy,
+    sample,
+)
 from tests.helpers import tiny_captioner
 
 ATTENTION = [False, True]
@@ -175,3 +185,21 @@ def test_an_option_the_method_does_not_use_is_refused_and_not_echoed() -> None:
     assert set(DecodingOptions(method="sample", seed=3).to_dict()) == {
         "method", "max_length", "temperature", "top_k", "top_p", "num_captions", "seed",
     }  # fmt: skip
+
+
+def test_an_option_given_for_a_method_that_does_not_use_it_is_refused_even_at_its_default() -> None:
+    # DecodingOptions cannot tell a default from a value set to it; the front ends pass what the caller named
+    assert DecodingOptions(method="sample", beam_size=3) == DecodingOptions(method="sample")
+    with pytest.raises(ValueError) as caught:
+        check_options_apply("sample", ["beam_size"])
+    assert str(caught.value) == "method sample does not use beam_size (beam_size is for beam): leave it out"
+    with pytest.raises(ValueError, match="method greedy does not use num_captions, seed"):
+        check_options_apply("greedy", ["seed", "max_length", "num_captions"])  # named in APPLIES_TO's order
+    with pytest.raises(ValueError, match="unknown method 'best'"):
+        check_options_apply("best", [])
+    for method in METHODS:  # what the method uses, the options every method uses, and other names pass
+        used = [name for name, methods in APPLIES_TO.items() if method in methods]
+        check_options_apply(method, [*used, "method", "max_length", "attention"])
+        for name in APPLIES_TO.keys() - set(used):
+            with pytest.raises(ValueError, match=f"method {method} does not use {name} "):
+                check_options_apply(method, [name])

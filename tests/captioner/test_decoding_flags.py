@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from captioner.cli import add_decoding_args, decoding_options_from_args
+from captioner.cli import add_decoding_args, decoding_options_from_args, main
 from captioner.decoding import METHODS, DecodingOptions
 
 
@@ -49,3 +49,38 @@ def test_bad_values_are_usage_errors(argv, capsys) -> None:
         _parser().parse_args(argv)
     assert caught.value.code == 2
     assert "invalid" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "unused"),
+    [
+        (["--method", "sample", "--beam-size", "3"], "beam_size"),  # 3 is the default: given, so refused
+        (["--method", "sample", "--beam-size", "1"], "beam_size"),
+        (["--method", "greedy", "--num-captions", "1"], "num_captions"),
+        (["--method", "beam", "--top-p", "1.0", "--temperature", "1"], "temperature, top_p"),
+        (["--seed", "0"], "seed"),  # the default method is beam
+    ],
+)
+def test_a_flag_the_method_does_not_use_is_refused_whatever_its_value(argv, unused) -> None:
+    with pytest.raises(ValueError, match=rf"method \w+ does not use {unused} \(.*\): leave it out"):
+        decoding_options_from_args(_parser().parse_args(argv))
+
+
+def test_the_flags_a_method_uses_are_accepted_at_their_defaults() -> None:
+    args = _parser().parse_args(["--method", "beam", "--beam-size", "3", "--length-penalty", "0", "--max-length", "20"])
+    assert decoding_options_from_args(args) == DecodingOptions()
+    args = _parser().parse_args(["--method", "sample", "--top-k", "0", "--top-p", "1", "--num-captions", "1"])
+    assert decoding_options_from_args(args) == DecodingOptions(method="sample")
+    assert decoding_options_from_args(_parser().parse_args(["--method", "greedy", "--max-length", "20"])) == (
+        DecodingOptions(method="greedy")
+    )
+    # a Namespace made by hand names no flags: only values other than the default are refused
+    hand_made = argparse.Namespace(**dataclasses.asdict(DecodingOptions(method="sample")))
+    assert decoding_options_from_args(hand_made) == DecodingOptions(method="sample")
+
+
+def test_the_command_line_exits_2_with_one_line(capsys) -> None:
+    # refused before any image or checkpoint is opened
+    assert main(["caption", "no-such.jpg", "--method", "sample", "--beam-size", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err == "captioner: error: method sample does not use beam_size (beam_size is for beam): leave it out\n"

@@ -89,3 +89,13 @@ def test_a_model_optimized_for_inference_captions_the_same_and_cannot_be_saved(t
     assert [c.text for r in got for c in r.captions] == [c.text for r in expected for c in r.captions]
     with pytest.raises(RuntimeError, match="cannot be saved"):
         model.save(tmp_path / "fused.pt")
+
+
+def test_caption_refuses_an_option_its_method_does_not_use_even_at_its_default():
+    from PIL import Image
+
+    model = tiny_captioner(seed=3)
+    photo = Image.new("RGB", (64, 48), (120, 80, 40))
+    with pytest.raises(ValueError, match=r"method sample does not use beam_size \(beam_size is for beam\)"):
+        model.caption([photo], method="sample", beam_size=1)  # 1 is beam_size's default
+    assert model.caption([photo], method="beam", beam_size=1)[0].captions

@@ -246,6 +246,11 @@ def test_uploads_are_never_written_to_disk(client: TestClient, monkeypatch: pyte
         ({"method": "greedy", "num_captions": 2}, "greedy decoding gives one caption"),
         ({"method": "beam", "beam_size": 2, "num_captions": 3}, "num_captions must be <= beam_size (2)"),
         ({"beam_sise": 3}, "unknown option 'beam_sise'; expected one of method,"),
+        # given, an option the method does not use is refused even at its default value
+        ({"method": "sample", "beam_size": 3}, "method sample does not use beam_size (beam_size is for beam)"),
+        ({"method": "greedy", "num_captions": 1}, "method greedy does not use num_captions"),
+        ({"method": "beam", "temperature": 1.0, "top_k": 0}, "method beam does not use temperature, top_k"),
+        ({"seed": 5}, "method beam does not use seed"),  # the default method is beam
     ],
 )
 def test_out_of_range_options(client: TestClient, params: dict, expected: str) -> None:
@@ -256,6 +261,29 @@ def test_out_of_range_options(client: TestClient, params: dict, expected: str) -
 def test_out_of_range_form_field(client: TestClient) -> None:
     response = client.post("/caption", data={"top_p": "2"}, files={"image": ("x.png", images.png(), "image/png")})
     assert "top_p must be a number in (0, 1]" in _error(response, 422, "invalid_option")
+
+
+def test_an_unused_option_is_refused_as_a_form_field_too(client: TestClient) -> None:
+    files = {"image": ("x.png", images.png(), "image/png")}
+    response = client.post("/caption", data={"method": "sample", "length_penalty": "0"}, files=files)
+    assert "method sample does not use length_penalty" in _error(response, 422, "invalid_option")
+    # the method from the query, the unused option from the form: the request as a whole names both
+    response = client.post("/caption", params={"method": "greedy"}, data={"beam_size": "3"}, files=files)
+    assert "method greedy does not use beam_size" in _error(response, 422, "invalid_option")
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"method": "beam", "beam_size": 3},
+        {"method": "greedy"},
+        {"method": "greedy", "max_length": 20, "attention": "true"},
+        {"method": "sample", "num_captions": 1, "top_k": 0, "seed": 1, "attention": "false"},
+    ],
+)
+def test_the_options_a_method_uses_are_accepted(client: TestClient, params: dict) -> None:
+    response = _upload(client, images.png(), **params)
+    assert response.status_code == 200, response.text
 
 
 # --- and afterwards ------------------------------------------------------------------------------

@@ -320,6 +320,34 @@ def test_bad_options_fail_here_without_a_request() -> None:
     assert fake.requests == []
 
 
+def test_an_option_the_method_does_not_use_fails_here_even_at_its_default() -> None:
+    fake = FakeServer(_ok(), _ok(), _ok())
+    with fake.client() as client:
+        with pytest.raises(ValueError) as caught:
+            client.caption(b"image", method="sample", beam_size=3)  # 3 is beam_size's default: given, so refused
+        assert str(caught.value) == "method sample does not use beam_size (beam_size is for beam): leave it out"
+        with pytest.raises(ValueError, match="method greedy does not use num_captions"):
+            client.caption_many([b"a"], DecodingOptions(method="sample"), method="greedy", num_captions=1)
+        with pytest.raises(ValueError, match="method beam does not use seed"):
+            client.caption(b"image", DecodingOptions(method="beam"), seed=0)
+        assert fake.requests == []
+        # the options the method uses, the method from an object, and a field laid over another method's object
+        client.caption(b"image", method="beam", beam_size=3)
+        client.caption(b"image", DecodingOptions(method="sample"), top_k=0, attention=True)
+        client.caption(b"image", DecodingOptions(method="beam"), method="greedy", max_length=9)
+    beam, sampled, greedy = (dict(request.url.params) for request in fake.requests)
+    assert beam["method"] == "beam" and beam["beam_size"] == "3"
+    assert sampled["method"] == "sample" and "beam_size" not in sampled
+    assert greedy == {"method": "greedy", "max_length": "9"}  # never an option the server would refuse
+
+    async def scenario() -> None:
+        async with AsyncCaptionClient("http://test", transport=httpx.MockTransport(lambda r: _ok())) as client:
+            await client.caption(b"image", method="sample", length_penalty=0.0)
+
+    with pytest.raises(ValueError, match="method sample does not use length_penalty"):
+        asyncio.run(scenario())
+
+
 def test_errors_survive_pickling() -> None:
     error = ClientRequestError(415, "unsupported_image_format", "not an image")
     copy = pickle.loads(pickle.dumps(error))

@@ -39,3 +39,17 @@ def test_applied_options_require_only_what_every_method_uses() -> None:
         options = DecodingOptions(method=method)
         applied = AppliedOptions(**options.to_dict(), attention=False).model_dump()
         assert applied == {**{k: v for k, v in options.to_dict().items() if v is not None}, "attention": False}
+
+
+def test_an_option_the_request_names_is_refused_when_its_method_does_not_use_it() -> None:
+    # query parameters and form fields arrive as strings; what the request named is model_fields_set
+    for given in ({"method": "sample", "beam_size": "3"}, {"method": "greedy", "num_captions": "1"}):
+        options = CaptionOptions.model_validate(given)
+        with pytest.raises(ValueError, match=f"method {given['method']} does not use "):
+            options.decoding_options()
+    # the same values left to their defaults, the options the method uses, and attention (every method) pass
+    assert CaptionOptions.model_validate({"method": "sample"}).decoding_options() == DecodingOptions(method="sample")
+    beam = CaptionOptions.model_validate({"method": "beam", "beam_size": "3", "attention": "true"})
+    assert beam.decoding_options() == DecodingOptions(method="beam", beam_size=3)
+    greedy = CaptionOptions.model_validate({"method": "greedy", "max_length": "20", "attention": "true"})
+    assert greedy.decoding_options() == DecodingOptions(method="greedy")
