@@ -182,6 +182,8 @@ fi
 say "installing the project with extras [$extras]"
 # the hash of the pyproject.toml being installed (taken first, in case it is edited meanwhile)
 hash=$(.venv/bin/python -c 'import hashlib; print(hashlib.sha256(open("pyproject.toml", "rb").read()).hexdigest())')
-.venv/bin/python -m pip install -q -e ".[$extras]"
+# setuptools warns at every editable install that same-named folders in the working directory may shadow
+# the package (a 9-line box): this clone's own folders are the package, so that warning alone is dropped
+PYTHONWARNINGS="ignore:Editable installation:UserWarning" .venv/bin/python -m pip install -q -e ".[$extras]"
 echo "$hash" >"$stamp"
 say "done: .venv is ready"
