@@ -257,3 +257,43 @@ def test_the_prometheus_job_reads_the_annotations_the_pods_carry() -> None:
     assert wanted and wanted <= exposed.keys(), sorted(wanted - exposed.keys())
     keep = next(rule for rule in job["relabel_configs"] if rule.get("action") == "keep")
     assert re.fullmatch(keep["regex"], exposed[keep["source_labels"][0]])
+
+
+# ---- links between the docs --------------------------------------------------------------------------------------
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped (but - and _), spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    tokens = MarkdownIt("commonmark").parse(path.read_text())
+    return {_slug(tokens[i + 1].content) for i, t in enumerate(tokens) if t.type == "heading_open"}
+
+
+def _links(path: Path) -> list[str]:
+    tokens = MarkdownIt("commonmark").parse(path.read_text())
+    found = []
+    for token in tokens:
+        for child in token.children or []:
+            if child.type == "link_open":
+                found.append(str(child.attrGet("href")))
+            elif child.type == "image":
+                found.append(str(child.attrGet("src")))
+    return found
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_links_between_the_docs_lead_somewhere(doc: Path) -> None:
+    broken = []
+    for href in _links(doc):
+        if re.match(r"^[a-z]+:", href):  # http:, https:, mailto: - outside this repository
+            continue
+        target, _, anchor = href.partition("#")
+        path = (doc.parent / target).resolve() if target else doc
+        if not path.exists():
+            broken.append(f"{href}: no file {path}")
+        elif anchor and path.suffix == ".md" and anchor not in _anchors(path):
+            broken.append(f"{href}: no heading #{anchor} in {path.name}")
+    assert not broken, broken
