@@ -3,8 +3,9 @@
 ``captioner caption`` runs on this module. The pieces, each with one job:
 
 - :func:`expand_inputs`: files, folders (recursive, image extensions, sorted, symbolic links
-  followed without looping), glob patterns and manifests (``--from-list``: one path per line, or a
-  CSV / JSONL column) -> one ordered list of paths, duplicates dropped.
+  followed without looping), glob patterns (links followed without looping too) and manifests
+  (``--from-list``: one path per line, or a CSV / JSONL column; relative to the manifest's folder)
+  -> one ordered list of paths, duplicates dropped.
 - :class:`RecordFile`: the output file (``.jsonl`` or ``.csv``). Opening it reads which images it
   already holds, so a run again with the same output skips them; a record cut off by a kill in the
   middle of writing is cut away first, so there are never duplicates or half records. Each batch's
@@ -21,7 +22,7 @@
 from __future__ import annotations
 
 import csv
-import glob
+import fnmatch
 import io
 import json
 import os
@@ -30,6 +31,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISDIR
 from typing import Any
 
 import numpy as np
@@ -37,7 +39,7 @@ import numpy as np
 from captioner.transforms import IMAGE_EXTENSIONS, ImageError, Preprocess, load_crop, normalize_crops
 
 OUTPUT_FORMATS = (".jsonl", ".csv")
-CSV_FIELDS = ("image", "caption", "log_prob", "score", "captions", "error")
+CSV_FIELDS = ("image", "caption", "log_prob", "score", "captions", "error", "model", "options")
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -62,23 +64,32 @@ def expand_inputs(items: Sequence[str], *, from_list: str | None = None, column:
     a file named directly is taken whatever its extension. Each file comes once, under the first name
     it was found by. What names nothing is reported in ``missing``, not raised: the run records an
     error for it and goes on.
+
+    A relative path (or pattern, or folder) in the manifest ``from_list`` is relative to the manifest's
+    folder, and is named by that folder joined with it (``lists/m.txt``'s ``photo.jpg`` is
+    ``lists/photo.jpg``; a manifest in the working folder gives its lines as they are). ``~`` in a
+    manifest is not expanded: no shell reads the file.
     """
-    listed = read_manifest(from_list, column) if from_list else []
+    named = [("", item) for item in items]  # (the folder a relative item is relative to, the item)
+    if from_list:
+        folder = _manifest_folder(from_list)
+        named += [(folder, line) for line in read_manifest(from_list, column)]
     paths: list[str] = []
     missing: list[str] = []
-    for item in [*items, *listed]:
-        if os.path.isdir(item):
-            paths += _walk_images(item)
-        elif os.path.exists(item):
-            paths.append(item)
+    for folder, item in named:
+        path = os.path.join(folder, item)  # an absolute item stays as it is
+        if os.path.isdir(path):
+            paths += _walk_images(path)
+        elif os.path.exists(path):
+            paths.append(path)
         elif _GLOB_CHARS & set(item):
-            matches = sorted(glob.glob(item, recursive=True))
+            matches = _glob(item, folder)
             if not matches:
-                missing.append(item)
+                missing.append(path)
             for match in matches:
                 paths += _walk_images(match) if os.path.isdir(match) else [match]
         else:
-            missing.append(item)
+            missing.append(path)
     return Inputs(_each_file_once(paths), list(dict.fromkeys(missing)))
 
 
@@ -108,9 +119,86 @@ def _walk_images(folder: str) -> list[str]:
     return sorted(found)
 
 
+def _glob(pattern: str, folder: str = "") -> list[str]:
+    """``glob.glob(pattern, recursive=True)``, sorted, but no real folder is entered twice for one part of
+    the pattern. A relative ``pattern`` is matched inside ``folder``, whose name is not a pattern.
+
+    ``glob`` follows folder links under ``**`` with no memory of where it has been: two links to ``.``
+    make it walk 2**40 names before the kernel's limit on links in a path stops it. Here the pattern's
+    parts are matched one at a time, from the last folder it names literally, and a folder reached
+    again (through a link) at a part already matched in it is skipped: below it the rest of the pattern
+    could only match the same files under other names, which :func:`_each_file_once` drops anyway.
+    Otherwise as glob: ``**`` as a whole part is any number of folders, none included; ``*``, ``?``
+    and ``[...]`` match within one part, and match a leading dot only in a part that starts with one
+    (``**`` enters no hidden folder); a trailing separator matches folders only.
+    """
+    drive, rest = os.path.splitdrive(pattern)
+    if os.altsep:
+        rest = rest.replace(os.altsep, os.sep)
+    parts = rest.split(os.sep)
+    first = next((i for i, part in enumerate(parts) if _GLOB_CHARS & set(part)), len(parts))
+    base = drive + (os.sep.join(parts[:first]) or (os.sep if first else ""))  # "/*.jpg" starts at "/"
+    if not os.path.isabs(pattern):
+        base = os.path.join(folder, base)
+    wanted = [part for part in parts[first:] if part]  # "a//b" is "a/b"
+    dirs_only = len(parts) > first and parts[-1] == ""
+    found: list[str] = []
+    entered: set[tuple[int, int, int]] = set()  # (part, device, inode): a link loop ends here
+    stack = [(base, 0)]  # a folder and the index of the part to match in it; at len(wanted), a match
+    while stack:
+        path, index = stack.pop()
+        if index == len(wanted):
+            found.append(path)
+            continue
+        try:
+            stat = os.stat(path or os.curdir)
+        except OSError:  # gone, a broken link, not allowed: glob skips it too
+            continue
+        if not S_ISDIR(stat.st_mode) or (index, stat.st_dev, stat.st_ino) in entered:
+            continue
+        entered.add((index, stat.st_dev, stat.st_ino))
+        part, last = wanted[index], index + 1 == len(wanted)
+        below = []
+        if part == "**":
+            below.append((path, index + 1))  # no folder at all
+            for name, is_dir in _list_folder(path):
+                if not name.startswith(".") and (is_dir or (last and not dirs_only)):
+                    below.append((os.path.join(path, name), index if is_dir else index + 1))
+        elif _GLOB_CHARS & set(part):
+            for name, is_dir in _list_folder(path):
+                hidden = name.startswith(".") and not part.startswith(".")
+                if not hidden and (is_dir or (last and not dirs_only)) and fnmatch.fnmatch(name, part):
+                    below.append((os.path.join(path, name), index + 1))
+        else:
+            child = os.path.join(path, part)
+            if os.path.isdir(child) or (last and not dirs_only and os.path.lexists(child)):
+                below.append((child, index + 1))
+        stack += reversed(below)  # depth first, in name order: the first name of a folder is the one kept
+    return sorted({path for path in found if path})  # glob leaves out "" (the working folder, from "**")
+
+
+def _list_folder(path: str) -> list[tuple[str, bool]]:
+    """The names in folder ``path`` ("" is the working folder), sorted, each with whether it is a folder."""
+    try:
+        with os.scandir(path or os.curdir) as entries:
+            return sorted((entry.name, _is_folder(entry)) for entry in entries)
+    except OSError:  # gone or not allowed: nothing in it matches, as for glob
+        return []
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # a link to a folder is one
+    except OSError:
+        return False
+
+
 def read_manifest(path: str, column: str | None = None) -> list[str]:
     """Paths from a manifest: ``.csv`` (a column: ``column``, else ``path``/``image``/``file``, else the
-    first), ``.jsonl`` (a key, chosen the same way), anything else one path per line (``#`` comments)."""
+    first), ``.jsonl`` (a key, chosen the same way), anything else one path per line (``#`` comments).
+
+    The paths are as written, empty ones left out; :func:`expand_inputs` takes relative ones in the
+    manifest's folder."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
@@ -134,7 +222,8 @@ def read_manifest(path: str, column: str | None = None) -> list[str]:
             if not isinstance(record, dict):
                 raise InputError(f"{path}:{number}: not a JSON object")
             name = _pick_column(list(record), column, f"{path}:{number}")
-            out.append(str(record[name]))
+            if record[name] not in (None, ""):  # left out like an empty CSV cell ("" would name the folder)
+                out.append(str(record[name]))
         return out
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
@@ -150,6 +239,12 @@ def _pick_column(names: Sequence[str], wanted: str | None, where: str) -> str:
     if not names:
         raise InputError(f"{where}: no columns")
     return names[0]
+
+
+def _manifest_folder(path: str) -> str:
+    """The folder a manifest's relative paths are in, as its path names it ("" for the working folder)."""
+    folder = os.path.dirname(path)
+    return "" if folder == os.curdir else folder
 
 
 # -- output -----------------------------------------------------------------------------------------
@@ -168,61 +263,218 @@ def part_path(output: str | os.PathLike, rank: int, world_size: int) -> Path:
     return output.with_name(f"{output.stem}.part-{rank:05d}-of-{world_size:05d}{output.suffix}")
 
 
-class RecordFile:
-    """An output file of one record per image, opened for appending after what it already holds."""
+@dataclass(frozen=True)
+class RunSignature:
+    """What made a record: the model (its id) and the decoding options it was captioned with. Every record a run
+    writes carries them, so a run again with the same output trusts only records made the same way."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    model: str
+    options: dict[str, Any]
+
+
+# The fields a record of this command has; anything else in a file means it is not this command's.
+RECORD_KEYS = frozenset({"image", "captions", "error", "model", "options"})
+# Files written before records carried their model and options: still this command's, read and appended as such.
+LEGACY_CSV_FIELDS = CSV_FIELDS[:6]
+_JSONL_RECORD_START = b'{"image": '  # how every record this command writes begins (json.dumps, image first)
+
+
+@dataclass
+class _Record:
+    line: int
+    image: str
+    error: bool
+    signature: RunSignature | None  # None: a record from before records carried one
+
+
+class RecordFile:
+    """An output file of one record per image, opened for appending after what it already holds.
+
+    Nothing is written to a file before all of it has been read and found to be this command's records: a file
+    that is not (another program's notes, a CSV with other columns, records of another model or other options)
+    is refused with a one-line :class:`InputError` and left byte for byte as it was. Only then is a record cut
+    off by a kill dropped, and, with ``retry_errors``, the error records taken out so that their images are
+    captioned again (the file is rewritten to a temporary file and renamed over it).
+    """
+
+    def __init__(self, path: str | os.PathLike, run: RunSignature | None = None, *, retry_errors: bool = False) -> None:
         self.path = Path(path)
         self.format = output_format(self.path)
-        self.done: set[str] = set()
+        self.run = run
+        self.done: set[str] = set()  # images the file holds a record of: a run again skips them
+        self.errors: set[str] = set()  # of those, the images whose record is an error
+        self.retried = 0  # error records taken out to be captioned again (retry_errors)
+        self.legacy = 0  # records without a model and options (written before records carried them)
+        self.fields: tuple[str, ...] = CSV_FIELDS  # the CSV columns written: the file's own when it has a header
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        existing = self._recover() if self.path.exists() else 0
+        existing = self._open_existing(retry_errors) if self.path.exists() else 0
         self._file = open(self.path, "a", encoding="utf-8", newline="")  # noqa: SIM115 (closed by close())
         if self.format == ".csv" and existing == 0:
-            csv.DictWriter(self._file, fieldnames=CSV_FIELDS, lineterminator="\n").writeheader()
+            csv.DictWriter(self._file, fieldnames=self.fields, lineterminator="\n").writeheader()
 
-    def _recover(self) -> int:
-        """Read the images already recorded; cut a trailing half-written record away. Returns the bytes kept."""
+    def _open_existing(self, retry_errors: bool) -> int:
+        """Read and check the whole file, then repair it as planned; returns the bytes it holds afterwards."""
         data = self.path.read_bytes()
-        complete = data[: data.rfind(b"\n") + 1]  # a record ends with its newline; anything after was cut off
-        if len(complete) != len(data):
+        end = data.rfind(b"\n") + 1  # a record ends with its newline; anything after was cut off, or is not ours
+        complete, tail = data[:end], data[end:]
+        try:
+            text = complete.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise self._foreign("not UTF-8 text") from exc
+        records = self._parse(text)
+        tail_record = self._parse_tail(text, tail)
+        if tail_record is not None:
+            records.append(tail_record)
+        self._check_signatures(records)
+        # Checked: the file is this command's. Repairs from here on.
+        if tail and tail_record is None:  # a record cut off by a kill in the middle of writing it
             with open(self.path, "r+b") as f:
-                f.truncate(len(complete))
-        text = complete.decode("utf-8", errors="replace")
+                f.truncate(end)
+        elif tail:  # a whole record that only lacks its newline
+            with open(self.path, "ab") as f:
+                f.write(b"\n")
+        errors = {r.image for r in records if r.error}
+        if retry_errors and errors:
+            self._rewrite_without(errors)
+            records = [r for r in records if not r.error]
+            self.retried = len(errors)
+            errors = set()
+        self.done = {r.image for r in records}
+        self.errors = errors
+        self.legacy = sum(r.signature is None for r in records)
+        return self.path.stat().st_size
+
+    def _foreign(self, why: str) -> InputError:
+        return InputError(
+            f"{self.path}: not an output file of this command ({why}); it was left as it was: use another --output"
+        )
+
+    def _parse(self, text: str) -> list[_Record]:
         if self.format == ".jsonl":
-            for number, line in enumerate(text.splitlines(), 1):
-                try:
-                    self.done.add(json.loads(line)["image"])
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise InputError(
-                        f"{self.path}:{number}: not a record this command wrote; use another --output"
-                    ) from exc
-        elif text:
-            reader = csv.DictReader(io.StringIO(text))
-            if reader.fieldnames is None or "image" not in reader.fieldnames:
-                raise InputError(f"{self.path}: not a CSV this command wrote (no 'image' column); use another --output")
-            self.done.update(row["image"] for row in reader)
-        return len(complete)
+            return [self._jsonl_record(line, number) for number, line in enumerate(text.splitlines(), 1)]
+        if not text:
+            return []
+        reader = csv.DictReader(io.StringIO(text))
+        header = tuple(reader.fieldnames or ())
+        if header not in (CSV_FIELDS, LEGACY_CSV_FIELDS):
+            raise self._foreign(f"its columns are {', '.join(header) or 'none'}, not {', '.join(CSV_FIELDS)}")
+        self.fields = header
+        return [self._csv_record(row, number) for number, row in enumerate(reader, 2)]
+
+    def _parse_tail(self, text: str, tail: bytes) -> _Record | None:
+        """The bytes after the last newline: a whole record (returned), a cut-off one of ours (None), or foreign."""
+        if not tail:
+            return None
+        number = text.count("\n") + 1
+        try:
+            if self.format == ".jsonl":
+                return self._jsonl_record(tail.decode("utf-8"), number)
+            if text:  # below a header of ours: a row, whole or cut off
+                rows = list(csv.DictReader(io.StringIO(text + tail.decode("utf-8"))))
+                return self._csv_record(rows[-1], number) if len(rows) == text.count("\n") else None
+        except (InputError, UnicodeDecodeError, IndexError):
+            pass
+        if self.format == ".jsonl" and tail.startswith(_JSONL_RECORD_START) or self.format == ".csv" and text:
+            return None
+        raise self._foreign(f"line {number} is not a record of it")
+
+    def _jsonl_record(self, line: str, number: int) -> _Record:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise self._foreign(f"line {number} is not JSON") from exc
+        if not isinstance(record, dict) or not isinstance(record.get("image"), str) or not record["image"]:
+            raise self._foreign(f"line {number} has no image")
+        if set(record) - RECORD_KEYS:
+            raise self._foreign(f"line {number} has fields {', '.join(sorted(set(record) - RECORD_KEYS))}")
+        captions, error = record.get("captions"), record.get("error")
+        if (captions is None) == (error is None) or error is not None and not isinstance(error, str):
+            raise self._foreign(f"line {number} has neither captions nor an error")
+        if captions is not None and not (
+            isinstance(captions, list)
+            and captions
+            and all(isinstance(c, dict) and isinstance(c.get("text"), str) for c in captions)
+        ):
+            raise self._foreign(f"line {number}'s captions are not this command's")
+        return _Record(
+            number, record["image"], error is not None, _signature(record.get("model"), record.get("options"))
+        )
+
+    def _csv_record(self, row: dict[str, Any], number: int) -> _Record:
+        if not row.get("image") or None in row or any(v is None for v in row.values()):
+            raise self._foreign(f"line {number} is not a row of it")
+        if not row["error"] and not row["caption"]:
+            raise self._foreign(f"line {number} has neither a caption nor an error")
+        options = row.get("options")
+        try:
+            parsed = json.loads(options) if options else None
+        except json.JSONDecodeError as exc:
+            raise self._foreign(f"line {number}'s options are not JSON") from exc
+        return _Record(number, row["image"], bool(row["error"]), _signature(row.get("model") or None, parsed))
+
+    def _check_signatures(self, records: list[_Record]) -> None:
+        if self.run is None:
+            return
+        other = [r for r in records if r.signature is not None and r.signature != self.run]
+        if other:
+            first = other[0].signature
+            assert first is not None
+            raise InputError(
+                f"{self.path}: {len(other)} records were made otherwise (line {other[0].line}: model {first.model}, "
+                f"{_words(first.options)}; this run: model {self.run.model}, {_words(self.run.options)}); "
+                "use another --output, or the same model and options"
+            )
+
+    def _rewrite_without(self, images: set[str]) -> None:
+        """The file less the records of ``images``, written beside it and renamed over it (atomic)."""
+        kept = [r for r in read_records(self.path) if r["image"] not in images]
+        tmp = self.path.with_name(f".{self.path.name}.retry")
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            if self.format == ".jsonl":
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
+            else:
+                writer = csv.DictWriter(f, fieldnames=self.fields, lineterminator="\n")
+                writer.writeheader()
+                writer.writerows(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
     def write(self, records: Iterable[dict[str, Any]]) -> None:
-        """Append ``records`` and make them durable (flush + fsync) before returning.
+        """Append ``records`` (each with this run's model and options) and make them durable before returning.
 
         The records are rendered first and written with one call, which a ``KeyboardInterrupt`` cannot split
         (it is raised between Python operations): they are all in the file buffer, or none is.
         """
-        records = list(records)
+        signed = [self._signed(record) for record in records]
         text = io.StringIO()
         if self.format == ".jsonl":
-            text.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+            text.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in signed)
         else:
-            csv.DictWriter(text, fieldnames=CSV_FIELDS, lineterminator="\n").writerows(map(_csv_row, records))
+            writer = csv.DictWriter(text, fieldnames=self.fields, lineterminator="\n", extrasaction="ignore")
+            writer.writerows(map(_csv_row, signed))
         self._file.write(text.getvalue())
-        self.done.update(record["image"] for record in records)
+        self.done.update(record["image"] for record in signed)
         self._file.flush()
         os.fsync(self._file.fileno())
 
+    def _signed(self, record: dict[str, Any]) -> dict[str, Any]:
+        if self.run is None:
+            return record
+        return {**record, "model": self.run.model, "options": self.run.options}
+
     def close(self) -> None:
         self._file.close()
+
+
+def _signature(model: Any, options: Any) -> RunSignature | None:
+    if model is None and options is None:
+        return None
+    return RunSignature(str(model), options if isinstance(options, dict) else {})
+
+
+def _words(options: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in options.items()) or "no options"
 
 
 def _csv_row(record: dict[str, Any]) -> dict[str, Any]:
@@ -235,6 +487,8 @@ def _csv_row(record: dict[str, Any]) -> dict[str, Any]:
         "score": best.get("score", ""),
         "captions": " | ".join(c["text"] for c in captions) if len(captions) > 1 else "",
         "error": record.get("error") or "",
+        "model": record.get("model", ""),
+        "options": json.dumps(record["options"], sort_keys=True) if "options" in record else "",
     }
 
 

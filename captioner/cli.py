@@ -48,6 +48,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     cap.add_argument("--list-column", metavar="NAME", help="the manifest's column (default: path, image or file)")
     cap.add_argument("--output", metavar="FILE", help="write records here (.jsonl or .csv) as they are made")
     cap.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="caption again the images --output holds error records of (they are taken out of the file first)",
+    )
+    cap.add_argument(
         "--checkpoint",
         default=None,
         help="model checkpoint, an ONNX export folder (with --backend onnxruntime), or 'default' (the bundled model; "
@@ -235,6 +240,7 @@ def _caption(args: argparse.Namespace) -> int:
     """``captioner caption``: expand the inputs, skip what --output holds, caption the rest batch by batch."""
     from captioner.bulk import (
         RecordFile,
+        RunSignature,
         caption_stream,
         distributed_rank,
         expand_inputs,
@@ -242,7 +248,7 @@ def _caption(args: argparse.Namespace) -> int:
         part_path,
         read_records,
     )
-    from captioner.model import Captioner
+    from captioner.model import Captioner, model_id
     from captioner.progress import progress_bar
 
     options = decoding_options_from_args(args)
@@ -264,7 +270,12 @@ def _caption(args: argparse.Namespace) -> int:
     model = model.optimize_for_inference()
     group = _join_process_group(world)
 
-    sink = RecordFile(part_path(args.output, rank, world) if world > 1 else args.output) if args.output else None
+    sink = None
+    if args.output:
+        run = RunSignature(model_id(checkpoint_arg(args.checkpoint)), options.to_dict())
+        output = part_path(args.output, rank, world) if world > 1 else args.output
+        sink = RecordFile(output, run, retry_errors=args.retry_errors)
+        _say_what_the_file_holds(sink)
     done = sink.done if sink is not None else set()
     missing = [m for m in inputs.missing if m not in done] if rank == 0 else []
     todo = [p for p in inputs.paths[rank::world] if p not in done]
@@ -272,7 +283,12 @@ def _caption(args: argparse.Namespace) -> int:
     printer = _Printer(args.json, sink)
     if skipped:
         assert sink is not None  # only an --output file holds images already captioned
-        print(f"captioner: {skipped} images already in {sink.path}; captioning the other {len(todo)}", file=sys.stderr)
+        errors = len(sink.errors & set(inputs.paths[rank::world]))
+        held = f" ({errors} of them as errors: --retry-errors captions those again)" if errors else ""
+        print(
+            f"captioner: {skipped} images already in {sink.path}{held}; captioning the other {len(todo)}",
+            file=sys.stderr,
+        )
     bar = progress_bar(len(todo), None, not args.no_progress and sys.stderr.isatty())
     try:
         for records in caption_stream(model, todo, options, batch_size=args.batch_size, workers=args.workers):
@@ -300,6 +316,17 @@ def _caption(args: argparse.Namespace) -> int:
     if group is not None:
         _finish_distributed(args.output, rank, world)
     return 1 if printer.failed else 0
+
+
+def _say_what_the_file_holds(sink) -> None:
+    if sink.retried:
+        print(f"captioner: {sink.retried} error records taken out of {sink.path} to caption again", file=sys.stderr)
+    if sink.legacy:
+        print(
+            f"captioner: {sink.legacy} records in {sink.path} do not say which model and options made them "
+            "(written by an earlier version); they are kept as they are",
+            file=sys.stderr,
+        )
 
 
 def _missing_reason(item: str) -> str:

@@ -18,7 +18,7 @@ from captioner.checkpoint import CheckpointError, clean_state_dict, load_checkpo
 from captioner.config import DecoderConfig, EncoderConfig, ModelConfig
 from captioner.decoder import CaptionDecoder
 from captioner.decoding import DecodingOptions, Hypothesis, check_options_apply, decode
-from captioner.encoders import ImageEncoder, build_encoder, default_chunk_size
+from captioner.encoders import ImageEncoder, build_encoder, default_chunk_size, file_sha256
 from captioner.transforms import DEFAULT_MAX_PIXELS, ImageSource, Preprocess, preprocess_images, to_tensor
 from captioner.vocab import Vocabulary
 
@@ -56,6 +56,16 @@ def default_checkpoint() -> Path:
     if not DEFAULT_CHECKPOINT.is_file():
         raise CheckpointError("no default model is bundled with this install; pass a checkpoint path")
     return DEFAULT_CHECKPOINT
+
+
+def model_id(checkpoint: str | os.PathLike | None) -> str:
+    """The id a model is served and its captions recorded under: the checkpoint's name and the first 12 hex digits
+    of its sha256 (of an ONNX export folder: of its metadata file); ``None`` is the bundled model."""
+    from captioner.onnx_export import METADATA_FILE  # the loader's known cycle with the ONNX modules (issue 25)
+
+    path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
+    sha256 = file_sha256(path / METADATA_FILE if path.is_dir() else path)
+    return f"{path.stem}-{sha256[:12]}"
 
 
 def resolve_backend(backend: str, device: str | torch.device | None = "cpu") -> str:

@@ -19,7 +19,7 @@ from captioner import __version__
 from captioner.checkpoint import CheckpointError, checkpoint_arg
 from captioner.decoding import DecodingOptions
 from captioner.encoders import EncoderWeightsError, file_sha256
-from captioner.model import DEFAULT_CHECKPOINT, Captioner
+from captioner.model import DEFAULT_CHECKPOINT, Captioner, model_id
 from captioner.onnx_backend import BackendUnavailable
 from captioner.onnx_export import METADATA_FILE, ExportError
 from captioner.runtime import tune_malloc
@@ -60,7 +60,7 @@ def load_model(settings: Settings) -> LoadedModel:
         raise ModelLoadError(f"cannot load the model: {reason}{hint}") from exc
     model.encoder_chunk_size = settings.encoder_chunk_size
     sha256 = file_sha256(path / METADATA_FILE if path.is_dir() else path)
-    return LoadedModel(model, f"{path.stem}-{sha256[:12]}", str(path), sha256)
+    return LoadedModel(model, model_id(checkpoint), str(path), sha256)
 
 
 WARM_UP_BATCH = 8

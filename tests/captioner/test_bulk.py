@@ -15,6 +15,7 @@ from PIL import Image
 import captioner.bulk as bulk
 from captioner.bulk import InputError, RecordFile, expand_inputs, merge_parts, part_path, read_manifest
 from captioner.cli import main
+from captioner.encoders import file_sha256
 from tests.helpers import free_port, tiny_captioner
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,6 +26,10 @@ def checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("bulk") / "model.pt"
     tiny_captioner().save(path)
     return path
+
+
+def bulk_sha(path: Path) -> str:
+    return file_sha256(path)[:12]
 
 
 def _tree(root: Path, count: int = 5) -> list[str]:
@@ -90,7 +95,7 @@ def test_a_record_cut_off_by_a_kill_is_dropped_and_the_rest_is_kept(tmp_path, su
 
 def test_an_output_file_this_command_did_not_write_is_refused(tmp_path) -> None:
     (tmp_path / "notes.jsonl").write_text("hello\n")
-    with pytest.raises(InputError, match="not a record this command wrote"):
+    with pytest.raises(InputError, match="not an output file of this command"):
         RecordFile(tmp_path / "notes.jsonl")
     with pytest.raises(InputError, match=r"\.jsonl or \.csv"):
         RecordFile(tmp_path / "out.txt")
@@ -130,7 +135,9 @@ def test_caption_a_folder_into_jsonl_then_run_again_and_resume(checkpoint, tmp_p
     names = [r["image"] for r in records]
     assert len(names) == len(set(names)) == 8 + 1  # no duplicates, no gaps
     assert [os.path.normpath(n) for n in names[:-1]] == sorted([*images, str(tmp_path / "photos" / "zz-broken.jpg")])
-    assert records[-1] == {"image": "missing.jpg", "error": "no such file: missing.jpg"}  # inputs naming nothing last
+    signature = {"model": f"model-{bulk_sha(checkpoint)}", "options": {"method": "greedy", "max_length": 20}}
+    assert records[-1] == {"image": "missing.jpg", "error": "no such file: missing.jpg", **signature}  # last
+    assert all({k: r[k] for k in ("model", "options")} == signature for r in records)  # each says what made it
     assert all(r["captions"][0]["text"] for r in records if "broken" not in r["image"] and "error" not in r)
 
     assert main(argv) == 0  # everything is in the file already: nothing to do, nothing new failed
@@ -202,3 +209,111 @@ def test_torchrun_two_processes_caption_their_shares_and_merge(checkpoint, tmp_p
     assert [os.path.normpath(r["image"]) for r in merged] == images
     assert "merged 7 records from 2 part files" in done.stderr
     json.dumps(merged)  # plain JSON records
+
+
+RUN = bulk.RunSignature("model-0123456789ab", {"method": "greedy", "max_length": 20})
+CAPTION = {"captions": [{"text": "a dog", "log_prob": -1.0, "score": -1.0}]}
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("notes.jsonl", b'{"note": "buy milk"}\n{"image": "a.jpg", "captions": []}\nlast line without a newline'),
+        ("notes.jsonl", b"a note with no newline at all, 74 bytes long, which the old code cut to 32"),
+        ("notes.jsonl", b'{"image": "a.jpg", "captions": [{"text": "a dog"}], "rating": 5}\n'),
+        ("sheet.csv", b"image,label\na.jpg,cat\nb.jpg,do"),  # a foreign CSV with an image column
+        ("sheet.csv", b"image,caption,log_prob,score,captions,error\na.jpg,,,,,\n"),  # a row of nothing
+        ("latin1.csv", "image,caption\ncaf\u00e9.jpg,x\n".encode("latin-1")),
+    ],
+)
+def test_a_file_that_is_not_this_commands_is_refused_and_left_byte_for_byte(tmp_path, name, content) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(InputError, match="not an output file of this command .*left as it was"):
+        RecordFile(path, RUN)
+    assert path.read_bytes() == content
+
+
+def test_a_whole_record_without_its_newline_is_kept(tmp_path) -> None:
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps({"image": "a.jpg", **CAPTION}))  # edited by hand, say: the newline went missing
+    sink = RecordFile(out, RUN)
+    sink.write([{"image": "b.jpg", **CAPTION}])
+    sink.close()
+    assert [r["image"] for r in bulk.read_records(out)] == ["a.jpg", "b.jpg"]
+    assert sink.legacy == 1  # a.jpg's record says nothing of its model and options
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_records_of_another_model_or_other_options_are_refused(tmp_path, suffix) -> None:
+    out = tmp_path / f"out{suffix}"
+    sink = RecordFile(out, RUN)
+    sink.write([{"image": "a.jpg", **CAPTION}])
+    sink.close()
+    before = out.read_bytes()
+    beam = bulk.RunSignature(RUN.model, {"method": "beam", "max_length": 20, "beam_size": 3})
+    with pytest.raises(InputError, match=r"1 records were made otherwise \(line \d: model model-0123456789ab, "):
+        RecordFile(out, beam)
+    with pytest.raises(InputError, match="this run: model other-000000000000"):
+        RecordFile(out, bulk.RunSignature("other-000000000000", RUN.options))
+    assert out.read_bytes() == before
+    again = RecordFile(out, RUN)  # the same model and options: resumes
+    assert again.done == {"a.jpg"}
+    again.close()
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_retry_errors_takes_the_error_records_out_and_captions_them_again(tmp_path, suffix) -> None:
+    out = tmp_path / f"out{suffix}"
+    sink = RecordFile(out, RUN)
+    sink.write([{"image": "a.jpg", **CAPTION}, {"image": "b.jpg", "error": "cannot read: I/O error"}])
+    sink.close()
+    kept = RecordFile(out, RUN)
+    assert kept.done == {"a.jpg", "b.jpg"} and kept.errors == {"b.jpg"} and kept.retried == 0
+    kept.close()
+    retry = RecordFile(out, RUN, retry_errors=True)
+    assert retry.done == {"a.jpg"} and retry.errors == set() and retry.retried == 1
+    retry.write([{"image": "b.jpg", **CAPTION}])
+    retry.close()
+    records = bulk.read_records(out)
+    assert [r["image"] for r in records] == ["a.jpg", "b.jpg"]  # one record each, the failure replaced
+    assert not any(r.get("error") for r in records)
+
+
+def test_an_output_file_from_before_records_were_signed_is_still_resumed(tmp_path) -> None:
+    out = tmp_path / "old.csv"
+    out.write_text("image,caption,log_prob,score,captions,error\na.jpg,a dog,-1.0,-1.0,,\n")
+    sink = RecordFile(out, RUN)
+    assert sink.done == {"a.jpg"} and sink.legacy == 1
+    sink.write([{"image": "b.jpg", **CAPTION}])
+    sink.close()
+    rows = bulk.read_records(out)
+    assert list(rows[0]) == list(bulk.LEGACY_CSV_FIELDS)  # its own columns: every row still has the same ones
+    assert [r["image"] for r in rows] == ["a.jpg", "b.jpg"]
+
+
+def test_a_foreign_output_file_is_byte_identical_after_the_refused_run(checkpoint, tmp_path, capsys) -> None:
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (48, 40), (10, 200, 90)).save(photo)
+    notes = tmp_path / "notes.jsonl"
+    notes.write_bytes(b"my notes\nthe last line, no newline")
+    argv = ["caption", str(photo), "--output", str(notes), "--checkpoint", str(checkpoint), "--backend", "torch"]
+    assert main(argv) == 2
+    assert "not an output file of this command" in capsys.readouterr().err
+    assert notes.read_bytes() == b"my notes\nthe last line, no newline"
+
+
+def test_retry_errors_on_the_command_line(checkpoint, tmp_path, capsys) -> None:
+    photo = tmp_path / "photo.jpg"
+    out = tmp_path / "out.jsonl"
+    argv = ["caption", str(photo), "--output", str(out), "--checkpoint", str(checkpoint), "--backend", "torch"]
+    assert main(argv) == 1  # the photo is not there yet: an error record
+    capsys.readouterr()
+    Image.new("RGB", (48, 40), (10, 200, 90)).save(photo)
+    assert main(argv) == 0  # skipped: its record (an error) is in the file
+    err = capsys.readouterr().err
+    assert "1 images already in" in err and "(1 of them as errors: --retry-errors captions those again)" in err
+    assert main([*argv, "--retry-errors"]) == 0
+    assert "1 error records taken out of" in capsys.readouterr().err
+    (record,) = bulk.read_records(out)
+    assert record["image"] == str(photo) and record["captions"][0]["text"]
