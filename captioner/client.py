@@ -16,9 +16,13 @@
 Options are the library's :class:`~captioner.decoding.DecodingOptions`, passed as an object or as its fields,
 and are checked here first, so a bad option fails at once with the library's own message.
 
-The client retries what may succeed later: 503 and 429 (waiting as the server's ``Retry-After`` says) and
-connection failures or timeouts (with exponential backoff). Every other 4xx is the request's own fault and
-comes back at once as :class:`ClientRequestError` with the server's code and message.
+The client retries what may succeed later: 503 and 429 (never sooner than the server's ``Retry-After`` says,
+and at least 1 s) and connection failures or timeouts (with exponential backoff). Every wait is random, so many
+clients refused together do not come back together; a ``Retry-After`` over ``max_retry_wait`` ends the call at
+once, all waits of one call together stay within ``retry_budget``, and a 503/429 that the proxy in front already
+retried (``X-Captioner-Upstream-Status`` lists two tries) is not retried again; the rules are
+:class:`~captioner.client_wire.RetryPolicy`'s. Every other 4xx is the request's own fault and comes back at once
+as :class:`ClientRequestError` with the server's code and message.
 
 Needs httpx: ``pip install 'captioner[client]'``.
 """
@@ -40,16 +44,14 @@ except ImportError as exc:
 from PIL import Image
 
 from captioner.client_wire import (
-    _TRANSIENT,
-    BACKOFF_START,
     IMAGE_FIELD,
-    RETRY_STATUSES,
     CaptionError,
     CaptionResponse,
     ClientRequestError,
     ConnectionFailed,
     ImageInput,
     ImageReadError,
+    RetryPolicy,
     ServerBusyError,
     ServerError,
     _async_sleep,
@@ -58,7 +60,6 @@ from captioner.client_wire import (
     _query,
     _read_reply,
     _resolve_options,
-    _retry_after,
     _sleep,
     _upload,
 )
@@ -81,10 +82,18 @@ __all__ = [
 
 
 class _ClientBase:
-    """Settings and retry decisions shared by the sync and async clients (which differ only in I/O)."""
+    """Settings shared by the sync and async clients, which differ only in I/O; both follow one RetryPolicy."""
 
     def __init__(
-        self, base_url: str, *, api_key: str | None, timeout: float, retries: int, max_retry_wait: float
+        self,
+        base_url: str,
+        *,
+        api_key: str | None,
+        timeout: float,
+        retries: int,
+        max_retry_wait: float,
+        retry_budget: float,
+        rng: random.Random | None,
     ) -> None:
         if httpx.URL(base_url).scheme not in ("http", "https"):
             raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
@@ -94,37 +103,25 @@ class _ClientBase:
             raise ValueError(f"retries must be >= 0, got {retries}")
         if max_retry_wait < 0:
             raise ValueError(f"max_retry_wait must be >= 0 seconds, got {max_retry_wait}")
+        if retry_budget < 0:
+            raise ValueError(f"retry_budget must be >= 0 seconds, got {retry_budget}")
         self.base_url = base_url
         self.retries = retries
         self.max_retry_wait = max_retry_wait
+        self.retry_budget = retry_budget
+        self._retry = RetryPolicy(retries, max_retry_wait, retry_budget, rng if rng is not None else random.Random())
         self._headers = {"X-API-Key": api_key} if api_key else {}
-
-    def _wait_before_retry(
-        self, attempt: int, response: httpx.Response | None = None, error: Exception | None = None
-    ) -> float | None:
-        """Seconds to wait before trying again after attempt number ``attempt`` (from 0), or None to stop:
-        a final answer, a failure that would repeat, or no retries left."""
-        if attempt >= self.retries:
-            return None
-        if error is not None:
-            return self._backoff(attempt) if isinstance(error, _TRANSIENT) else None
-        assert response is not None
-        if response.status_code not in RETRY_STATUSES:
-            return None
-        after = _retry_after(response.headers.get("Retry-After"))
-        return min(after, self.max_retry_wait) if after is not None else self._backoff(attempt)
-
-    def _backoff(self, attempt: int) -> float:
-        # jitter spreads out the retries of many clients (or caption_many's workers) refused at the same moment
-        return min(self.max_retry_wait, BACKOFF_START * 2 ** min(attempt, 30) * random.uniform(1.0, 1.5))
 
 
 class CaptionClient(_ClientBase):
     """Caption images with a running ``captioner-serve``; one instance may be shared by many threads.
 
-    ``retries`` counts extra attempts after the first (on 503/429 and connection failures); a wait is never
-    longer than ``max_retry_wait`` seconds, whatever ``Retry-After`` says. ``transport`` replaces httpx's
-    network transport (tests pass an ``httpx.MockTransport``).
+    ``retries`` counts extra attempts after the first (on 503/429 and connection failures). A wait is never
+    longer than ``max_retry_wait`` seconds: a ``Retry-After`` over it is not waited for, the call raises
+    :class:`ServerBusyError` at once. The waits of one call add up to at most ``retry_budget`` seconds. ``rng`` is
+    the random source of the waits' jitter (a seeded ``random.Random`` repeats them). ``transport`` replaces
+    httpx's network transport (tests pass an ``httpx.MockTransport``). The rules are
+    :class:`~captioner.client_wire.RetryPolicy`'s.
     """
 
     def __init__(
@@ -135,9 +132,19 @@ class CaptionClient(_ClientBase):
         timeout: float = 60.0,
         retries: int = 3,
         max_retry_wait: float = 30.0,
+        retry_budget: float = 60.0,
+        rng: random.Random | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        super().__init__(base_url, api_key=api_key, timeout=timeout, retries=retries, max_retry_wait=max_retry_wait)
+        super().__init__(
+            base_url,
+            api_key=api_key,
+            timeout=timeout,
+            retries=retries,
+            max_retry_wait=max_retry_wait,
+            retry_budget=retry_budget,
+            rng=rng,
+        )
         self._http = httpx.Client(base_url=base_url, headers=self._headers, timeout=timeout, transport=transport)
 
     def __enter__(self) -> CaptionClient:
@@ -199,19 +206,20 @@ class CaptionClient(_ClientBase):
 
     def _caption(self, upload: tuple[str, bytes, str], options: DecodingOptions, attention: bool) -> CaptionResponse:
         params = _query(options, attention)
-        attempt = 0
+        attempt, waited = 0, 0.0
         while True:
             try:
                 response = self._http.post("caption", params=params, files={IMAGE_FIELD: upload})
             except httpx.TransportError as exc:
-                wait = self._wait_before_retry(attempt, error=exc)
-                if wait is None:
-                    raise _connection_failed(self.base_url, exc, attempt + 1) from exc
+                decision = self._retry.decide(attempt, waited, error=exc)
+                if decision.wait is None:
+                    raise _connection_failed(self.base_url, exc, attempt + 1, decision.reason) from exc
             else:
-                wait = self._wait_before_retry(attempt, response=response)
-                if wait is None:
-                    return _read_reply(response, attempt + 1)
-            _sleep(wait)
+                decision = self._retry.decide(attempt, waited, response=response)
+                if decision.wait is None:
+                    return _read_reply(response, attempt + 1, decision.reason)
+            _sleep(decision.wait)
+            waited += decision.wait
             attempt += 1
 
 
@@ -226,9 +234,19 @@ class AsyncCaptionClient(_ClientBase):
         timeout: float = 60.0,
         retries: int = 3,
         max_retry_wait: float = 30.0,
+        retry_budget: float = 60.0,
+        rng: random.Random | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        super().__init__(base_url, api_key=api_key, timeout=timeout, retries=retries, max_retry_wait=max_retry_wait)
+        super().__init__(
+            base_url,
+            api_key=api_key,
+            timeout=timeout,
+            retries=retries,
+            max_retry_wait=max_retry_wait,
+            retry_budget=retry_budget,
+            rng=rng,
+        )
         self._http = httpx.AsyncClient(base_url=base_url, headers=self._headers, timeout=timeout, transport=transport)
 
     async def __aenter__(self) -> AsyncCaptionClient:
@@ -289,19 +307,20 @@ class AsyncCaptionClient(_ClientBase):
         self, upload: tuple[str, bytes, str], options: DecodingOptions, attention: bool
     ) -> CaptionResponse:
         params = _query(options, attention)
-        attempt = 0
+        attempt, waited = 0, 0.0
         while True:
             try:
                 response = await self._http.post("caption", params=params, files={IMAGE_FIELD: upload})
             except httpx.TransportError as exc:
-                wait = self._wait_before_retry(attempt, error=exc)
-                if wait is None:
-                    raise _connection_failed(self.base_url, exc, attempt + 1) from exc
+                decision = self._retry.decide(attempt, waited, error=exc)
+                if decision.wait is None:
+                    raise _connection_failed(self.base_url, exc, attempt + 1, decision.reason) from exc
             else:
-                wait = self._wait_before_retry(attempt, response=response)
-                if wait is None:
-                    return _read_reply(response, attempt + 1)
-            await _async_sleep(wait)
+                decision = self._retry.decide(attempt, waited, response=response)
+                if decision.wait is None:
+                    return _read_reply(response, attempt + 1, decision.reason)
+            await _async_sleep(decision.wait)
+            waited += decision.wait
             attempt += 1
 
 

@@ -1,5 +1,5 @@
 """The HTTP side of :mod:`captioner.client`: the errors, the reply, how an upload and its options are
-encoded, and how the server's answers and ``Retry-After`` are read. No I/O happens here."""
+encoded, how the server's answers and ``Retry-After`` are read, and the retry policy. No I/O happens here."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import email.utils
 import io
 import mimetypes
 import os
+import random
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 try:
     import httpx
@@ -31,7 +33,10 @@ ImageInput = str | os.PathLike | bytes | Image.Image
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(DecodingOptions))
 RETRY_STATUSES = frozenset((429, 503))  # "come back later": the server said so, the request itself was fine
-BACKOFF_START = 0.5  # seconds before the first retry when the server gave no Retry-After
+BACKOFF_START = 0.5  # seconds: the first backoff window, doubled at every attempt
+RETRY_AFTER_FLOOR = 1.0  # seconds: the shortest wait after a 503/429, whatever its Retry-After says
+# Set by the proxy in front (deploy/nginx/captioner.conf): the status of every upstream try, in order ("503, 503").
+UPSTREAM_STATUS_HEADER = "X-Captioner-Upstream-Status"
 IMAGE_FIELD = "image"
 
 
@@ -58,7 +63,8 @@ class ClientRequestError(CaptionError):
 
 
 class ServerBusyError(CaptionError):
-    """503 or 429 still answered after every retry: the server is shedding load; try later or more slowly."""
+    """503 or 429 not tried again (no retries or retry budget left, a ``Retry-After`` over ``max_retry_wait``,
+    or the proxy in front already retried it; the message says which): the server is shedding load."""
 
 
 class ServerError(CaptionError):
@@ -66,7 +72,7 @@ class ServerError(CaptionError):
 
 
 class ConnectionFailed(CaptionError):
-    """No answer at all (refused, reset, timed out) after every retry; ``status`` is None."""
+    """No answer at all (refused, reset, timed out) after the retries allowed; ``status`` is None."""
 
 
 class ImageReadError(CaptionError):
@@ -178,10 +184,10 @@ def _encode_png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _read_reply(response: httpx.Response, attempts: int) -> CaptionResponse:
+def _read_reply(response: httpx.Response, attempts: int, reason: str = "") -> CaptionResponse:
     """A 2xx body as a :class:`CaptionResponse`; anything else as the matching :class:`CaptionError`."""
     if not response.is_success:
-        raise _error_for(response, attempts)
+        raise _error_for(response, attempts, reason)
     try:
         return CaptionResponse.from_json(response.json())
     except (ValueError, KeyError, TypeError, IndexError) as exc:
@@ -189,11 +195,11 @@ def _read_reply(response: httpx.Response, attempts: int) -> CaptionResponse:
         raise ServerError(response.status_code, "invalid_response", message) from None
 
 
-def _error_for(response: httpx.Response, attempts: int) -> CaptionError:
+def _error_for(response: httpx.Response, attempts: int, reason: str) -> CaptionError:
     status = response.status_code
     code, message = _error_body(response)
     if status in RETRY_STATUSES:
-        return ServerBusyError(status, code, f"{message} ({_gave_up(attempts)})")
+        return ServerBusyError(status, code, f"{message} ({_gave_up(attempts, reason)})")
     if 400 <= status < 500:
         return ClientRequestError(status, code, message)
     return ServerError(status, code, message)
@@ -209,14 +215,14 @@ def _error_body(response: httpx.Response) -> tuple[str, str]:
         return "http_error", f"{response.reason_phrase or 'HTTP ' + str(response.status_code)}: {text}".rstrip(": ")
 
 
-def _connection_failed(base_url: str, exc: httpx.TransportError, attempts: int) -> ConnectionFailed:
+def _connection_failed(base_url: str, exc: httpx.TransportError, attempts: int, reason: str = "") -> ConnectionFailed:
     code = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection_failed"
     detail = str(exc) or exc.__class__.__name__
-    return ConnectionFailed(None, code, f"no answer from {base_url}: {detail} ({_gave_up(attempts)})")
+    return ConnectionFailed(None, code, f"no answer from {base_url}: {detail} ({_gave_up(attempts, reason)})")
 
 
-def _gave_up(attempts: int) -> str:
-    return f"gave up after {attempts} attempt{'' if attempts == 1 else 's'}"
+def _gave_up(attempts: int, reason: str = "") -> str:
+    return f"gave up after {attempts} attempt{'' if attempts == 1 else 's'}" + (f": {reason}" if reason else "")
 
 
 # Failures worth another try: the request may never have reached the server, or it restarted mid-way.
@@ -236,6 +242,98 @@ def _retry_after(value: str | None) -> float | None:
         except (TypeError, ValueError):
             return None
     return max(0.0, seconds) if seconds == seconds else None  # NaN is unreadable too
+
+
+def _upstream_tries(response: httpx.Response) -> int:
+    """How many upstreams the proxy in front sent this request to: the statuses it lists in
+    :data:`UPSTREAM_STATUS_HEADER` (nginx separates tries with ", " and internal redirects with " : "); 0 without it."""
+    return sum(1 for part in re.split(r"[,:]", response.headers.get(UPSTREAM_STATUS_HEADER, "")) if part.strip())
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.0f}" if value >= 1000 else f"{value:g}"  # a far HTTP date: 2299950000, not 2.29995e+09
+
+
+def _backoff(attempt: int) -> float:
+    return BACKOFF_START * 2 ** min(attempt, 30)
+
+
+# -- retrying -------------------------------------------------------------------------------------
+
+
+class Decision(NamedTuple):
+    """What to do after an attempt: wait ``wait`` seconds and try again, or (``wait`` None) end the call."""
+
+    wait: float | None
+    reason: str = ""  # why a failure that could succeed later is not tried again; "" when no retries are left
+
+
+_FINAL = Decision(None)  # an answer that is the call's result: a success, or a failure that would repeat
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When a failed attempt is tried again and how long the client waits first; the one rule for the sync and
+    async clients, which only carry it out.
+
+    Every wait is drawn at random, so that clients refused at the same moment do not all come back at the same
+    moment (a fixed wait keeps them in lockstep however long it is):
+
+    - no answer (refused, reset, timed out): "full jitter", uniform in ``[0, min(max_retry_wait, 0.5 s * 2**attempt)]``;
+    - 503 or 429: never sooner than the server asked, uniform in ``[R, 2R]`` (at most ``max_retry_wait``), where R
+      is its ``Retry-After`` raised to :data:`RETRY_AFTER_FLOOR` (so ``0``, a negative number, a past date or text
+      that is no number all mean the floor), or the doubling backoff, floored, when it sent none. Clients told the
+      same R come back spread over R seconds: the spread grows with R, as a longer R means more work queued. A
+      ``Retry-After`` over ``max_retry_wait`` is not waited for at all: the call ends at once with the server's error;
+    - a 503 or 429 that the proxy in front already sent to more than one upstream (it lists every try's status in
+      :data:`UPSTREAM_STATUS_HEADER`) is not tried again: the proxy's retry was its retry, and another round would
+      multiply the load on replicas that are all shedding it.
+
+    The waits of one call add up to at most ``retry_budget`` seconds: a wait drawn longer than what is left of it
+    is not taken, and the call ends with the last error.
+    """
+
+    retries: int  # extra attempts after the first
+    max_retry_wait: float  # seconds: the longest single wait, and the longest Retry-After the client will honour
+    retry_budget: float  # seconds: the most one call waits between its attempts, all waits together
+    rng: random.Random = field(compare=False, repr=False)  # the jitter's random source (seeded in tests)
+
+    def decide(
+        self, attempt: int, waited: float, *, response: httpx.Response | None = None, error: Exception | None = None
+    ) -> Decision:
+        """After attempt number ``attempt`` (from 0) got ``response`` or raised ``error``, with ``waited`` seconds
+        already spent waiting in this call: how long to wait before the next attempt, or why there is none."""
+        if error is not None:
+            if not isinstance(error, _TRANSIENT):
+                return _FINAL
+        else:
+            assert response is not None
+            if response.status_code not in RETRY_STATUSES:
+                return _FINAL
+        if attempt >= self.retries:
+            return Decision(None)
+        if response is None:
+            low, high = 0.0, min(self.max_retry_wait, _backoff(attempt))
+        else:
+            tries = _upstream_tries(response)
+            if tries > 1:
+                return Decision(None, f"the proxy in front already tried {tries} upstreams")
+            asked = _retry_after(response.headers.get("Retry-After"))
+            if asked is None:
+                low = max(RETRY_AFTER_FLOOR, min(self.max_retry_wait, _backoff(attempt)))
+            else:
+                low = max(RETRY_AFTER_FLOOR, asked)
+            if low > self.max_retry_wait:
+                if asked is not None and asked > self.max_retry_wait:
+                    over = f"Retry-After {_seconds(asked)} s"
+                else:
+                    over = f"the {RETRY_AFTER_FLOOR:g} s floor of a 503/429 wait"
+                return Decision(None, f"{over} is over max_retry_wait {self.max_retry_wait:g} s")
+            high = min(self.max_retry_wait, 2 * low)
+        wait = self.rng.uniform(low, high)
+        if waited + wait > self.retry_budget:
+            return Decision(None, f"waiting {wait:.2f} s more would pass the retry budget of {self.retry_budget:g} s")
+        return Decision(wait)
 
 
 # Indirections so tests can see the waits without waiting.

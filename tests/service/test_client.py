@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import email.utils
 import importlib
 import pickle
+import random
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -168,13 +173,18 @@ def _ok() -> httpx.Response:
     return httpx.Response(200, json=OK_BODY)
 
 
-def _error(status: int, code: str = "not_ready", retry_after: str | None = None) -> httpx.Response:
+def _error(
+    status: int, code: str = "not_ready", retry_after: str | None = None, upstreams: str | None = None
+) -> httpx.Response:
     headers = {"Retry-After": retry_after} if retry_after is not None else {}
+    if upstreams is not None:  # what nginx in front adds: every upstream try's status
+        headers["X-Captioner-Upstream-Status"] = upstreams
     return httpx.Response(status, headers=headers, json={"error": {"code": code, "message": f"{code} here"}})
 
 
 class FakeServer:
-    """Answers with ``replies`` in turn (the last one for ever), recording every request it gets."""
+    """Answers with ``replies`` in turn (the last one for ever), recording every request it gets; each answer is a
+    fresh copy, as from a real server (an httpx client binds the response it gets to its own I/O)."""
 
     def __init__(self, *replies: httpx.Response | Exception) -> None:
         self.replies = list(replies)
@@ -185,10 +195,15 @@ class FakeServer:
         reply = self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
         if isinstance(reply, Exception):
             raise reply
-        return reply
+        return httpx.Response(reply.status_code, headers=reply.headers, content=reply.content)
 
-    def client(self, **kwargs: object) -> CaptionClient:
+    def client(self, **kwargs: Any) -> CaptionClient:
+        kwargs.setdefault("rng", random.Random(0))  # the jitter, repeatable
         return CaptionClient("http://fake", transport=httpx.MockTransport(self), **kwargs)
+
+    def async_client(self, **kwargs: Any) -> AsyncCaptionClient:
+        kwargs.setdefault("rng", random.Random(0))
+        return AsyncCaptionClient("http://fake", transport=httpx.MockTransport(self), **kwargs)
 
 
 @pytest.fixture
@@ -205,47 +220,193 @@ def waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
 
 def test_503_with_retry_after_is_retried_until_it_succeeds(waits: list[float]) -> None:
-    fake = FakeServer(_error(503, retry_after="0"), _error(503, retry_after="0"), _ok())
+    fake = FakeServer(_error(503, retry_after="2"), _error(429, "rate_limited", retry_after="3"), _ok())
     with fake.client(retries=3) as client:
         reply = client.caption(b"image")
     assert reply.captions[0].text == "a dog" and reply.model_id == "fake-000000000000"
-    assert len(fake.requests) == 3 and waits == [0.0, 0.0]
-
-
-def test_async_client_retries_the_same_way(waits: list[float]) -> None:
-    fake = FakeServer(_error(503, retry_after="0"), _error(429, "rate_limited", retry_after="2"), _ok())
-
-    async def scenario() -> CaptionResponse:
-        async with AsyncCaptionClient("http://fake", transport=httpx.MockTransport(fake)) as client:
-            return await client.caption(b"image")
-
-    assert asyncio.run(scenario()).captions[0].text == "a dog"
-    assert len(fake.requests) == 3 and waits == [0.0, 2.0]
+    # never sooner than asked, and at most twice that: the jitter that keeps clients apart
+    assert len(fake.requests) == 3 and 2.0 <= waits[0] <= 4.0 and 3.0 <= waits[1] <= 6.0
 
 
 def test_503_for_ever_gives_server_busy_after_every_retry(waits: list[float]) -> None:
     fake = FakeServer(_error(503, "overloaded", retry_after="1"))
     with fake.client(retries=2) as client, pytest.raises(ServerBusyError) as caught:
         client.caption(b"image")
-    assert len(fake.requests) == 3 and waits == [1.0, 1.0]
+    assert len(fake.requests) == 3 and len(waits) == 2 and all(1.0 <= w <= 2.0 for w in waits)
     assert caught.value.status == 503 and caught.value.code == "overloaded"
-    assert "after 3 attempts" in caught.value.message
+    assert caught.value.message == "overloaded here (gave up after 3 attempts)"
 
 
-@pytest.mark.parametrize("retry_after", ["120", "Wed, 21 Oct 2099 07:28:00 GMT"])
-def test_retry_after_is_capped_by_max_retry_wait(waits: list[float], retry_after: str) -> None:
+def _first_waits(waits: list[float], replies: list[httpx.Response | Exception], clients: int = 50) -> list[float]:
+    """The first wait of each of ``clients`` clients (each with its own random source, as separate processes
+    have) that all got ``replies`` at the same moment: sync ones, then as many async ones at once."""
+    for seed in range(clients):
+        with FakeServer(*replies, _ok()).client(rng=random.Random(seed)) as client:
+            client.caption(b"image")
+    sync = list(waits)
+    waits.clear()
+
+    async def scenario() -> None:
+        fakes = [FakeServer(*replies, _ok()) for _ in range(clients)]
+        async with contextlib.AsyncExitStack() as stack:
+            pool = [
+                await stack.enter_async_context(fake.async_client(rng=random.Random(seed)))
+                for seed, fake in enumerate(fakes)
+            ]
+            await asyncio.gather(*(client.caption(b"image") for client in pool))
+
+    asyncio.run(scenario())
+    assert sorted(waits) == sorted(sync)  # the async clients wait exactly as the sync ones
+    return sync
+
+
+def test_clients_told_the_same_retry_after_come_back_spread_out(waits: list[float]) -> None:
+    spread = _first_waits(waits, [_error(503, "overloaded", retry_after="4")])
+    assert len(spread) == 50 and len(set(spread)) == 50  # no two clients in lockstep
+    assert all(4.0 <= w <= 8.0 for w in spread)  # never sooner than asked, within the [R, 2R] window
+    assert max(spread) - min(spread) >= 2.0  # over at least half of it
+
+
+def test_clients_that_lost_the_connection_come_back_spread_out(waits: list[float]) -> None:
+    spread = _first_waits(waits, [httpx.ConnectError("connection refused")])
+    assert len(set(spread)) == 50 and all(0.0 <= w <= 0.5 for w in spread)  # full jitter: [0, 0.5 s]
+    assert max(spread) - min(spread) >= 0.25
+
+
+@pytest.mark.parametrize(
+    "retry_after", ["0", "-5", "soon", "", "nan", "-inf", "Wed, 21 Oct 2015 07:28:00 GMT", "Tue, 99 Foo 2099 7:00"]
+)
+def test_retry_after_that_says_now_or_nothing_still_waits_the_floor(waits: list[float], retry_after: str) -> None:
     fake = FakeServer(_error(503, retry_after=retry_after), _ok())
+    with fake.client() as client:
+        client.caption(b"image")
+    assert len(fake.requests) == 2 and len(waits) == 1 and 1.0 <= waits[0] <= 2.0  # floor 1 s
+
+
+def test_retry_after_as_a_future_date_is_waited_for(waits: list[float]) -> None:
+    when = email.utils.formatdate(time.time() + 10, usegmt=True)  # whole seconds: 9 to 10 s from now
+    fake = FakeServer(_error(503, retry_after=when), _ok())
+    with fake.client() as client:
+        client.caption(b"image")
+    assert len(waits) == 1 and 5.0 <= waits[0] <= 20.0
+
+
+@pytest.mark.parametrize("retry_after", ["7200", "1e9", "inf", "Wed, 21 Oct 2099 07:28:00 GMT"])
+def test_retry_after_over_max_retry_wait_gives_up_at_once(waits: list[float], retry_after: str) -> None:
+    fake = FakeServer(_error(503, "overloaded", retry_after=retry_after), _ok())
+    with fake.client(max_retry_wait=30) as client, pytest.raises(ServerBusyError) as caught:
+        client.caption(b"image")
+    assert len(fake.requests) == 1 and waits == []  # no sleeping for hours, nor a retry before it is due
+    assert caught.value.status == 503 and caught.value.code == "overloaded"
+    assert caught.value.message.startswith("overloaded here (gave up after 1 attempt: Retry-After ")
+    assert caught.value.message.endswith(" s is over max_retry_wait 30 s)")
+
+
+def test_retry_after_at_max_retry_wait_is_waited_for_exactly(waits: list[float]) -> None:
+    fake = FakeServer(_error(503, retry_after="1.5"), _ok())
     with fake.client(max_retry_wait=1.5) as client:
         client.caption(b"image")
-    assert waits == [1.5]
+    assert waits == [1.5]  # the [R, 2R] window is cut to max_retry_wait
+
+
+def test_max_retry_wait_under_the_floor_retries_no_503(waits: list[float]) -> None:
+    fake = FakeServer(_error(503, retry_after="0"), _ok())
+    with fake.client(max_retry_wait=0.5) as client, pytest.raises(ServerBusyError) as caught:
+        client.caption(b"image")
+    assert waits == [] and "the 1 s floor of a 503/429 wait is over max_retry_wait 0.5 s" in caught.value.message
 
 
 def test_without_retry_after_the_waits_back_off_with_jitter(waits: list[float]) -> None:
     fake = FakeServer(_error(429, "rate_limited"))
     with fake.client(retries=4, max_retry_wait=3.0) as client, pytest.raises(ServerBusyError):
         client.caption(b"image")
+    # the doubling backoff (0.5, 1, 2, 4 s) floored at 1 s and cut at max_retry_wait, each up to twice that
     assert len(waits) == 4
-    assert 0.5 <= waits[0] <= 0.75 and 1.0 <= waits[1] <= 1.5 and 2.0 <= waits[2] <= 3.0 and waits[3] == 3.0
+    assert 1.0 <= waits[0] <= 2.0 and 1.0 <= waits[1] <= 2.0 and 2.0 <= waits[2] <= 3.0 and waits[3] == 3.0
+
+
+def test_the_retry_budget_stops_retrying(waits: list[float]) -> None:
+    busy = FakeServer(_error(503, "overloaded", retry_after="10"))
+    with busy.client(retries=10, retry_budget=25) as client, pytest.raises(ServerBusyError) as caught:
+        client.caption(b"image")
+    assert 1 <= len(waits) <= 2 and sum(waits) <= 25 and len(busy.requests) == len(waits) + 1
+    assert "would pass the retry budget of 25 s)" in caught.value.message
+
+    waits.clear()
+    down = FakeServer(httpx.ConnectError("connection refused"))  # full jitter: every wait could be short
+    with down.client(retries=100, retry_budget=3) as client, pytest.raises(ConnectionFailed) as caught:
+        client.caption(b"image")
+    assert sum(waits) <= 3 and len(down.requests) == len(waits) + 1 < 10
+    assert "would pass the retry budget of 3 s)" in caught.value.message
+
+    nothing = FakeServer(_error(503, retry_after="1"), _ok())
+    with nothing.client(retry_budget=0) as client, pytest.raises(ServerBusyError):
+        client.caption(b"image")
+    assert len(nothing.requests) == 1
+
+
+@pytest.mark.parametrize("upstreams", ["503, 503", "502, 502", "502, 503", "503 : 503"])
+def test_a_503_the_proxy_already_retried_is_not_retried(waits: list[float], upstreams: str) -> None:
+    fake = FakeServer(_error(503, "overloaded", retry_after="1", upstreams=upstreams), _ok())
+    with fake.client() as client, pytest.raises(ServerBusyError) as caught:
+        client.caption(b"image")
+    assert len(fake.requests) == 1 and waits == []
+    assert caught.value.message == (
+        "overloaded here (gave up after 1 attempt: the proxy in front already tried 2 upstreams)"
+    )
+
+
+def test_a_503_from_the_proxys_only_try_is_retried(waits: list[float]) -> None:
+    # one try: nginx found no other replica to send it to (or none is configured), so the client's retry is the only one
+    fake = FakeServer(_error(503, retry_after="1", upstreams="503"), _ok())
+    with fake.client() as client:
+        assert client.caption(b"image").captions[0].text == "a dog"
+    assert len(fake.requests) == 2 and len(waits) == 1
+
+
+SCENARIOS = {
+    "busy then ok": [_error(503, retry_after="0"), _error(429, "rate_limited", retry_after="2"), _ok()],
+    "busy for ever": [_error(503, "overloaded", retry_after="3")],
+    "no retry-after": [_error(429, "rate_limited")],
+    "over the cap": [_error(503, retry_after="7200")],
+    "proxy retried": [_error(503, retry_after="1", upstreams="503, 503")],
+    "connection lost": [httpx.ConnectError("refused"), httpx.ReadTimeout("timed out"), _ok()],
+    "down for ever": [httpx.ConnectError("refused")],
+    "bad request": [_error(415, "unsupported_image_format")],
+}
+
+
+@pytest.mark.parametrize("replies", SCENARIOS.values(), ids=SCENARIOS.keys())
+def test_async_client_retries_the_same_way(waits: list[float], replies: list) -> None:
+    def outcome(call: Callable[[], object]) -> tuple:
+        try:
+            return ("ok", call())
+        except CaptionError as exc:
+            return (type(exc), exc.status, exc.code, exc.message)
+
+    settings = {"retries": 6, "max_retry_wait": 5.0, "retry_budget": 12.0}
+    sync_fake, async_fake = FakeServer(*replies), FakeServer(*replies)
+    with sync_fake.client(rng=random.Random(7), **settings) as client:
+        sync = outcome(lambda: client.caption(b"image"))
+    sync_waits = list(waits)
+    waits.clear()
+
+    async def scenario() -> tuple:
+        async with async_fake.async_client(rng=random.Random(7), **settings) as client:
+            try:
+                return ("ok", await client.caption(b"image"))
+            except CaptionError as exc:
+                return (type(exc), exc.status, exc.code, exc.message)
+
+    assert asyncio.run(scenario()) == sync
+    assert waits == sync_waits and len(async_fake.requests) == len(sync_fake.requests)
+
+
+def test_retry_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="retry_budget must be >= 0 seconds, got -1"):
+        CaptionClient("http://fake", retry_budget=-1)
+    with pytest.raises(ValueError, match="retry_budget must be >= 0 seconds"):
+        AsyncCaptionClient("http://fake", retry_budget=-0.5)
 
 
 @pytest.mark.parametrize("status", [400, 401, 413, 415, 422])
@@ -274,7 +435,8 @@ def test_connection_failures_are_retried_then_reported(waits: list[float]) -> No
     flaky = FakeServer(refused, httpx.ReadTimeout("timed out"), _ok())
     with flaky.client() as client:
         assert client.caption(b"image").captions[0].text == "a dog"
-    assert len(flaky.requests) == 3 and len(waits) == 2
+    # full jitter: anywhere from 0 to the doubling backoff (0.5 s, then 1 s)
+    assert len(flaky.requests) == 3 and len(waits) == 2 and 0 <= waits[0] <= 0.5 and 0 <= waits[1] <= 1.0
 
     down = FakeServer(refused)
     with down.client(retries=1) as client, pytest.raises(ConnectionFailed) as caught:
