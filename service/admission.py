@@ -11,8 +11,9 @@ and a ``Retry-After`` of about the time the excess needs to drain. The check run
 headers, before the body is read (a request that arrives while the queue is already too long costs
 nothing more), and again when the upload is complete, which is what sheds a burst whose requests all
 arrive at an empty queue. Uploads still arriving are not work ahead (a slow client must not make the
-server refuse everyone else), but they hold memory: every request in progress counts against the hard
-cap ``max_queue``, checked from the headers.
+server refuse everyone else) and do not count against the hard cap ``max_queue`` on work ahead, checked
+from the headers: what they hold (memory, time, slots for slow clients) is bounded by
+``service.upload_budget`` instead.
 
 The mix of options matters (beam 5 costs more than greedy); the ratio follows the recent mix, and the
 queue deadline (``queue_timeout_s``, enforced by the batcher) bounds the error of any estimate.
@@ -67,20 +68,20 @@ class AdmissionControl:
         self.budget_s = budget_s
         self.max_queue = max_queue
 
-    def refuse(self, work_ahead: int, in_progress: int | None = None) -> Refusal | None:
+    def refuse(self, work_ahead: int, *, check_cap: bool = True) -> Refusal | None:
         """None to admit; else why not, and when to retry.
 
         ``work_ahead``: requests with their upload complete (decoding, queued, running), which the new one
-        would wait behind. ``in_progress``: every request held, uploads included, checked against the cap;
-        None when the request already holds its place (the check after its upload).
+        would wait behind. ``check_cap``: also refuse when they are ``max_queue`` already (the check from the
+        headers; the check after the upload leaves it out, the request having come this far).
         """
         per_request = self.estimator.seconds_per_request or 0.0
-        if in_progress is not None and in_progress >= self.max_queue:
+        if check_cap and work_ahead >= self.max_queue:
             return Refusal(
                 "queue_full",
-                f"the server is at capacity ({in_progress} requests in progress, the limit is {self.max_queue}); "
-                "retry later",
-                _retry_after(min(in_progress, work_ahead + 1) * per_request),
+                f"the server is at capacity ({work_ahead} requests decoding, queued or running, the limit is "
+                f"{self.max_queue}); retry later",
+                _retry_after(work_ahead * per_request),
             )
         wait = self.estimator.wait_s(work_ahead)
         if wait > self.budget_s:

@@ -28,11 +28,13 @@ from service.admission import AdmissionControl, ModelTimeEstimator
 from service.batching import MicroBatcher, ModelThread
 from service.deps import LoadedModel
 from service.errors import install_error_handlers
+from service.http_protocol import HeaderLimits
 from service.metrics import MetricsMiddleware, ServiceMetrics
 from service.routes import caption, docs, health, model, web
 from service.routes.web import STATIC_DIR
 from service.security import SecurityHeadersMiddleware
 from service.settings import Settings
+from service.upload_budget import UploadBudget, UploadRules
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +154,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.draining = False  # set on SIGTERM (captioner-serve): refuse new work, finish what is in progress
     app.state.startup_error = None
     app.state.metrics = ServiceMetrics()
+    app.state.uploads = UploadBudget(
+        max_bytes=settings.max_upload_memory_mb * 2**20,
+        max_slow=settings.max_slow_uploads,
+        rules=UploadRules(
+            idle_timeout_s=settings.upload_idle_timeout_s,
+            min_bytes_per_s=settings.min_upload_bytes_per_s,
+            slow_after_s=settings.slow_upload_after_s,
+        ),
+    )
+    app.state.metrics.watch_uploads(app.state.uploads)
     install_error_handlers(app)
+    app.add_middleware(HeaderLimits, max_count=settings.max_header_count, max_bytes=settings.max_header_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(SecurityHeadersMiddleware)  # errors and 404s get the headers too
     app.add_middleware(RequestIdMiddleware, json_log=settings.access_log == "json")  # outermost: times everything

@@ -7,6 +7,8 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.upload_budget import UploadBudget
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, 512, 1024)
 
@@ -53,6 +55,19 @@ class ServiceMetrics:
             "caption requests uploading, decoding, queued or running",
             registry=self.registry,
         )
+        self.uploads = Gauge(
+            "captioner_uploads_in_progress", "caption requests whose body is still arriving", registry=self.registry
+        )
+        self.slow_uploads = Gauge(
+            "captioner_slow_uploads",
+            "uploads arriving for longer than CAPTIONER_SLOW_UPLOAD_AFTER_S (each holds a slow slot)",
+            registry=self.registry,
+        )
+        self.upload_bytes = Gauge(
+            "captioner_upload_bytes_held",
+            "bytes of request bodies held in memory (limit: CAPTIONER_MAX_UPLOAD_MEMORY_MB)",
+            registry=self.registry,
+        )
         self.estimated_wait = Gauge(
             "captioner_estimated_wait_seconds",
             "estimated wait of a new caption request for the model",
@@ -63,6 +78,12 @@ class ServiceMetrics:
             "recent model time per request (exponentially weighted over micro-batches)",
             registry=self.registry,
         )
+
+    def watch_uploads(self, budget: UploadBudget) -> None:
+        """The upload gauges read ``budget`` when scraped."""
+        self.uploads.set_function(lambda: budget.uploads)
+        self.slow_uploads.set_function(lambda: budget.slow)
+        self.upload_bytes.set_function(lambda: budget.bytes_held)
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

@@ -230,6 +230,11 @@ class Health(BaseModel):
 class Ready(BaseModel):
     status: Literal["ready"] = "ready"
     model_id: str
+    uploads_saturated: str | None = Field(
+        None,
+        description="set while all slots for slow uploads are taken (clients that send slowly or not at all): "
+        "new fast uploads are still served, a slow one is refused",
+    )
 
 
 class ErrorDetail(BaseModel):

@@ -42,7 +42,59 @@ class Settings(BaseSettings):
         "requests in progress x measured model seconds per request",
     )
     max_queue: int = Field(
-        256, ge=1, le=100_000, description="most requests in progress (uploading, queued or running) at once"
+        256,
+        ge=1,
+        le=100_000,
+        description="most requests with their upload complete (decoding, queued or running) at once; uploads "
+        "still arriving are bounded by the upload limits below instead",
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0.0,
+        le=3600.0,
+        description="a connection must send a request's line and headers within this long (from connecting, or "
+        "from the previous response): else it is answered 408 and closed",
+    )
+    max_header_bytes: int = Field(
+        16 * 1024,
+        ge=1024,
+        le=1024 * 1024,
+        description="largest request line plus headers; more is answered 431 and the connection closed",
+    )
+    max_header_count: int = Field(100, ge=8, le=10_000, description="most header fields in a request (431)")
+    upload_idle_timeout_s: float = Field(
+        10.0,
+        gt=0.0,
+        le=3600.0,
+        description="an upload that sends nothing for this long is answered 408; it is also the grace before "
+        "the minimum rate applies",
+    )
+    min_upload_bytes_per_s: int = Field(
+        32 * 1024,
+        ge=0,
+        le=1024**3,
+        description="after the idle timeout's grace, an upload must have averaged at least this rate (else 408): "
+        "a 10 MiB image gets 10 s + 320 s at the default; 0 turns the rule off",
+    )
+    max_upload_memory_mb: int = Field(
+        256,
+        ge=1,
+        le=1024**2,
+        description="most bytes of request bodies held in memory by all uploads still arriving; a chunk that "
+        "would go over is refused (503 + Retry-After) and its upload dropped",
+    )
+    slow_upload_after_s: float = Field(
+        2.0,
+        gt=0.0,
+        le=3600.0,
+        description="an upload still arriving after this long is slow: it needs one of CAPTIONER_MAX_SLOW_UPLOADS "
+        "slots, so slow clients cannot crowd out fast ones",
+    )
+    max_slow_uploads: int = Field(
+        32,
+        ge=0,
+        le=100_000,
+        description="most slow uploads at once; one more is refused (503 + Retry-After, connection closed)",
     )
     queue_timeout_s: float = Field(
         8.0,

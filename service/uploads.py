@@ -7,13 +7,17 @@ oversized upload is refused after at most ``limit`` bytes (or at once, from its 
 
 from __future__ import annotations
 
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import anyio
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from service.errors import ApiError
+from service.upload_budget import Upload
 
 MAX_PARTS = 32  # a caption request has one file and ten options
 MAX_FIELD_BYTES = 1024  # an option's value
@@ -40,8 +44,31 @@ def _human(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n:,} bytes"
 
 
-async def read_form(request: Request, *, max_file_bytes: int) -> Form:
-    """Parse ``multipart/form-data`` from ``request``, refusing more than ``max_file_bytes`` per file."""
+async def _timed_body(request: Request, upload: Upload) -> AsyncIterator[bytes]:
+    """The body's chunks as they arrive, under ``upload``'s time rules (408 or 503 when one is broken).
+
+    Reads the ASGI ``receive`` itself rather than ``request.stream()``: a receive cancelled by a deadline
+    can simply be awaited again, which an async generator cannot."""
+    while True:
+        message = None
+        with anyio.move_on_after(max(0.0, upload.next_deadline() - time.monotonic())):
+            message = await request.receive()
+        if message is None:
+            upload.deadline_passed()  # raises, or the upload now holds a slow slot and waits on
+            continue
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            upload.arrived()
+            return
+
+
+async def read_form(request: Request, *, max_file_bytes: int, upload: Upload) -> Form:
+    """Parse ``multipart/form-data`` from ``request``, refusing more than ``max_file_bytes`` per file; the body's
+    bytes and timing count against ``upload`` (see service.upload_budget)."""
     max_body = max_file_bytes + FORM_OVERHEAD_BYTES
     too_large = ApiError(413, "payload_too_large", f"upload exceeds the limit of {_human(max_file_bytes)} per image")
     length = request.headers.get("content-length")
@@ -114,10 +141,11 @@ async def read_form(request: Request, *, max_file_bytes: int) -> Form:
     )
     received = 0
     try:
-        async for chunk in request.stream():
+        async for chunk in _timed_body(request, upload):
             received += len(chunk)
             if received > max_body:
                 raise too_large
+            upload.hold(len(chunk))
             parser.write(chunk)
         if received == 0:
             raise ApiError(400, "empty_body", "empty request: send multipart/form-data with the image in field 'image'")

@@ -28,6 +28,7 @@ from service.schemas import (
     ImageInfo,
     Timing,
 )
+from service.upload_budget import UploadBudget
 from service.uploads import Form, read_form
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 async def caption(request: Request, loaded: LoadedDep, batcher: BatcherDep, settings: SettingsDep) -> CaptionResponse:
     started = time.perf_counter()
     _admit(request, batcher)
-    with batcher.expecting():
-        form = await read_form(request, max_file_bytes=settings.max_upload_bytes)
+    uploads: UploadBudget = request.app.state.uploads
+    with batcher.expecting(), uploads.upload() as upload:  # the upload's bytes are held until after decoding
+        form = await read_form(request, max_file_bytes=settings.max_upload_bytes, upload=upload)
         params = _parse_options(request.query_params, form.fields)
         try:
             options = params.decoding_options()
@@ -157,7 +159,7 @@ def _admit(request: Request, batcher: MicroBatcher, *, uploaded: bool = False) -
         metrics.refused.labels("draining" if error.code == "draining" else "fault").inc()
         raise error
     admission: AdmissionControl = request.app.state.admission
-    refusal = admission.refuse(batcher.work_ahead, None if uploaded else batcher.outstanding)
+    refusal = admission.refuse(batcher.work_ahead, check_cap=not uploaded)
     if refusal is not None:
         metrics.refused.labels(refusal.reason).inc()
         raise ApiError(503, "overloaded", refusal.message, headers={"Retry-After": str(refusal.retry_after_s)})

@@ -7,7 +7,9 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.deps import MetricsDep, fault, not_serving
+from service.errors import ApiError
 from service.schemas import ErrorResponse, Health, Ready
+from service.upload_budget import UploadBudget
 
 router = APIRouter(tags=["operations"])
 
@@ -29,13 +31,22 @@ async def health(request: Request) -> Health:
     "/ready",
     response_model=Ready,
     summary="Readiness: the model is loaded and new requests are taken",
-    responses={503: {"model": ErrorResponse, "description": "loading, shutting down (draining), or a fault"}},
+    responses={
+        503: {
+            "model": ErrorResponse,
+            "description": "loading, shutting down (draining), a fault, or uploads hold all the memory allowed them",
+        }
+    },
 )
 async def ready(request: Request) -> Ready:
     error = not_serving(request)
     if error is not None:
         raise error
-    return Ready(model_id=request.app.state.loaded.id)
+    uploads: UploadBudget = request.app.state.uploads
+    saturation = uploads.saturation
+    if uploads.memory_nearly_full:  # most new uploads would be refused: send traffic elsewhere
+        raise ApiError(503, "saturated", f"not taking uploads: {saturation}", headers={"Retry-After": "5"})
+    return Ready(model_id=request.app.state.loaded.id, uploads_saturated=saturation)
 
 
 @router.get(

@@ -67,14 +67,15 @@ def test_admission_refuses_over_the_budget_or_the_cap_with_a_retry_time() -> Non
     estimator = ModelTimeEstimator()
     estimator.observe(10, 0.5)  # 50 ms per request
     control = AdmissionControl(estimator, budget_s=5.0, max_queue=256)
-    assert control.refuse(100, 100) is None  # 5.0 s: at the budget, admitted
-    over = control.refuse(130, 130)  # 6.5 s
+    assert control.refuse(100) is None  # 5.0 s: at the budget, admitted
+    over = control.refuse(130)  # 6.5 s
     assert over is not None and over.reason == "over_budget" and over.retry_after_s == 2
     assert "estimated wait 6.5 s" in over.message and "budget is 5 s" in over.message
-    assert control.refuse(130) == over  # after the upload: the same estimate, no cap
-    full = AdmissionControl(estimator, budget_s=1000.0, max_queue=8).refuse(0, 8)
+    assert control.refuse(130, check_cap=False) == over  # after the upload: the same estimate, no cap
+    full = AdmissionControl(estimator, budget_s=1000.0, max_queue=8).refuse(8)
     assert full is not None and full.reason == "queue_full" and full.retry_after_s >= 1
-    assert AdmissionControl(estimator, budget_s=1000.0, max_queue=8).refuse(8) is None  # holds its place
+    assert AdmissionControl(estimator, budget_s=1000.0, max_queue=8).refuse(7) is None
+    assert AdmissionControl(estimator, budget_s=1000.0, max_queue=8).refuse(8, check_cap=False) is None
 
 
 # --- the app ------------------------------------------------------------------------------------
@@ -114,7 +115,9 @@ def test_slow_uploads_do_not_make_the_server_refuse_others(make_client) -> None:
 
 def test_queue_cap_refuses_whatever_the_estimate(make_client) -> None:
     client = make_client(max_queue=3)
-    _crowd(client, 0, 0.0001, uploading=3)
+    _crowd(client, 0, 0.0001, uploading=500)
+    assert _post(client).status_code == 200  # uploads still arriving do not count against the cap
+    _crowd(client, 3, 0.0001)
     response = _post(client)
     assert response.status_code == 503 and response.json()["error"]["code"] == "overloaded"
     assert "the limit is 3" in response.json()["error"]["message"] and int(response.headers["retry-after"]) >= 1
