@@ -10,6 +10,13 @@ Two measurements, one server (default settings: admission control, batch size, d
    at a time, in alternating rounds (alone, with, alone, with, ...), so both are timed in the same
    machine state. Goal: every normal request answered 200; p50 with slow clients <= 1.25 x alone.
 
+3. **Clients that never finish** (the hardening audit's findings, now bounded): ``--stalled`` (300)
+   connections send an upload's headers (Content-Length 5 MB) and nothing more while 20 normal
+   requests are timed one after another (goal: all 200, each within 3 s); ``--unfinished`` (150)
+   uploads send all but the last KiB of a 9.9 MB body and stop (goal: RSS sampled during the round stays
+   under 1.5 GB); 5 endless header streams (goal: cut off, RSS grows < 100 MB), one 1 MB header and
+   20,000 header fields (goal: 431 each).
+
 Usage::
 
     python bench/upload_pressure.py                       # the bundled model, Flickr8k/COCO-mini photos
@@ -42,6 +49,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=int, default=4, help="normal clients beside the slow ones")
     parser.add_argument("--requests", type=int, default=24, help="normal requests per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--stalled", type=int, default=300, help="connections that send headers and stop")
+    parser.add_argument("--unfinished", type=int, default=150, help="9.9 MB uploads that stop 1 KiB short")
     return parser
 
 
@@ -114,6 +123,106 @@ async def with_slow_clients(url: str, normal: list[bytes], args: argparse.Namesp
         await asyncio.gather(*slow, return_exceptions=True)
 
 
+def _rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 1024
+
+
+async def _open(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return await asyncio.open_connection(host, int(port))
+
+
+async def _status_of(reader: asyncio.StreamReader) -> int:
+    """The status of the response on ``reader``, or 0 when the connection ends without one."""
+    try:
+        return int((await reader.readuntil(b"\r\n\r\n")).split()[1])
+    except (ConnectionError, asyncio.IncompleteReadError):
+        return 0
+
+
+async def stalled_round(url: str, stalled: int, normal: bytes) -> tuple[list[int], list[float], list[int]]:
+    """``stalled`` connections send upload headers and stop; 20 normal requests are sent one after another.
+    Returns the normal statuses and latencies (ms), and what each stalled connection was answered (0: nothing)."""
+    host = url.removeprefix("http://")
+    head = (
+        f"POST /caption HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        "Content-Length: 5000000\r\n\r\n"
+    ).encode()
+    connections = [await _open(url) for _ in range(stalled)]
+    for _, writer in connections:
+        writer.write(head)
+    statuses, latencies = [], []
+    for _ in range(20):
+        status, ms = await one_request(url, normal)
+        statuses.append(status)
+        latencies.append(ms)
+    answers = await asyncio.gather(*(asyncio.wait_for(_status_of(r), 60) for r, _ in connections))
+    for _, writer in connections:
+        writer.close()
+    return statuses, latencies, list(answers)
+
+
+async def unfinished_round(url: str, body: bytes, uploads: int, pid: int) -> tuple[float, list[int]]:
+    """``uploads`` connections send all of ``body`` but its last KiB and stop; the most RSS seen meanwhile (MB)
+    and what each was answered."""
+    connections = [await _open(url) for _ in range(uploads)]
+    peak = _rss_mb(pid)
+    for _, writer in connections:
+        writer.write(body[:-1024])
+    waiting = asyncio.gather(*(asyncio.wait_for(_status_of(r), 120) for r, _ in connections))
+    while not waiting.done():
+        peak = max(peak, _rss_mb(pid))
+        await asyncio.sleep(0.05)
+    for _, writer in connections:
+        writer.close()
+    return peak, list(waiting.result())
+
+
+async def header_round(url: str, pid: int) -> tuple[list[int], float, list[int]]:
+    """5 endless header streams (bytes each got out before the server cut it), the RSS growth (MB) meanwhile,
+    and the statuses of a 1 MB header and of 20,000 header fields."""
+    host = url.removeprefix("http://")
+    before = peak = _rss_mb(pid)
+
+    async def endless() -> int:
+        reader, writer = await _open(url)
+        sent = 0
+        try:
+            writer.write(f"GET /health HTTP/1.1\r\nHost: {host}\r\n".encode())
+            while sent < 200_000_000:
+                writer.write(b"X-Endless: " + b"z" * 4000 + b"\r\n")
+                sent += 4013
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+        return sent
+
+    streams = asyncio.gather(*(endless() for _ in range(5)))
+    while not streams.done():
+        peak = max(peak, _rss_mb(pid))
+        await asyncio.sleep(0.02)
+    big = f"GET /health HTTP/1.1\r\nHost: {host}\r\nX-Big: {'a' * 1_000_000}\r\n\r\n".encode()
+    many = (f"GET /health HTTP/1.1\r\nHost: {host}\r\n" + "X-H: v\r\n" * 20_000 + "\r\n").encode()
+    statuses = []
+    for request in (big, many):
+        reader, writer = await _open(url)
+        try:
+            writer.write(request)
+            await writer.drain()
+        except ConnectionError:
+            pass
+        statuses.append(await _status_of(reader))
+        writer.close()
+    return streams.result(), peak - before, statuses
+
+
+def _counts(statuses: list[int]) -> str:
+    return ", ".join(f"{s or 'no answer'}: {statuses.count(s)}" for s in sorted(set(statuses)))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     photos = sorted(args.images.glob("*.jpg"))[:16]
@@ -137,6 +246,12 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):
             alone += asyncio.run(drive(url, normal, args.concurrency, args.requests)).latencies_ms
             beside_slow += asyncio.run(with_slow_clients(url, normal, args, normal[0])).latencies_ms
+
+        pid = server.server.process.pid
+        stalled_statuses, stalled_ms, stalled_answers = asyncio.run(stalled_round(url, args.stalled, normal[0]))
+        unfinished_body = encode_request(url, "big.jpg", big_jpeg(photos[0], 9.9), {})
+        unfinished_rss, unfinished_answers = asyncio.run(unfinished_round(url, unfinished_body, args.unfinished, pid))
+        endless_sent, endless_rss, header_statuses = asyncio.run(header_round(url, pid))
     finally:
         server.stop()
 
@@ -153,10 +268,29 @@ def main(argv: list[str] | None = None) -> int:
     for name, times in (("alone", alone), (f"beside {args.slow} slow uploads", beside_slow)):
         print(f"| {name:<32} | {len(times):>8} | {statistics.median(times):>7.0f} | {max(times):>7.0f} |")
     ratio = p50_slow / p50_alone
+    print("\nclients that never finish:")
+    print(f"| {'round':<44} | {'result':<60} |")
+    print(f"|{'-' * 46}|{'-' * 62}|")
+    most_sent_kib = max(endless_sent) / 1024
+    rows = [
+        (f"{args.stalled} stalled uploads: 20 normal requests",
+         f"{_counts(stalled_statuses)}; max {max(stalled_ms):.0f} ms"),
+        (f"{args.stalled} stalled uploads: their answers", _counts(stalled_answers)),
+        (f"{args.unfinished} unfinished 9.9 MB uploads: RSS", f"max {unfinished_rss:.0f} MB during the round"),
+        (f"{args.unfinished} unfinished 9.9 MB uploads: answers", _counts(unfinished_answers)),
+        ("5 endless header streams", f"cut off after {most_sent_kib:.0f} KiB at most; RSS +{endless_rss:.0f} MB"),
+        ("1 MB header; 20,000 header fields", f"{header_statuses[0]}; {header_statuses[1]}"),
+    ]  # fmt: skip
+    for name, result in rows:
+        print(f"| {name:<44} | {result:<60} |")
     goals = [
         ("big uploads all 200", set(statuses) == {200}),
         ("peak RSS < 1.5 GB", peak_rss is not None and peak_rss < 1536),
         ("slow uploads p50 ratio <= 1.25", ratio <= 1.25),
+        ("beside stalled uploads all 200 within 3 s", set(stalled_statuses) == {200} and max(stalled_ms) < 3000),
+        ("unfinished uploads RSS < 1.5 GB", unfinished_rss < 1536),
+        ("endless headers cut off, RSS + < 100 MB", max(endless_sent) < 200_000_000 and endless_rss < 100),
+        ("oversized headers 431", header_statuses == [431, 431]),
     ]
     print(f"\np50 beside slow uploads / alone: {ratio:.2f}x")
     print("goals: " + "; ".join(f"{name}: {'met' if met else 'NOT met'}" for name, met in goals))

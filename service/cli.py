@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         log_level=args.log_level,
         access_log=settings.access_log == "text",
         lifespan="on",
-        http=guarded_h11_protocol(settings.header_timeout_s),  # see service.http_protocol
+        http=guarded_h11_protocol(settings.header_timeout_s, settings.max_connections),  # see service.http_protocol
         h11_max_incomplete_event_size=settings.max_header_bytes,
         # uvicorn annotates an int but waits with asyncio, which takes the float as it is
         timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]

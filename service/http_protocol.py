@@ -7,6 +7,8 @@ either (an audit sent a 1 MB header, 20,000 header fields, and five endless head
 0.5 GB). This protocol is h11's (which buffers at most ``h11_max_incomplete_event_size`` bytes of an
 unfinished request line and headers, then refuses the request) plus:
 
+- a cap on open connections (each may hold a header buffer and uvicorn's 64 KiB of unread body): one
+  over it is answered 503 and closed before anything is read;
 - a deadline on each request's line and headers, counted from the connection's start or from the end of
   the previous response: a client that has not sent them by then gets a 408 and the connection closes;
 - JSON bodies (the service's error shape) for the protocol's own refusals: 408, 431 when the headers are
@@ -29,18 +31,20 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from service.errors import error_response
 
 
-def error_bytes(status: int, reason: str, code: str, message: str) -> bytes:
+def error_bytes(status: int, reason: str, code: str, message: str, *, retry_after: int | None = None) -> bytes:
     """A whole HTTP/1.1 response with the service's JSON error body that closes the connection."""
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    retry = f"retry-after: {retry_after}\r\n" if retry_after is not None else ""
     head = (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-        "connection: close\r\n\r\n"
+        f"{retry}connection: close\r\n\r\n"
     )
     return head.encode("latin-1") + body
 
 
-def guarded_h11_protocol(header_timeout_s: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with a ``header_timeout_s`` deadline on each request's headers (see above)."""
+def guarded_h11_protocol(header_timeout_s: float, max_connections: int) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a ``header_timeout_s`` deadline on each request's headers, and at most
+    ``max_connections`` open connections: one more is answered 503 and closed at once (see above)."""
 
     class GuardedH11Protocol(H11Protocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -49,6 +53,11 @@ def guarded_h11_protocol(header_timeout_s: float) -> type[H11Protocol]:
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            if len(self.connections) > max_connections:  # this one is already counted
+                message = f"the server has {max_connections} connections open, its limit; retry later"
+                transport.write(error_bytes(503, "Service Unavailable", "overloaded", message, retry_after=1))
+                transport.close()
+                return
             self._arm_header_deadline()
 
         def connection_lost(self, exc: Exception | None) -> None:

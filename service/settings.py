@@ -48,6 +48,12 @@ class Settings(BaseSettings):
         description="most requests with their upload complete (decoding, queued or running) at once; uploads "
         "still arriving are bounded by the upload limits below instead",
     )
+    max_connections: int = Field(
+        1024,
+        ge=1,
+        le=1_000_000,
+        description="most open HTTP connections; one more is answered 503 and closed at once",
+    )
     header_timeout_s: float = Field(
         10.0,
         gt=0.0,

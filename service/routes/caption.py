@@ -77,16 +77,22 @@ def _openapi_extra() -> dict[str, Any]:
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "empty body, missing `image` field, unreadable or corrupt image"},
     401: {"model": ErrorResponse, "description": "missing or invalid API key (when keys are configured)"},
+    408: {
+        "model": ErrorResponse,
+        "description": "the headers or the body did not arrive in time (idle timeout, or below the minimum rate)",
+    },
     413: {"model": ErrorResponse, "description": "upload over the byte limit, or image over the pixel limit"},
     415: {"model": ErrorResponse, "description": "not multipart/form-data, or not a supported image format"},
+    431: {"model": ErrorResponse, "description": "headers over the size or field-count limit"},
     422: {
         "model": ErrorResponse,
         "description": "an option outside its valid range, or one the method does not use (the message names it)",
     },
     503: {
         "model": ErrorResponse,
-        "description": "overloaded (estimated wait over the budget, or too many requests in progress), shutting "
-        "down, not loaded, or out of memory; retry after the `Retry-After` header's seconds (another replica)",
+        "description": "overloaded (estimated wait over the budget, too many requests in progress, too many slow "
+        "uploads, or uploads hold all the memory allowed them), shutting down, not loaded, or out of memory; retry "
+        "after the `Retry-After` header's seconds (another replica)",
     },
     504: {"model": ErrorResponse, "description": "waited longer than the queue deadline; never reached the model"},
 }
