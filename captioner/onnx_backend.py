@@ -122,8 +122,8 @@ def ensure_exported(checkpoint: str | os.PathLike) -> VerifiedExport:
             except UntrustedExport as exc:
                 refused = exc
             if not refused.absent:
-                log.warning("refusing the cached ONNX export %s; exporting it again", refused)
-                _set_aside(folder)
+                _set_aside(folder)  # before the warning: when it fails, the error alone says it all, in one line
+                log.warning("refused the cached ONNX export %s; exporting it again", refused)
             _remove_abandoned_exports(folder)
             _export_into_cache(checkpoint, sha, folder)
     except OSError as exc:
