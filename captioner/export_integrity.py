@@ -101,7 +101,10 @@ def read_cache_entry(folder: Path, source_sha256: str) -> VerifiedExport:
         raise UntrustedExport(folder, _unopenable(folder, exc)) from exc
     try:
         _check_writers(folder, os.fstat(entry), "the folder")
-        names = os.listdir(entry)
+        try:
+            names = os.listdir(entry)
+        except OSError as exc:  # a folder without read permission: refused like any other failing entry
+            raise UntrustedExport(folder, f"cannot list the folder ({exc.strerror})") from exc
         foreign = sorted(set(names) - EXPORT_FILES)
         if foreign:
             raise UntrustedExport(folder, f"holds {foreign[0]!r}, which no export writes")

@@ -180,6 +180,23 @@ def test_a_file_that_no_export_writes_refuses_the_entry(pristine, entry, exports
     assert "holds 'extra.onnx', which no export writes" in caplog.text
 
 
+def test_an_entry_that_cannot_be_listed_is_refused_not_a_traceback(pristine, entry, exports, monkeypatch):
+    """A folder without read permission (root, running these tests, could list any: the refusal is stood in)."""
+    real_listdir = os.listdir
+
+    def unreadable(path=".") -> list[str]:
+        if isinstance(path, int):  # the entry, listed through its descriptor
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", unreadable)
+    with pytest.raises(CheckpointError, match="cannot list the folder \\(Permission denied\\)"):
+        _load(pristine)  # refused, exported again, and the new entry cannot be listed either
+    assert exports == [entry]
+    monkeypatch.setattr(os, "listdir", real_listdir)
+    _assert_rebuilt(pristine, entry, exports, _load(pristine))
+
+
 @pytest.mark.parametrize("where", ["relative", "absolute"])
 def test_graph_paths_leaving_the_entry_are_refused(pristine, entry, exports, tmp_path, where, caplog) -> None:
     outside = tmp_path / "outside" / "encoder.onnx"
