@@ -8,17 +8,23 @@ the torch tensors and come back as torch tensors over ONNX Runtime's output arra
 
 A ``.pt`` checkpoint is exported on first use into a cache keyed by its sha256:
 ``$CAPTIONER_CACHE_DIR/onnx/v<EXPORT_VERSION>-<sha256[:16]>/``, where ``CAPTIONER_CACHE_DIR``
-defaults to ``$XDG_CACHE_HOME/captioner`` (``~/.cache/captioner``). Later loads find it there.
+defaults to ``$XDG_CACHE_HOME/captioner`` (``~/.cache/captioner``). Later loads find it there, and use
+it only after the checks of :mod:`captioner.export_integrity` (the threat model is there): an entry that
+fails one is exported again, or refused with one line when the cache cannot be written. The graphs are
+the only thing taken from the cache; what the model says (vocabulary, caption rules, metadata) comes
+from the checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import json
 import logging
 import os
+import secrets
 import shutil
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +35,15 @@ from captioner.checkpoint import CheckpointError
 from captioner.config import DecoderConfig, ModelConfig
 from captioner.decoder import DecoderState
 from captioner.encoders import file_sha256
+from captioner.export_integrity import UntrustedExport, VerifiedExport, read_cache_entry, read_export_folder
 from captioner.onnx_export import (
-    EXPORT_FORMAT,
     EXPORT_VERSION,
     GRAPH_FILES,
     METADATA_FILE,
+    init_output_names,
     state_names,
+    step_input_names,
+    step_output_names,
 )
 from captioner.transforms import Preprocess
 
@@ -91,33 +100,69 @@ def _cache_folder(sha256: str) -> Path:
 _UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
-def ensure_exported(checkpoint: str | os.PathLike) -> Path:
-    """The export of ``checkpoint`` in the cache, exporting it first when it is not there yet.
+def ensure_exported(checkpoint: str | os.PathLike) -> VerifiedExport:
+    """The checked export of ``checkpoint`` in the cache, exporting it first when it is not there yet or an
+    entry there fails a check (:mod:`captioner.export_integrity`); a failure to mend it is one line.
 
     Processes starting together on one cache (replicas sharing a volume) take turns through a lock
     file beside the export: one exports, the others then find its export.
     """
-    from filelock import FileLock  # a dependency of torch
-
     checkpoint = Path(checkpoint)
     sha = file_sha256(checkpoint)
     folder = _cache_folder(sha)
-    if _valid_export(folder, sha):
-        return folder
+    try:
+        return read_cache_entry(folder, sha)
+    except UntrustedExport as exc:
+        refused = exc
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(folder.parent / f".{folder.name}.lock")):
-            if not _valid_export(folder, sha):
-                _remove_abandoned_exports(folder)
-                _export_into_cache(checkpoint, sha, folder)
+        with _cache_lock(folder):
+            try:
+                return read_cache_entry(folder, sha)  # another process exported it while this one waited
+            except UntrustedExport as exc:
+                refused = exc
+            if not refused.absent:
+                _set_aside(folder)  # before the warning: when it fails, the error alone says it all, in one line
+                log.warning("refused the cached ONNX export %s; exporting it again", refused)
+            _remove_abandoned_exports(folder)
+            _export_into_cache(checkpoint, sha, folder)
     except OSError as exc:
-        if exc.errno not in _UNWRITABLE:
-            raise
-        raise CheckpointError(
-            f"cannot write the ONNX export of {checkpoint} to {folder} ({exc.strerror}); set CAPTIONER_CACHE_DIR "
-            f"to a writable folder, or export it beforehand with: captioner export {checkpoint} DIR --format onnx"
-        ) from exc
-    return folder
+        raise CheckpointError(_cache_failure(checkpoint, folder, refused, exc)) from exc
+    return read_cache_entry(folder, sha)  # the new export, checked as any other
+
+
+def _cache_failure(checkpoint: Path, folder: Path, refused: UntrustedExport, exc: OSError) -> str:
+    """One line for an export into the cache that failed on the file system."""
+    if refused.absent:
+        what = f"cannot write the ONNX export of {checkpoint} to {folder}"
+    else:
+        what = f"the cached ONNX export {folder} was refused ({refused.reason}) and cannot be exported again"
+    if exc.errno in _UNWRITABLE:
+        return (
+            f"{what} ({exc.strerror}); set CAPTIONER_CACHE_DIR to a writable folder, or export it beforehand "
+            f"with: captioner export {checkpoint} DIR --format onnx"
+        )
+    return f"{what} ({exc.strerror or exc.__class__.__name__}: {exc.filename or folder})"
+
+
+@contextlib.contextmanager
+def _cache_lock(folder: Path) -> Iterator[None]:
+    """Hold the lock file beside ``folder``. A symbolic link there (a lock file never is one) is removed, not
+    followed; one put back in the meantime makes the lock fail with ELOOP (a one-line error above)."""
+    from filelock import FileLock  # a dependency of torch
+
+    lock = folder.parent / f".{folder.name}.lock"
+    if lock.is_symlink():
+        log.warning("removing %s: a symbolic link where the export cache keeps its lock file", lock)
+        lock.unlink()
+    with FileLock(str(lock)):
+        yield
+
+
+def _set_aside(folder: Path) -> None:
+    """Move a refused entry out of the export's way, under a name :func:`_remove_abandoned_exports` clears
+    (a rename moves a symbolic link itself, never what it points to)."""
+    os.rename(folder, folder.parent / f".{folder.name}.{secrets.token_hex(4)}.tmp")
 
 
 def _export_into_cache(checkpoint: Path, sha: str, folder: Path) -> None:
@@ -138,42 +183,13 @@ def _export_into_cache(checkpoint: Path, sha: str, folder: Path) -> None:
 
 def _remove_abandoned_exports(folder: Path) -> None:
     """Delete the temporary folders of exports into ``folder`` that never finished (a process stopped at once,
-    as ``captioner-serve`` does on Ctrl-C while the model loads). Called under the cache lock: no export into
-    ``folder`` is running."""
-    for tmp in folder.parent.glob(f".{folder.name}.*.tmp"):  # export_onnx's temporary folders
-        if tmp.is_dir() and not tmp.is_symlink():
+    as ``captioner-serve`` does on Ctrl-C while the model loads), and entries set aside as refused. Called
+    under the cache lock: no export into ``folder`` is running. Links are removed, never followed."""
+    for tmp in folder.parent.glob(f".{folder.name}.*.tmp"):  # export_onnx's temporary folders, _set_aside's
+        if tmp.is_symlink():
+            tmp.unlink(missing_ok=True)
+        elif tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _valid_export(folder: Path, sha: str) -> bool:
-    """Whether ``folder`` holds a complete export of the checkpoint with this sha256."""
-    try:
-        return read_export_metadata(folder).get("source", {}).get("sha256") == sha
-    except CheckpointError:
-        return False
-
-
-def read_export_metadata(folder: str | os.PathLike) -> dict[str, Any]:
-    """``captioner.json`` of an export, validated; failures are one-line :class:`CheckpointError`."""
-    folder = Path(folder)
-    path = folder / METADATA_FILE
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{folder}: not an ONNX export (no {METADATA_FILE})") from exc
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable ({exc.__class__.__name__})") from exc
-    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
-        raise CheckpointError(f"{path}: not a captioner ONNX export (no '{EXPORT_FORMAT}' marker)")
-    if meta.get("format_version") != EXPORT_VERSION:
-        raise CheckpointError(
-            f"{path}: export format version {meta.get('format_version')!r} is not supported (this captioner reads "
-            f"version {EXPORT_VERSION}); export the checkpoint again"
-        )
-    missing = [name for name in GRAPH_FILES.values() if not (folder / name).is_file()]
-    if missing:
-        raise CheckpointError(f"{folder}: the export is incomplete (missing {', '.join(missing)})")
-    return meta
 
 
 def session_options(threads: int):
@@ -196,14 +212,15 @@ def session_options(threads: int):
     return options
 
 
-def _session(path: Path, threads: int | None):
+def _session(export: VerifiedExport, part: str, threads: int | None):
+    """A session over the checked bytes of ``part``'s graph (never the file again: it could have changed)."""
     ort = require_onnxruntime()
     try:
         options = session_options(threads or torch.get_num_threads())
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own Fail / InvalidGraph / NoSuchFile types
+        return ort.InferenceSession(export.graphs[part], options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own Fail / InvalidGraph types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise CheckpointError(f"{path}: ONNX Runtime cannot load it: {first}") from exc
+        raise CheckpointError(f"{export.folder / GRAPH_FILES[part]}: ONNX Runtime cannot load it: {first}") from exc
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -223,17 +240,17 @@ class OnnxEncoder:
     fused = True  # exported from the fused encoder; nothing left to fold
     from_package = False
 
-    def __init__(self, folder: Path, meta: dict[str, Any], threads: int | None = None) -> None:
-        path = folder / meta["graphs"]["encoder"]
-        self.session = _session(path, threads)
-        identity = meta["encoder"]
+    def __init__(self, export: VerifiedExport, model: Mapping[str, Any], threads: int | None = None) -> None:
+        """``model``: the description of the model (a checkpoint, or the export's own ``captioner.json``)."""
+        self.session = _session(export, "encoder", threads)
+        identity = model["encoder"]
         self.name: str = identity["name"]
         self.weights = identity.get("weights")
         self.weights_sha256 = identity.get("weights_sha256")
-        self.preprocess = Preprocess.from_dict(meta["preprocess"])
-        self.feature_dim: int = meta["config"]["decoder"]["feature_dim"]
-        self.quantized = meta.get("quantization") is not None
-        self.graph_sha256 = file_sha256(path)  # what the feature cache keys these features by
+        self.preprocess = Preprocess.from_dict(model["preprocess"])
+        self.feature_dim: int = model["config"]["decoder"]["feature_dim"]
+        self.quantized = export.meta.get("quantization") is not None
+        self.graph_sha256 = export.sha256[GRAPH_FILES["encoder"]]  # what the feature cache keys these features by
 
     def forward_features(self, images: torch.Tensor, *, chunk_size: int | None = None) -> torch.Tensor:
         """``(B, 3, S, S)`` -> ``(B, C, h, w)``, at most ``chunk_size`` images per run (all when None)."""
@@ -268,14 +285,13 @@ class OnnxDecoder:
 
     training = False
 
-    def __init__(self, folder: Path, meta: dict[str, Any], threads: int | None = None) -> None:
-        self.config = DecoderConfig(**meta["config"]["decoder"])
-        self.init_session = _session(folder / meta["graphs"]["decoder_init"], threads)
-        self.step_session = _session(folder / meta["graphs"]["decoder_step"], threads)
-        io = meta["io"]
-        self._init_outputs: list[str] = io["decoder_init"]["outputs"]
-        self._step_inputs: list[str] = io["decoder_step"]["inputs"]
-        self._step_outputs: list[str] = io["decoder_step"]["outputs"]
+    def __init__(self, export: VerifiedExport, config: DecoderConfig, threads: int | None = None) -> None:
+        self.config = config
+        self.init_session = _session(export, "decoder_init", threads)
+        self.step_session = _session(export, "decoder_step", threads)
+        self._init_outputs = init_output_names(config)  # the names the export gave them (captioner.onnx_export)
+        self._step_inputs = step_input_names(config)
+        self._step_outputs = step_output_names(config)
         self._n_hidden = len(state_names(self.config))
 
     def init_state(self, grid: torch.Tensor) -> DecoderState:
@@ -302,8 +318,13 @@ class OnnxDecoder:
 
 def load_onnx_captioner(path: str | os.PathLike | None, *, threads: int | None = None):
     """A :class:`~captioner.model.Captioner` on ONNX Runtime from an export folder, a ``.pt`` checkpoint
-    (exported into the cache on first use) or ``None`` (the bundled default model)."""
+    (exported into the cache on first use) or ``None`` (the bundled default model).
+
+    For a checkpoint, only the graphs come from the cache; the vocabulary, caption rules, config,
+    preprocessing and metadata come from the checkpoint, so no edit to the cache changes what the model says.
+    """
     from captioner.caption_rules import CaptionRules
+    from captioner.checkpoint import load_checkpoint
     from captioner.model import Captioner, default_checkpoint
     from captioner.vocab import Vocabulary
 
@@ -311,18 +332,25 @@ def load_onnx_captioner(path: str | os.PathLike | None, *, threads: int | None =
     path = Path(default_checkpoint() if path is None else path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
-    folder = path if path.is_dir() else ensure_exported(path)
-    meta = read_export_metadata(folder)
+    if path.is_dir():
+        export = read_export_folder(path)
+        described: Mapping[str, Any] = export.meta
+    else:
+        described = load_checkpoint(path)
+        export = ensure_exported(path)
     try:
-        ModelConfig.from_dict(meta["config"])  # validates the decoder config
-        encoder = OnnxEncoder(folder, meta, threads)
-        decoder = OnnxDecoder(folder, meta, threads)
-        vocab = Vocabulary(meta["vocab"])
-        rules = CaptionRules.from_dict(meta["caption_rules"]) if meta.get("caption_rules") else None
+        config = ModelConfig.from_dict(described["config"])
+        if config.decoder is None:
+            raise ValueError("its config has no decoder")
+        encoder = OnnxEncoder(export, described, threads)
+        decoder = OnnxDecoder(export, config.decoder, threads)
+        vocab = Vocabulary(described["vocab"])
+        rules = CaptionRules.from_dict(described["caption_rules"]) if described.get("caption_rules") else None
+        model = Captioner(encoder, decoder, vocab, metadata=described.get("metadata") or {}, caption_rules=rules)  # type: ignore[arg-type]
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{folder}: the export's {METADATA_FILE} does not match this captioner: {exc}") from exc
-    model = Captioner(encoder, decoder, vocab, metadata=meta.get("metadata") or {}, caption_rules=rules)  # type: ignore[arg-type]
+        source = f"{path}'s {METADATA_FILE}" if path.is_dir() else str(path)
+        raise CheckpointError(f"{source} does not describe a model this captioner can run: {exc}") from exc
     model.backend = "onnxruntime"
-    model.export_dir = folder
-    model.export_parameters = int(meta.get("parameters") or 0)
+    model.export_dir = export.folder
+    model.export_parameters = int(export.meta.get("parameters") or 0)
     return model

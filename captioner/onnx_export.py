@@ -1,4 +1,4 @@
-"""Export a :class:`~captioner.model.Captioner` to ONNX: three graphs and one metadata file.
+"""Export a :class:`~captioner.model.Captioner` to ONNX: three graphs, one metadata file and their manifest.
 
 An export folder holds::
 
@@ -7,6 +7,8 @@ An export folder holds::
     decoder_step.onnx   tokens (B,) + state -> logits (B, V), next_h [, next_c] [, alpha (B, N)]
     captioner.json      vocabulary, preprocessing, model config, the source checkpoint's sha256, opset,
                         versions, the names of every graph input and output, and the export's own check
+    manifest.json       {"sha256": {file name: sha256}} of the four files above, checked on every load
+                        (:mod:`captioner.export_integrity`)
 
 The batch dimension is dynamic in every graph. Decoding stays in Python (``captioner.decoding``): the
 two decoder graphs are exactly ``CaptionDecoder.init_state`` and ``CaptionDecoder.step``, so greedy,
@@ -14,7 +16,9 @@ sampling and beam search run unchanged on either backend. ``--quantize int8`` st
 (see :mod:`captioner.onnx_quantize`); the decoder stays fp32.
 
 The export checks itself (:func:`check_export`) and refuses to finish when the graphs disagree with
-the PyTorch model beyond :data:`FEATURE_ATOL` / :data:`LOGIT_ATOL`.
+the PyTorch model beyond :data:`FEATURE_ATOL` / :data:`LOGIT_ATOL`. Nobody but the export's owner may
+write into it: the folder and its files lose their group and other write bits whatever the umask, since
+the export cache refuses an entry that others could have changed.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -37,6 +42,7 @@ from torch import nn
 
 from captioner.checkpoint import to_jsonable
 from captioner.decoder import CaptionDecoder, DecoderState
+from captioner.encoders import file_sha256
 from captioner.transforms import normalize_crops
 
 if TYPE_CHECKING:
@@ -45,9 +51,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "captioner-onnx"
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: manifest.json; loaders refuse an export without one
 METADATA_FILE = "captioner.json"
 GRAPH_FILES = {"encoder": "encoder.onnx", "decoder_init": "decoder_init.onnx", "decoder_step": "decoder_step.onnx"}
+MANIFEST_FILE = "manifest.json"
+DIGESTED_FILES = (METADATA_FILE, *GRAPH_FILES.values())  # what the manifest lists: every other file of an export
+NOT_WRITABLE_BY_OTHERS = ~(stat.S_IWGRP | stat.S_IWOTH)  # mask for an export's modes: only its owner writes
 OPSET = 18  # the dynamo exporter's lowest; ONNX Runtime 1.16+ runs it
 QUANTIZE_CHOICES = ("int8",)
 
@@ -214,12 +223,15 @@ def export_onnx(
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is owner-only; a container's other user must read it
+    # mkdtemp's folder is owner-only; a container's other user must read it, and nobody else write to it
+    os.chmod(tmp, 0o777 & ~umask & NOT_WRITABLE_BY_OTHERS)
     try:
         with quiet_exporter():
             report = _write_export(
                 model, tmp, source, source_sha256, parameters, quantize, calibration_images, check_images
             )
+        for path in tmp.iterdir():
+            os.chmod(path, stat.S_IMODE(path.stat().st_mode) & NOT_WRITABLE_BY_OTHERS)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -294,12 +306,24 @@ def _write_export(
         "quantization": quantization,
         "versions": _versions(onnx.__version__),
     }
-    (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
+    _write_metadata(folder, metadata)  # the check loads the export, through its manifest
     check = check_export(model, folder, check_images)
     metadata["check"] = check
-    (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
+    _write_metadata(folder, metadata)
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir())}
     return ExportReport(folder, files, check)
+
+
+def _write_metadata(folder: Path, metadata: dict[str, Any]) -> None:
+    """Write ``captioner.json``, then the manifest of it and the graphs (which are written by then)."""
+    (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
+    write_manifest(folder)
+
+
+def write_manifest(folder: Path) -> None:
+    """Write ``manifest.json``: the sha256 of every other file of the export in ``folder``, as they are now."""
+    digests = {name: file_sha256(folder / name) for name in DIGESTED_FILES}
+    (folder / MANIFEST_FILE).write_text(json.dumps({"sha256": digests}, indent=1))
 
 
 def _versions(onnx_version: str) -> dict[str, str]:

@@ -21,7 +21,15 @@ from captioner.caption_rules import CaptionRules
 from captioner.checkpoint import CheckpointError
 from captioner.cli import main
 from captioner.onnx_backend import BackendUnavailable, cached_export_dir
-from captioner.onnx_export import GRAPH_FILES, METADATA_FILE, ExportError, check_export, export_onnx
+from captioner.onnx_export import (
+    GRAPH_FILES,
+    MANIFEST_FILE,
+    METADATA_FILE,
+    ExportError,
+    check_export,
+    export_onnx,
+    write_manifest,
+)
 from captioner.transforms import Preprocess
 from tests.helpers import tiny_captioner
 
@@ -91,7 +99,8 @@ def _copy_export(found: Exported, target: Path) -> Path:
 
 
 def _perturb(graph: Path, name_part: str) -> None:
-    """Add 0.5 to the first float weight of ``graph`` whose name contains ``name_part``."""
+    """Add 0.5 to the first float weight of ``graph`` whose name contains ``name_part``, and update the export's
+    manifest (an exporter that wrote wrong weights, rather than a file changed afterwards)."""
     import onnx
     from onnx import numpy_helper
 
@@ -101,6 +110,7 @@ def _perturb(graph: Path, name_part: str) -> None:
         if name_part in init.name and array.dtype == np.float32 and array.size > 1:
             init.CopyFrom(numpy_helper.from_array(array + 0.5, init.name))
             onnx.save(model, str(graph))
+            write_manifest(graph.parent)
             return
     raise AssertionError(
         f"no float weight named like {name_part!r} in {graph}: {[i.name for i in model.graph.initializer]}"
@@ -157,7 +167,7 @@ def test_the_encoder_graph_takes_any_batch_size(exported) -> None:
 def test_the_export_folder_holds_the_graphs_and_what_describes_them(exported) -> None:
     reference, onnx_model, _ = exported
     folder = onnx_model.export_dir
-    assert {p.name for p in folder.iterdir()} == {*GRAPH_FILES.values(), METADATA_FILE}
+    assert {p.name for p in folder.iterdir()} == {*GRAPH_FILES.values(), METADATA_FILE, MANIFEST_FILE}
     meta = json.loads((folder / METADATA_FILE).read_text())
     assert meta["vocab"] == list(reference.vocab.tokens)
     assert reference.caption_rules == onnx_model.caption_rules == RULES  # the rules travel in the export
@@ -229,8 +239,9 @@ def test_an_unwritable_cache_is_a_one_line_error_naming_the_setting(tmp_path, mo
     with pytest.raises(CheckpointError, match="set CAPTIONER_CACHE_DIR to a writable folder"):
         Captioner.from_checkpoint(checkpoint, backend="onnxruntime")
     monkeypatch.setattr("captioner.onnx_backend._export_into_cache", failing_with(errno.ENOSPC))
-    with pytest.raises(OSError, match="No space left"):  # other failures are not disguised as permissions
+    with pytest.raises(CheckpointError, match="No space left") as raised:  # one line too, but not about permissions
         Captioner.from_checkpoint(checkpoint, backend="onnxruntime")
+    assert "set CAPTIONER_CACHE_DIR" not in str(raised.value) and "\n" not in str(raised.value)
 
 
 @pytest.mark.slow
@@ -301,7 +312,7 @@ def test_cli_export_onnx_and_caption_with_it(tmp_path, capsys) -> None:
     assert main(["export", str(checkpoint), str(out), "--format", "onnx", "--check-images", *photos]) == 0
     printed = capsys.readouterr().out
     assert "check passed on 3 images" in printed and "encoder.onnx" in printed
-    assert {p.name for p in out.iterdir()} == {*GRAPH_FILES.values(), METADATA_FILE}
+    assert {p.name for p in out.iterdir()} == {*GRAPH_FILES.values(), METADATA_FILE, MANIFEST_FILE}
     argv = ["caption", *photos, "--method", "beam", "--json"]
     assert main([*argv, "--checkpoint", str(checkpoint)]) == 0
     with_torch = json.loads(capsys.readouterr().out)

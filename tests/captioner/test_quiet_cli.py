@@ -16,6 +16,7 @@ from PIL import Image
 
 from captioner import onnx_backend
 from captioner.bulk import RecordFile, read_records
+from captioner.checkpoint import CheckpointError
 from captioner.onnx_export import EXPORTER_LOGGERS, quiet_exporter
 from tests.helpers import tiny_captioner
 from tests.interrupt import ROOT, WORKING, interrupt, script, stand_in_command
@@ -156,7 +157,8 @@ def test_a_new_export_clears_the_folders_of_exports_that_never_finished(tmp_path
     link.symlink_to(outside, target_is_directory=True)
     exported = []
     monkeypatch.setattr(onnx_backend, "_export_into_cache", lambda *args: exported.append(args))
-    onnx_backend.ensure_exported(checkpoint)
+    with pytest.raises(CheckpointError, match="not exported yet"):  # the stand-in export wrote nothing to check
+        onnx_backend.ensure_exported(checkpoint)
     assert len(exported) == 1
     assert not abandoned.exists() and other.is_dir() and outside.is_dir()
 
