@@ -406,7 +406,7 @@ def test_configmap_and_secret_are_wired_in(rendered) -> None:
 @pytest.mark.parametrize("folder", [K8S, GPU], ids=["cpu", "gpu"])
 def test_a_missing_secret_fails_closed(folder: Path, monkeypatch) -> None:
     """The Secret is optional for Kubernetes, so without it the pod starts with no keys: the settings it then has
-    must stop the server (captioner-serve exits with that one line), not serve an open API."""
+    must stop the server (captioner-serve exits saying why), not serve an open API."""
     from pydantic import ValidationError
 
     from service.settings import Settings

@@ -215,7 +215,7 @@ def test_onnxruntime_backend_without_the_extra_fails_startup_with_one_line(
 def test_required_api_keys_missing_stop_the_server_before_it_loads(
     keys: str | None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """What a Kubernetes pod does when the Secret is missing: exit non-zero with one error line."""
+    """What a Kubernetes pod does when the Secret is missing: exit non-zero, the last line saying why."""
     from service import cli
 
     monkeypatch.setattr(cli, "create_app", lambda settings: pytest.fail("got past the settings"))
