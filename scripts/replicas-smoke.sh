@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Several captioner-serve replicas behind nginx on this host, real photos through the balancer, and
-# one replica SIGKILLed a third of the way through: nginx must resend the dead replica's requests
-# (in flight included) to the others, so every request still gets its caption.
+# Several captioner-serve replicas behind nginx on this host: first nginx's own limits (an oversized
+# header, a malformed request or body, a burst over the rate, one connection too many: each a JSON error,
+# 429 with Retry-After; requests within the limits pass), then real photos through the balancer with one
+# replica SIGKILLed a third of the way through: nginx must resend the dead replica's requests (in flight
+# included) to the others, so every request still gets its caption.
 #
 #   scripts/replicas-smoke.sh [--duration 30] [--concurrency 16] [--replicas 2] [--photos DIR]
 #                             [--client-retries 0]
@@ -11,14 +13,19 @@
 #   and /etc/nginx are never used: nginx runs as the current user from a temp prefix, with the
 #   config deploy/nginx/captioner.conf rewritten for this run's ports only.
 # - replicas: .venv/bin/captioner-serve with the bundled default model (CAPTIONER_* variables are
-#   passed through), each on a free loopback port; the script waits for each /ready.
+#   passed through), each on a free loopback port; the script waits for each /ready. They log JSON lines
+#   and trust nginx's X-Forwarded-For (CAPTIONER_TRUSTED_PROXIES=127.0.0.1, unless set), and the load
+#   run checks that they logged its clients' addresses, not nginx's.
+# - limits: scripts/replicas_load.py limits, with the numbers read from the config nginx runs.
 # - load: scripts/replicas_load.py, --concurrency requests in flight for --duration seconds, photos
-#   from --photos (default: Flickr8k's images, else COCO-mini's, when present); a request is ok only
+#   from --photos (default: Flickr8k's images, else COCO-mini's, when present), each worker from its own
+#   loopback address (127.1.x.y) as separate clients would be; a request is ok only
 #   when its last answer is 200 with a caption. A 503 (every replica shedding load) is retried after
 #   its Retry-After up to --client-retries times, as captioner.client does (default 0: a 503 fails). It prints
 #   a table (latency, statuses, each replica's share, nginx's retries and error-log lines) and last
 #   `requests=N ok=N failed=N`.
-# Exit status: 0 when no request failed; 1 when some did, or on a setup error (one line on stderr).
+# Exit status: 0 when every limit held and no request failed; 1 when not, or on a setup error (one line
+# on stderr).
 # Every process it started is stopped on exit, Ctrl-C included; the temp dir (logs) is kept on failure
 # or with KEEP_TMP=1.
 set -euo pipefail
@@ -106,15 +113,18 @@ replica_ports=("${ports[@]:1}")
 
 echo "== $REPLICAS replicas on 127.0.0.1 ports ${replica_ports[*]} (logs in $tmp)"
 for port in "${replica_ports[@]}"; do
-    "$SERVE" --host 127.0.0.1 --port "$port" --no-access-log >"$tmp/replica-$port.log" 2>&1 &
+    CAPTIONER_TRUSTED_PROXIES="${CAPTIONER_TRUSTED_PROXIES-127.0.0.1}" \
+        "$SERVE" --host 127.0.0.1 --port "$port" --access-log json >"$tmp/replica-$port.log" 2>&1 &
     pids+=($!)
     disown  # no "Killed" line from bash for the replica the load run kills
 done
 ready_urls=()
 pid_args=()
+replica_logs=()
 for i in "${!replica_ports[@]}"; do
     ready_urls+=("http://127.0.0.1:${replica_ports[$i]}/ready")
     pid_args+=(--pid "${pids[$i]}")
+    replica_logs+=(--replica-log "$tmp/replica-${replica_ports[$i]}.log")
 done
 if ! "$PY" scripts/replicas_load.py wait-ready "${ready_urls[@]}" "${pid_args[@]}" --timeout 300; then
     for port in "${replica_ports[@]}"; do tail -n 5 "$tmp/replica-$port.log" >&2; done
@@ -136,13 +146,18 @@ nginx_pid=$!
 "$PY" scripts/replicas_load.py wait-ready "http://127.0.0.1:$lb_port/ready" --pid "$nginx_pid" --timeout 30 \
     || die "nginx did not start; see $tmp/nginx/error.log"
 
+echo "== limits"
+"$PY" scripts/replicas_load.py limits --url "http://127.0.0.1:$lb_port" --conf "$tmp/nginx/nginx.conf" \
+    || die "nginx's limits did not hold (above)"
+
 echo "== load"
 # in the background, so that a signal to this script is handled at once (bash runs traps only
 # between commands, and `wait` is one it interrupts)
 "$PY" scripts/replicas_load.py load --url "http://127.0.0.1:$lb_port" --photos "$PHOTOS" \
     --duration "$DURATION" --concurrency "$CONCURRENCY" --client-retries "$CLIENT_RETRIES" \
     --kill-pid "${pids[0]}" --kill-port "${replica_ports[0]}" --kill-at 0.333 \
-    --access-log "$tmp/nginx/access.log" --error-log "$tmp/nginx/error.log" &
+    --access-log "$tmp/nginx/access.log" --error-log "$tmp/nginx/error.log" \
+    "${replica_logs[@]}" &
 load_pid=$!
 load_rc=0
 wait "$load_pid" || load_rc=$?

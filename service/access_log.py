@@ -7,6 +7,9 @@ request through the balancer's log, this service's log and the client's error re
 
 With ``CAPTIONER_ACCESS_LOG=json`` the logger ``captioner.access`` writes one JSON object per request
 instead of uvicorn's text line: time, request id, method, path, status, duration, bytes in and client.
+The client is the connection's peer, or the address in ``X-Forwarded-For`` when the peer is one of
+``CAPTIONER_TRUSTED_PROXIES`` (uvicorn's proxy-headers middleware, set up by ``captioner-serve``, rewrites it
+before this middleware sees the request).
 """
 
 from __future__ import annotations

@@ -83,9 +83,20 @@ def _warm_up(model: Captioner, batch_size: int) -> tuple[int, float]:
     return batch_size, time.perf_counter() - started
 
 
+def warn_if_open(settings: Settings) -> None:
+    """Say once, at start, that anyone who reaches the port may caption: an API left open by a missing Secret
+    or an empty variable should be seen in the log, not discovered on the bill."""
+    if not settings.api_keys:
+        log.warning(
+            "no API keys (CAPTIONER_API_KEYS is empty): /caption and /model are open to anyone who reaches this "
+            "server; set CAPTIONER_REQUIRE_API_KEYS=true to refuse to start without keys"
+        )
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
+    warn_if_open(settings)
     if settings.malloc_mmap_threshold_mb:  # before the model's first allocation; see captioner.runtime
         tune_malloc(settings.malloc_mmap_threshold_mb * 1024 * 1024)
     thread = ModelThread()  # loading and warm-up happen on it too: torch never runs on another thread

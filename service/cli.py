@@ -186,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         h11_max_incomplete_event_size=settings.max_header_bytes,
         # uvicorn annotates an int but waits with asyncio, which takes the float as it is
         timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]
+        # X-Forwarded-For/-Proto only from CAPTIONER_TRUSTED_PROXIES: uvicorn's own default believes them from
+        # loopback, so any local client could choose the address that is logged
+        proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=settings.trusted_proxies,
     )
     server = _DrainingServer(config, app, verbose=args.verbose)
     # uvicorn re-raises the signal it shut down on, once its own handlers are gone: a drained SIGTERM is a

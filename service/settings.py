@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from captioner.runtime import DEFAULT_MMAP_THRESHOLD
@@ -148,10 +149,44 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated origins allowed by CORS ('*' for any)"
     )
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated IP addresses or networks (CIDR) of the proxies in front of the server: only a "
+        "request from one of them has its X-Forwarded-For and X-Forwarded-Proto believed (the client address in "
+        "the access log); empty: those headers are ignored and the client is the connection's peer",
+    )
+    require_api_keys: bool = Field(
+        False,
+        description="refuse to start when CAPTIONER_API_KEYS is empty; false: start with an open API and log a warning",
+    )
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "cors_origins", "trusted_proxies", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        # uvicorn takes an entry it cannot parse as a literal host name that never matches, so a typo would
+        # silently trust nobody (or, with "*", let every client choose the address that is logged): refuse both.
+        for entry in value:
+            if entry == "*":
+                raise ValueError("'*' would let every client choose the address that is logged; list the proxies")
+            try:
+                ipaddress.ip_network(entry)  # strict: 10.0.0.1/8 (host bits set) is refused, not widened
+            except ValueError as exc:
+                raise ValueError(f"{entry!r} is not an IP address or network (CIDR, e.g. 10.0.0.0/8): {exc}") from None
+        return value
+
+    @field_validator("require_api_keys")
+    @classmethod
+    def _keys_when_required(cls, required: bool, info: ValidationInfo) -> bool:
+        if required and not info.data.get("api_keys"):
+            raise ValueError(
+                "CAPTIONER_API_KEYS is empty; set it (comma-separated keys), or CAPTIONER_REQUIRE_API_KEYS=false "
+                "to serve an open API on purpose"
+            )
+        return required

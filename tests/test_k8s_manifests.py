@@ -256,6 +256,8 @@ def test_manifests_validate_against_the_kubernetes_schema(rendered, version, no_
         "Service",
         "HorizontalPodAutoscaler",
         "PodDisruptionBudget",
+        "NetworkPolicy",
+        "Ingress",
         "ConfigMap",
     }
 
@@ -380,6 +382,8 @@ def test_settings_accept_the_values(folder: Path, monkeypatch) -> None:
     rendered = render(folder)
     values = dict(one(rendered, "ConfigMap")["data"])
     values.update({e["name"]: e["value"] for e in _container(rendered).get("env", [])})
+    (secret,) = load_docs(BASE / "secret.example.yaml")
+    values.update(secret["stringData"])  # the keys the pods get from the Secret
     for name, value in values.items():
         monkeypatch.setenv(name, value)
     settings = Settings()  # raises on a value the service would refuse at start
@@ -397,6 +401,29 @@ def test_configmap_and_secret_are_wired_in(rendered) -> None:
     keys = secret["stringData"]["CAPTIONER_API_KEYS"].split(",")
     assert keys and all(key.startswith("REPLACE") for key in keys), "the example holds placeholders only"
     assert one(rendered, "ConfigMap")["data"]["CAPTIONER_ACCESS_LOG"] == "json"
+
+
+@pytest.mark.parametrize("folder", [K8S, GPU], ids=["cpu", "gpu"])
+def test_a_missing_secret_fails_closed(folder: Path, monkeypatch) -> None:
+    """The Secret is optional for Kubernetes, so without it the pod starts with no keys: the settings it then has
+    must stop the server (captioner-serve exits saying why), not serve an open API."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    rendered = render(folder)
+    for name, value in one(rendered, "ConfigMap")["data"].items():
+        monkeypatch.setenv(name, value)
+    for env in _container(rendered).get("env", []):
+        monkeypatch.setenv(env["name"], env["value"])
+    monkeypatch.delenv("CAPTIONER_API_KEYS", raising=False)
+    with pytest.raises(ValidationError, match="CAPTIONER_API_KEYS is empty"):
+        Settings()
+    monkeypatch.setenv("CAPTIONER_API_KEYS", "")  # a Secret with an empty value
+    with pytest.raises(ValidationError, match="CAPTIONER_API_KEYS is empty"):
+        Settings()
+    monkeypatch.setenv("CAPTIONER_API_KEYS", "a-real-key")
+    assert Settings().api_keys == ["a-real-key"]
 
 
 def _shutdown_grace_s(resources: list[dict[str, Any]]) -> float:
@@ -448,10 +475,120 @@ def test_pods_run_as_the_image_user_on_a_read_only_root(rendered) -> None:
 
 def test_image_can_be_set_by_name() -> None:
     (container,) = containers(load_docs(BASE / "deployment.yaml"))
-    assert container["image"] == "captioner:latest", "kustomize edit set image captioner=... must match it"
+    assert container["image"] == "captioner", "kustomize edit set image captioner=... must match it"
     for folder in [K8S, BASE, GPU]:
         for image in load_kustomization(folder).get("images", []):
             assert image["name"] == "captioner", f"{folder}: images: entry for an image the manifests do not use"
+
+
+@pytest.mark.parametrize(("name", "suffix"), [("cpu", ""), ("gpu", "-cuda")])
+def test_the_image_is_pinned_to_the_project_version(name: str, suffix: str) -> None:
+    from captioner import __version__
+
+    container = _container(render(KUSTOMIZATIONS[name]))
+    image = container["image"]
+    assert "@sha256:" not in image, "a digest pins it too; then drop this test's tag check"
+    repository, _, tag = image.rpartition(":")
+    assert repository and "/" not in tag, f"{image}: no tag"
+    assert tag != "latest" and tag == f"{__version__}{suffix}", f"{image}: tag it {__version__}{suffix}"
+    assert container["imagePullPolicy"] == "IfNotPresent"
+
+
+def _pod_labels(resources: list[dict[str, Any]]) -> dict[str, str]:
+    return one(resources, "Deployment")["spec"]["template"]["metadata"]["labels"]
+
+
+def test_replicas_spread_over_zones_and_nodes(rendered) -> None:
+    constraints = {c["topologyKey"]: c for c in _pod_spec(rendered)["topologySpreadConstraints"]}
+    assert set(constraints) == {"topology.kubernetes.io/zone", "kubernetes.io/hostname"}
+    for key, constraint in constraints.items():
+        assert constraint["maxSkew"] == 1
+        # never DoNotSchedule: a full node or a cluster without zone labels must not leave replicas Pending
+        assert constraint["whenUnsatisfiable"] == "ScheduleAnyway", key
+        assert constraint["labelSelector"]["matchLabels"].items() <= _pod_labels(rendered).items()
+        assert constraint.get("matchLabelKeys") == ["pod-template-hash"]
+
+
+def test_network_policy_admits_only_the_listed_peers_and_no_egress(rendered) -> None:
+    policy = one(rendered, "NetworkPolicy")["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= _pod_labels(rendered).items()
+    assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
+    assert policy["egress"] == [], "the server connects to nothing"
+    port = dockerfile_port()
+    named = {p["name"]: p["containerPort"] for p in _container(rendered)["ports"]}
+    for rule in policy["ingress"]:
+        assert rule["ports"], "a rule without ports admits every port"
+        assert {named.get(p["port"], p["port"]) for p in rule["ports"]} == {port}
+        assert rule["from"], "a rule without `from` admits everyone"
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer
+            # an empty selector ({}) selects every pod or namespace: each one must name labels
+            selectors = [peer[k] for k in ("namespaceSelector", "podSelector") if k in peer]
+            assert selectors and all(s.get("matchLabels") or s.get("matchExpressions") for s in selectors), peer
+    namespaces = {
+        peer["namespaceSelector"]["matchLabels"].get("kubernetes.io/metadata.name")
+        for rule in policy["ingress"]
+        for peer in rule["from"]
+        if "namespaceSelector" in peer
+    }
+    assert namespaces == {"ingress-nginx", "monitoring"}
+
+
+NGINX_CONF = ROOT / "deploy" / "nginx" / "captioner.conf"
+
+
+def _nginx_directive(pattern: str) -> str:
+    text = "\n".join(line for line in NGINX_CONF.read_text().splitlines() if not line.lstrip().startswith("#"))
+    (value,) = re.findall(pattern, text)
+    return value
+
+
+def test_the_ingress_routes_to_the_service_with_the_nginx_configs_limits(rendered) -> None:
+    ingress = one(rendered, "Ingress")
+    service = one(rendered, "Service")
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    backends = [path["backend"]["service"] for rule in ingress["spec"]["rules"] for path in rule["http"]["paths"]]
+    assert backends and all(b["name"] == service["metadata"]["name"] for b in backends)
+    assert {b["port"]["name"] for b in backends} <= {p["name"] for p in service["spec"]["ports"]}
+    annotations = {
+        k.removeprefix("nginx.ingress.kubernetes.io/"): v for k, v in ingress["metadata"]["annotations"].items()
+    }
+    # the same limits as deploy/nginx/captioner.conf, which scripts/replicas-smoke.sh checks in a real nginx
+    assert annotations["proxy-body-size"] == _nginx_directive(r"client_max_body_size\s+(\w+);")
+    assert annotations["client-body-buffer-size"] == _nginx_directive(r"client_body_buffer_size\s+(\w+);")
+    rate = int(_nginx_directive(r"limit_req_zone\s+\S+\s+zone=\S+\s+rate=(\d+)r/s;"))
+    assert int(annotations["limit-rps"]) == rate
+    assert int(annotations["limit-rps"]) * int(annotations["limit-burst-multiplier"]) == int(
+        _nginx_directive(r"limit_req\s+zone=\S+\s+burst=(\d+)")
+    )
+    assert annotations["limit-connections"] == _nginx_directive(r"limit_conn\s+\S+\s+(\d+);")
+    # bodies up to the server's own limit reach it, so that it answers them with its JSON 413
+    max_upload = int(one(rendered, "ConfigMap")["data"]["CAPTIONER_MAX_UPLOAD_BYTES"])
+    assert _memory_bytes(annotations["proxy-body-size"].replace("m", "Mi")) > max_upload
+
+
+def _controller_config() -> dict[str, str]:
+    """The ingress-nginx controller ConfigMap that docs/deploy.md shows."""
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    blocks = [yaml.safe_load(b) for b in re.findall(r"^```yaml\n(.*?)^```", text, re.MULTILINE | re.DOTALL)]
+    (config,) = [
+        b for b in blocks if b.get("kind") == "ConfigMap" and b["metadata"]["name"] == "ingress-nginx-controller"
+    ]
+    kubernetes_validate.validate(config, K8S_VERSIONS[0], strict=True)
+    return config["data"]
+
+
+def test_the_documented_controller_settings_match_the_nginx_config() -> None:
+    data = _controller_config()
+    assert data["limit-req-status-code"] == _nginx_directive(r"limit_req_status\s+(\d+);") == "429"
+    assert data["limit-conn-status-code"] == _nginx_directive(r"limit_conn_status\s+(\d+);") == "429"
+    assert data["large-client-header-buffers"] == _nginx_directive(r"large_client_header_buffers\s+([^;]+);")
+    assert data["client-header-buffer-size"] == _nginx_directive(r"client_header_buffer_size\s+(\w+);")
+    for key, directive in (
+        ("client-header-timeout", "client_header_timeout"),
+        ("client-body-timeout", "client_body_timeout"),
+    ):
+        assert f"{data[key]}s" == _nginx_directive(rf"{directive}\s+(\w+);")
 
 
 def test_gpu_overlay(gpu) -> None:
@@ -462,8 +599,9 @@ def test_gpu_overlay(gpu) -> None:
     assert str(container["resources"]["limits"]["nvidia.com/gpu"]) == "1"
     tolerations = _pod_spec(gpu)["tolerations"]
     assert any(t["key"] == "nvidia.com/gpu" and t["operator"] == "Exists" for t in tolerations)
-    # the patch merged into the base container rather than replacing it
-    for key in ("image", "ports", "envFrom", "startupProbe", "readinessProbe", "livenessProbe", "securityContext"):
+    # the patch merged into the base container rather than replacing it (the image: same name, its own tag)
+    assert container["image"].partition(":")[0] == base["image"].partition(":")[0]
+    for key in ("ports", "envFrom", "startupProbe", "readinessProbe", "livenessProbe", "securityContext"):
         assert container[key] == base[key], f"the gpu overlay lost the base's {key}"
     assert container["resources"]["requests"]["cpu"] == base["resources"]["requests"]["cpu"]
 

@@ -1,14 +1,22 @@
-"""Replicas behind nginx: the config scripts/replicas-smoke.sh writes, and the smoke run itself (a replica
-SIGKILLed under load, every request still answered through the balancer)."""
+"""Replicas behind nginx: the config scripts/replicas-smoke.sh writes, nginx's own limits and JSON errors (against a
+stand-in replica, so in seconds), and the smoke run itself (the limits, then a replica SIGKILLed under load, every
+request still answered through the balancer)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -66,6 +74,97 @@ def test_shipped_config_is_valid_nginx(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
+def test_limits_are_read_from_the_config_once_each() -> None:
+    helper = _helper()
+    template = TEMPLATE.read_text()
+    limits = helper.read_limits(template)
+    assert limits.burst >= limits.rate > 0 and limits.connections > 0
+    assert limits.header_line >= 1024 and limits.body > 10 * 2**20  # the service's own 413 covers 10 MiB
+    without = re.sub(r"^\s*limit_conn \S+ \d+;$", "    # limit_conn off;", template, flags=re.MULTILINE)
+    assert without != template
+    with pytest.raises(ValueError, match="limit_conn"):
+        helper.read_limits(without)
+
+
+class _StandIn(BaseHTTPRequestHandler):
+    """A replica that answers 200 to everything at once: no limits of its own, and no body read."""
+
+    def _answer(self) -> None:
+        body = json.dumps({"status": "ok"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, format: str, *args: object) -> None:  # quiet
+        pass
+
+
+@contextlib.contextmanager
+def _stand_in() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _StandIn)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _check_limits(url: str, limits) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = _helper().check_limits(url, limits)
+    return rc, out.getvalue()
+
+
+def test_the_limits_check_fails_where_nothing_limits() -> None:
+    """Straight to a server without nginx's limits: every check but the first must fail, or it proves nothing."""
+    helper = _helper()
+    limits = helper.NginxLimits(rate=20, burst=4, connections=3, header_line=1024, body=1000)
+    with _stand_in() as port:
+        rc, out = _check_limits(f"http://127.0.0.1:{port}", limits)
+    lines = out.splitlines()
+    assert rc == 1 and lines[-1] == "limits: 6 failed", out
+    assert re.fullmatch(r"  a \d+-byte header +200", lines[0]) and all("FAILED: " in line for line in lines[1:-1]), out
+
+
+def test_the_shipped_limits_hold_in_nginx(tmp_path: Path) -> None:
+    """deploy/nginx/captioner.conf as replicas-smoke.sh runs it, in front of a stand-in replica."""
+    nginx = _nginx()
+    if nginx is None:
+        pytest.skip("nginx is not installed")
+    helper = _helper()
+    prefix = tmp_path / "nginx"
+    prefix.mkdir()
+    (listen,) = helper.free_ports(1)
+    with _stand_in() as replica:
+        user = ("root", "root") if os.geteuid() == 0 else None
+        conf = helper.nginx_conf(TEMPLATE.read_text(), listen, [replica], user=user)
+        (prefix / "nginx.conf").write_text(conf)
+        args = [nginx, "-p", f"{prefix}/", "-e", str(prefix / "error.log"), "-c", str(prefix / "nginx.conf")]
+        process = subprocess.Popen([*args, "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            url = f"http://127.0.0.1:{listen}"
+            deadline = time.monotonic() + 20
+            while not (prefix / "nginx.pid").exists() or process.poll() is not None:
+                assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+                time.sleep(0.05)
+            rc, out = _check_limits(url, helper.read_limits(conf))
+        finally:
+            process.terminate()
+            process.wait(timeout=20)
+    assert rc == 0, out
+    assert re.search(
+        r"^  a burst from one address +\d+ passed, then 429 JSON, Retry-After: 1; after the wait: 200$", out, re.M
+    )
+    assert out.splitlines()[-1] == "limits: ok"
+
+
 @pytest.mark.slow
 def test_replicas_smoke_survives_a_killed_replica() -> None:
     photos = next((d for d in PHOTO_DIRS if d.is_dir()), None)
@@ -85,6 +184,10 @@ def test_replicas_smoke_survives_a_killed_replica() -> None:
     )
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
+    # nginx's own limits held (each check is a line; scripts/replicas_load.py check_limits)
+    assert re.search(r"^limits: ok$", out, re.MULTILINE), out
+    assert re.search(r"^  a \d+-byte header +431 JSON$", out, re.MULTILINE), out
+    assert re.search(r"^  a burst from one address +\d+ passed, then 429 JSON", out, re.MULTILINE), out
     last = out.strip().splitlines()[-1]
     m = re.fullmatch(r"requests=(\d+) ok=(\d+) failed=(\d+)", last)
     assert m, last
@@ -97,3 +200,8 @@ def test_replicas_smoke_survives_a_killed_replica() -> None:
     # after the kill, nothing was answered by the killed replica
     share = re.search(rf"answered by 127\.0\.0\.1:{killed.group(1)} .*?(\d+) after$", out, re.MULTILINE)
     assert share is None or share.group(1) == "0", out
+    # the replicas logged the load's own addresses (X-Forwarded-For from nginx, a trusted proxy), not nginx's
+    clients = re.search(
+        r"^  clients in the replicas' logs +(\d+) of the load's (\d+) addresses \(\d+ requests\)$", out, re.M
+    )
+    assert clients and int(clients.group(1)) > 0, out

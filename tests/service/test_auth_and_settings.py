@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -208,3 +209,38 @@ def test_onnxruntime_backend_without_the_extra_fails_startup_with_one_line(
     monkeypatch.setenv("CAPTIONER_BACKEND", "tensorrt")
     with pytest.raises(ValueError, match="backend"):
         Settings()
+
+
+@pytest.mark.parametrize("keys", [None, "", " , "], ids=["unset", "empty", "commas"])
+def test_required_api_keys_missing_stop_the_server_before_it_loads(
+    keys: str | None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What a Kubernetes pod does when the Secret is missing: exit non-zero, the last line saying why."""
+    from service import cli
+
+    monkeypatch.setattr(cli, "create_app", lambda settings: pytest.fail("got past the settings"))
+    monkeypatch.setenv("CAPTIONER_REQUIRE_API_KEYS", "true")
+    if keys is None:
+        monkeypatch.delenv("CAPTIONER_API_KEYS", raising=False)
+    else:
+        monkeypatch.setenv("CAPTIONER_API_KEYS", keys)
+    with pytest.raises(SystemExit) as stopped:
+        cli.main([])
+    assert stopped.value.code != 0
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "CAPTIONER_API_KEYS is empty" in last and "CAPTIONER_REQUIRE_API_KEYS=false" in last, err
+    assert "Traceback" not in err
+    monkeypatch.setenv("CAPTIONER_API_KEYS", "key-one")
+    assert Settings().require_api_keys and Settings().api_keys == ["key-one"]
+
+
+@pytest.mark.parametrize("keys", [[], KEYS], ids=["open", "with-keys"])
+def test_an_open_api_is_announced_once_at_start(
+    tiny_checkpoint: Path, keys: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING), TestClient(create_app(Settings(checkpoint=tiny_checkpoint, api_keys=keys))):
+        pass
+    warnings = [r for r in caplog.records if "no API keys" in r.getMessage()]
+    assert len(warnings) == (0 if keys else 1), caplog.text
+    assert all(r.levelno == logging.WARNING and "CAPTIONER_REQUIRE_API_KEYS" in r.getMessage() for r in warnings)
