@@ -391,6 +391,28 @@ def test_settings_accept_the_values(folder: Path, monkeypatch) -> None:
     assert fields and fields <= settings.model_fields_set, "the settings were not read from the environment"
 
 
+def _memory_bytes(quantity: str) -> int:
+    match = re.fullmatch(r"(\d+)(Ki|Mi|Gi)?", quantity)
+    assert match, f"memory quantity {quantity!r} not understood"
+    return int(match.group(1)) * {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}[match.group(2)]
+
+
+def test_the_worst_case_of_everything_in_flight_fits_the_memory_limit(monkeypatch) -> None:
+    """service.memory_plan's sum under the ConfigMap's settings stays within the CPU Deployment's memory limit."""
+    from service.memory_plan import total_mib, worst_case
+    from service.settings import Settings
+
+    rendered = render(K8S)
+    values = dict(one(rendered, "ConfigMap")["data"])
+    (secret,) = load_docs(BASE / "secret.example.yaml")
+    values.update(secret["stringData"])
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    items = worst_case(Settings())
+    limit = _memory_bytes(_container(rendered)["resources"]["limits"]["memory"])
+    assert total_mib(items) * 2**20 <= limit, [(i.name, round(i.mib)) for i in items]
+
+
 def test_configmap_and_secret_are_wired_in(rendered) -> None:
     (config,) = load_kustomization(BASE)["configMapGenerator"]
     (secret,) = load_docs(BASE / "secret.example.yaml")
