@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 ImageSource = Image.Image | bytes | str | os.PathLike
 
@@ -97,9 +97,10 @@ def load_image(
 
     EXIF orientation is applied; animated images give their first frame; grayscale, palette,
     RGBA (composited on white), CMYK and 16-bit images are converted to RGB with correct levels.
-    With ``min_size``, a JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) when both
-    sides stay at least ``min_size``: a 12-megapixel photo decodes about 10x faster and the encoder
-    never sees the lost detail. ``image.info["original_size"]`` is then the full upright size.
+    With ``min_size``, a JPEG (RGB, grayscale or CMYK; phone cameras' MPO files too) is decoded at 1/2,
+    1/4 or 1/8 scale (libjpeg's DCT scaling) when both sides stay at least ``min_size``: a 12-megapixel
+    photo decodes about 10x faster, a large image never occupies its full size in memory, and the
+    encoder never sees the lost detail. ``image.info["original_size"]`` is then the full upright size.
     Raises :class:`ImageError` with a one-line reason for anything that is not a usable image.
     """
     if isinstance(source, Image.Image):
@@ -132,8 +133,8 @@ def load_image(
     try:
         if getattr(image, "is_animated", False):
             image.seek(0)
-        if min_size is not None and image.format == "JPEG" and image.mode in ("RGB", "L"):
-            image.draft(image.mode, (min_size, min_size))
+        if min_size is not None and isinstance(image, JpegImagePlugin.JpegImageFile):  # MPO files too
+            image.draft(image.mode, (min_size, min_size))  # any mode: CMYK scales as well as RGB
         image.load()
         transposed = ImageOps.exif_transpose(image)
         if transposed.size != image.size:
