@@ -7,6 +7,7 @@ here, so that a model never sees differently prepared pixels at training and at 
 from __future__ import annotations
 
 import enum
+import functools
 import io
 import os
 import warnings
@@ -30,6 +31,11 @@ DEFAULT_MAX_PIXELS = 40_000_000
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 # File name endings taken as images when a folder is given (the formats the API documents).
 IMAGE_EXTENSIONS = frozenset((".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"))
+# Pillow mallocs an image's pixels in blocks of at most this many bytes (its own default: 16 MiB). One
+# block per image makes a large image one allocation above malloc's mmap threshold, which glibc maps on
+# its own and unmaps when the image is freed; 16 MiB blocks stay below it and, freed on a decode thread,
+# stay in that thread's malloc arena for good (see captioner.runtime, "Large images").
+WHOLE_IMAGE_BLOCK_BYTES = 1024 * 1024 * 1024  # Pillow's maximum; more than DEFAULT_MAX_PIXELS takes
 
 
 class ImageErrorCode(enum.Enum):
@@ -90,6 +96,17 @@ class Preprocess:
         return max(0, left), max(0, top), min(resized_w, left + self.crop), min(resized_h, top + self.crop)
 
 
+@functools.cache
+def allocate_images_whole() -> None:
+    """Have Pillow allocate each image's pixels in one block, so a large image's memory goes back to the
+    system when it is freed (see :data:`WHOLE_IMAGE_BLOCK_BYTES`); :func:`load_image` calls it.
+
+    Process-wide and done once. A block size set with Pillow's own ``PILLOW_BLOCK_SIZE`` is left as it is.
+    """
+    if "PILLOW_BLOCK_SIZE" not in os.environ:
+        Image.core.set_block_size(WHOLE_IMAGE_BLOCK_BYTES)
+
+
 def load_image(
     source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_size: int | None = None
 ) -> Image.Image:
@@ -103,6 +120,7 @@ def load_image(
     encoder never sees the lost detail. ``image.info["original_size"]`` is then the full upright size.
     Raises :class:`ImageError` with a one-line reason for anything that is not a usable image.
     """
+    allocate_images_whole()
     if isinstance(source, Image.Image):
         image = source
     else:
