@@ -50,7 +50,9 @@ thread for the life of the process. Two changes in :mod:`captioner.transforms` e
   one larger than the mmap threshold is its own mapping and goes back to the system when freed.
 
 Images whose pixels are smaller than the mmap threshold (under 16 megapixels of RGB at 64 MiB) still
-stay in their thread's arena once freed, where the next image reuses them.
+stay in their thread's arena once freed, where the next image reuses them. The price of giving a
+larger one back is that the next gets fresh pages from the kernel, page faults included;
+``bench/large_images.py`` measures both.
 """
 
 from __future__ import annotations
