@@ -1,4 +1,7 @@
 import io
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -6,6 +9,7 @@ import torch
 from PIL import Image
 
 from captioner.transforms import (
+    WHOLE_IMAGE_BLOCK_BYTES,
     ImageError,
     Preprocess,
     build_transform,
@@ -269,3 +273,17 @@ def test_high_bit_images_convert_in_bands_within_a_byte_per_pixel(mode, dtype, v
     # the 8-bit result (1 B per pixel) and one band's scratch; Pillow's own images are not Python allocations
     bound = height * width + 16 * width * _BAND_ROWS + 100_000
     assert peak <= bound, f"{peak / (height * width):.1f} bytes per pixel"
+
+
+@pytest.mark.parametrize(("env", "block_size"), [({}, WHOLE_IMAGE_BLOCK_BYTES), ({"PILLOW_BLOCK_SIZE": "16m"}, 2**24)])
+def test_images_are_allocated_whole_unless_pillow_block_size_is_set(env: dict[str, str], block_size: int) -> None:
+    """One block per image is what lets a large image's memory go back (captioner.runtime, "Large images");
+    a block size the user gave Pillow stays. Fresh processes: the setting is process-wide."""
+    probe = (
+        "from PIL import Image; from captioner.transforms import load_image; "
+        "load_image(Image.new('RGB', (4, 4))); print(Image.core.get_block_size())"
+    )
+    environ = {k: v for k, v in os.environ.items() if k != "PILLOW_BLOCK_SIZE"}
+    done = subprocess.run([sys.executable, "-c", probe], env={**environ, **env}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split()[-1]) == block_size
