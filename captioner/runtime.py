@@ -25,10 +25,34 @@ main thread, tuned                50
 
 :func:`tune_malloc` fixes both thresholds (which also switches off glibc's dynamic adjustment), so
 freed tensor memory stays in the process for the next request. The cost is memory the process keeps
-instead of returning: at most about the trim threshold per malloc arena. The same can be had without
-code through glibc's environment variables (``MALLOC_MMAP_THRESHOLD_=67108864
-MALLOC_TRIM_THRESHOLD_=134217728``; set to 1 GiB they gave the same 47 ms); preloading jemalloc or
-tcmalloc should too (not measured here).
+instead of returning: a thread's arena keeps what its blocks below the mmap threshold took at their
+peak (see below). The same can be had without code through glibc's environment variables
+(``MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=134217728``; set to 1 GiB they gave the
+same 47 ms); preloading jemalloc or tcmalloc should too (not measured here).
+
+Large images
+------------
+Every thread that decodes images (the service's decode threads, a bulk run's pool, DataLoader
+workers' threads) has its own malloc arena too, and that arena practically never gives memory back:
+glibc returns free memory only from the top of an arena's heap, and for an arena other than the main
+one only once that free top is larger than the trim threshold, which at 128 MiB never happens in its
+heaps of at most 64 MiB. Blocks above the mmap threshold are not at risk: each is its own mapping,
+unmapped when freed.
+
+Pillow used to put a large image there piece by piece: it mallocs an image's pixels in blocks of up to
+16 MiB, below the mmap threshold (64 MiB here, and glibc's own rises to 16 MiB once the first such
+block is freed). So every decoding thread kept the working set of the largest image it had decoded:
+a 36-megapixel CMYK JPEG, decoded whole into ~144 MB of CMYK and ~144 MB of RGB, left ~290 MB per
+thread for the life of the process. Two changes in :mod:`captioner.transforms` end that:
+
+* JPEGs of every mode are decoded at the scale the encoder needs (the CMYK one: 920x614, ~2 MB);
+* images are allocated in one block each (:func:`captioner.transforms.allocate_images_whole`), so
+  one larger than the mmap threshold is its own mapping and goes back to the system when freed.
+
+Images whose pixels are smaller than the mmap threshold (under 16 megapixels of RGB at 64 MiB) still
+stay in their thread's arena once freed, where the next image reuses them. The price of giving a
+larger one back is that the next gets fresh pages from the kernel, page faults included;
+``bench/large_images.py`` measures both.
 """
 
 from __future__ import annotations

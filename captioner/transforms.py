@@ -7,6 +7,7 @@ here, so that a model never sees differently prepared pixels at training and at 
 from __future__ import annotations
 
 import enum
+import functools
 import io
 import os
 import warnings
@@ -16,7 +17,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 ImageSource = Image.Image | bytes | str | os.PathLike
 
@@ -36,6 +37,11 @@ WEBP_DECODE_BYTES_PER_PIXEL = 20
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 # File name endings taken as images when a folder is given (the formats the API documents).
 IMAGE_EXTENSIONS = frozenset((".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"))
+# Pillow mallocs an image's pixels in blocks of at most this many bytes (its own default: 16 MiB). One
+# block per image makes a large image one allocation above malloc's mmap threshold, which glibc maps on
+# its own and unmaps when the image is freed; 16 MiB blocks stay below it and, freed on a decode thread,
+# stay in that thread's malloc arena for good (see captioner.runtime, "Large images").
+WHOLE_IMAGE_BLOCK_BYTES = 1024 * 1024 * 1024  # Pillow's maximum; more than DEFAULT_MAX_PIXELS takes
 
 
 class ImageErrorCode(enum.Enum):
@@ -96,6 +102,17 @@ class Preprocess:
         return max(0, left), max(0, top), min(resized_w, left + self.crop), min(resized_h, top + self.crop)
 
 
+@functools.cache
+def allocate_images_whole() -> None:
+    """Have Pillow allocate each image's pixels in one block, so a large image's memory goes back to the
+    system when it is freed (see :data:`WHOLE_IMAGE_BLOCK_BYTES`); :func:`load_image` calls it.
+
+    Process-wide and done once. A block size set with Pillow's own ``PILLOW_BLOCK_SIZE`` is left as it is.
+    """
+    if "PILLOW_BLOCK_SIZE" not in os.environ:
+        Image.core.set_block_size(WHOLE_IMAGE_BLOCK_BYTES)
+
+
 def load_image(
     source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_size: int | None = None
 ) -> Image.Image:
@@ -103,11 +120,13 @@ def load_image(
 
     EXIF orientation is applied; animated images give their first frame; grayscale, palette,
     RGBA (composited on white), CMYK and 16-bit images are converted to RGB with correct levels.
-    With ``min_size``, a JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) when both
-    sides stay at least ``min_size``: a 12-megapixel photo decodes about 10x faster and the encoder
-    never sees the lost detail. ``image.info["original_size"]`` is then the full upright size.
+    With ``min_size``, a JPEG (RGB, grayscale or CMYK; phone cameras' MPO files too) is decoded at 1/2,
+    1/4 or 1/8 scale (libjpeg's DCT scaling) when both sides stay at least ``min_size``: a 12-megapixel
+    photo decodes about 10x faster, a large image never occupies its full size in memory, and the
+    encoder never sees the lost detail. ``image.info["original_size"]`` is then the full upright size.
     Raises :class:`ImageError` with a one-line reason for anything that is not a usable image.
     """
+    allocate_images_whole()
     if isinstance(source, Image.Image):
         image = source
     else:
@@ -141,8 +160,8 @@ def load_image(
     try:
         if getattr(image, "is_animated", False):
             image.seek(0)
-        if min_size is not None and image.format == "JPEG" and image.mode in ("RGB", "L"):
-            image.draft(image.mode, (min_size, min_size))
+        if min_size is not None and isinstance(image, JpegImagePlugin.JpegImageFile):  # MPO files too
+            image.draft(image.mode, (min_size, min_size))  # any mode: CMYK scales as well as RGB
         image.load()
         size = image.size
         ImageOps.exif_transpose(image, in_place=True)  # without in_place it copies even an upright image

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from captioner import Captioner, EncoderConfig, Vocabulary
 from captioner.config import DecoderConfig
@@ -21,6 +23,24 @@ CAPTIONS = [
     "a man rides a bike down the street",
     "a girl in a pink dress sits on a bench",
 ]
+
+
+LARGE_IMAGE_SIZE = (7360, 4912)  # 36 megapixels, under the service's 40-megapixel limit
+
+
+def write_large_image(kind: str, path: Path) -> Path:
+    """A 36-megapixel ``"cmyk-jpeg"`` or RGB ``"png"``, smooth enough to stay a few MB on disk (an upload
+    under the service's 10 MB limit), written in 1-2 s."""
+    rng = np.random.default_rng(0)
+    if kind == "cmyk-jpeg":
+        small = Image.fromarray(rng.integers(0, 256, (31, 46, 4), dtype=np.uint8), "CMYK")
+        small.resize(LARGE_IMAGE_SIZE, Image.Resampling.BILINEAR).save(path, "JPEG", quality=75)
+    elif kind == "png":
+        small = Image.fromarray(rng.integers(0, 256, (307, 460, 3), dtype=np.uint8), "RGB")
+        small.resize(LARGE_IMAGE_SIZE, Image.Resampling.NEAREST).save(path, "PNG", compress_level=1)
+    else:
+        raise ValueError(f"unknown kind {kind!r}; expected cmyk-jpeg or png")
+    return path
 
 
 def free_port() -> int:

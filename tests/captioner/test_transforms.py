@@ -1,4 +1,7 @@
 import io
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -6,6 +9,7 @@ import torch
 from PIL import Image
 
 from captioner.transforms import (
+    WHOLE_IMAGE_BLOCK_BYTES,
     ImageError,
     Preprocess,
     build_transform,
@@ -201,6 +205,26 @@ def test_large_jpeg_decodes_at_reduced_scale_with_the_same_crop():
     assert load_image(_bytes(photo, "PNG"), min_size=pre.resize).size == (2400, 1800)
 
 
+@pytest.mark.parametrize("kind", ["cmyk-jpeg", "grayscale-jpeg", "mpo"])
+def test_every_kind_of_jpeg_decodes_at_reduced_scale(kind: str) -> None:
+    """CMYK JPEGs (print workflows) and phone cameras' MPO files are JPEGs too: decoded at full size, a
+    36-megapixel CMYK upload held ~290 MB on its decode thread instead of ~2 MB."""
+    pre = Preprocess(resize=292, crop=260)
+    photo = _photo_like(2400, 1800, seed=2)
+    if kind == "mpo":
+        data = _bytes(photo, "MPO", save_all=True, append_images=[photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)])
+        assert Image.open(io.BytesIO(data)).format == "MPO"
+    else:
+        data = _bytes(photo.convert("CMYK" if kind == "cmyk-jpeg" else "L"), "JPEG", quality=95)
+    small = load_image(data, min_size=pre.resize)
+    full = load_image(data)
+    assert small.size == (600, 450) and full.size == (2400, 1800)
+    assert small.mode == "RGB" and small.info["original_size"] == (2400, 1800)
+    a = np.asarray(resize_crop(small, pre)).astype(int)
+    b = np.asarray(resize_crop(full, pre)).astype(int)
+    assert np.abs(a - b).mean() < 2.0  # the same pixels but for DCT scaling's low-pass filter
+
+
 def test_original_size_is_upright_for_exif_rotated_photos():
     image = _gradient(60, 40)
     exif = image.getexif()
@@ -249,3 +273,17 @@ def test_high_bit_images_convert_in_bands_within_a_byte_per_pixel(mode, dtype, v
     # the 8-bit result (1 B per pixel) and one band's scratch; Pillow's own images are not Python allocations
     bound = height * width + 16 * width * _BAND_ROWS + 100_000
     assert peak <= bound, f"{peak / (height * width):.1f} bytes per pixel"
+
+
+@pytest.mark.parametrize(("env", "block_size"), [({}, WHOLE_IMAGE_BLOCK_BYTES), ({"PILLOW_BLOCK_SIZE": "16m"}, 2**24)])
+def test_images_are_allocated_whole_unless_pillow_block_size_is_set(env: dict[str, str], block_size: int) -> None:
+    """One block per image is what lets a large image's memory go back (captioner.runtime, "Large images");
+    a block size the user gave Pillow stays. Fresh processes: the setting is process-wide."""
+    probe = (
+        "from PIL import Image; from captioner.transforms import load_image; "
+        "load_image(Image.new('RGB', (4, 4))); print(Image.core.get_block_size())"
+    )
+    environ = {k: v for k, v in os.environ.items() if k != "PILLOW_BLOCK_SIZE"}
+    done = subprocess.run([sys.executable, "-c", probe], env={**environ, **env}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split()[-1]) == block_size
