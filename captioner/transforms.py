@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
-ImageSource = Image.Image | bytes | str | os.PathLike
+ImageSource = Image.Image | bytes | bytearray | memoryview | str | os.PathLike
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -37,7 +37,7 @@ class Form:
     """The parts of a multipart body: text fields and files (both held in memory)."""
 
     fields: dict[str, str]
-    files: dict[str, bytes]
+    files: dict[str, bytearray]  # as received: no second copy of an upload
 
 
 def _human(n: int) -> str:
@@ -157,12 +157,12 @@ async def read_form(request: Request, *, max_file_bytes: int, upload: Upload) ->
         raise ApiError(400, "bad_request", "the client disconnected before the upload finished") from None
 
     fields: dict[str, str] = {}
-    files: dict[str, bytes] = {}
+    files: dict[str, bytearray] = {}
     for part in parts:
         if part.name is None:
             raise ApiError(400, "bad_request", "a form part has no name (Content-Disposition: form-data; name=...)")
         if part.filename is not None or part.name == "image":
-            files[part.name] = bytes(part.data)
+            files[part.name] = part.data
         else:
             try:
                 fields[part.name] = part.data.decode("utf-8")

@@ -178,7 +178,7 @@ def _parse_options(query: Mapping[str, str], fields: Mapping[str, str]) -> Capti
         raise ApiError(422, "invalid_option", describe_validation_errors(exc.errors())) from None
 
 
-def _image_bytes(form: Form) -> bytes:
+def _image_bytes(form: Form) -> bytearray:
     if IMAGE_FIELD in form.files:
         return form.files[IMAGE_FIELD]
     if form.files:
@@ -189,7 +189,7 @@ def _image_bytes(form: Form) -> bytes:
     raise ApiError(400, "missing_image", message)
 
 
-def _decode(data: bytes, max_pixels: int, preprocess: Preprocess) -> tuple[Image.Image, tuple[int, int]]:
+def _decode(data: bytearray, max_pixels: int, preprocess: Preprocess) -> tuple[Image.Image, tuple[int, int]]:
     """On a decode thread: the upload's bytes (in memory) to the encoder's RGB crop, and the upright image size.
 
     Decoding, resizing and cropping are the library's own steps (PIL, no torch), done here so the model
