@@ -1,4 +1,4 @@
-"""The real server under pressure: refusal before the body, JSON access logs, and SIGTERM draining."""
+"""The real server under pressure: stalled uploads and the queue, JSON access logs, and SIGTERM draining."""
 
 from __future__ import annotations
 
@@ -76,21 +76,21 @@ def _in_progress(server: Server) -> float:
     raise AssertionError("no captioner_requests_in_progress metric")
 
 
-def test_a_full_server_refuses_at_once_before_the_body(tiny_checkpoint: Path) -> None:
+def test_an_upload_in_progress_takes_no_place_in_the_queue(tiny_checkpoint: Path) -> None:
+    """CAPTIONER_MAX_QUEUE bounds requests whose upload is complete: a stalled upload (here the only place) does
+    not make the server refuse others (the audit saw 256 stalled uploads take every place); its own limits are
+    tests/service/test_hostile_clients.py's. Refusal from the headers is test_admission's."""
     env = {"CAPTIONER_MAX_QUEUE": "1", "CAPTIONER_ACCESS_LOG": "json"}
     with running_server(tiny_checkpoint, env) as server:
-        slow, rest = _start_upload(server)  # takes the one place
+        slow, rest = _start_upload(server)
         _wait_until(lambda: _in_progress(server) == 1)
         address = urlsplit(server.url)
         with socket.create_connection((address.hostname, address.port), timeout=30) as other:
-            head, _ = _multipart(PNG)
-            started = time.perf_counter()
-            other.sendall(head)  # headers only: the body would follow, but the answer must not wait for it
-            status, headers, body = _read_response(other)
-            elapsed = time.perf_counter() - started
-        assert status == 503 and elapsed < 1.5, (status, elapsed)
-        assert json.loads(body)["error"]["code"] == "overloaded" and int(headers["retry-after"]) >= 1
-        slow.sendall(rest)  # the admitted upload is still served
+            head, body = _multipart(PNG)
+            other.sendall(head.replace(b"slow-upload", b"other-upload") + body)
+            status, headers, _ = _read_response(other)
+        assert status == 200 and headers["x-request-id"] == "other-upload"
+        slow.sendall(rest)  # the stalled upload is still served when it goes on
         status, headers, body = _read_response(slow)
         slow.close()
         assert status == 200 and json.loads(body)["captions"] and headers["x-request-id"] == "slow-upload"
@@ -98,7 +98,7 @@ def test_a_full_server_refuses_at_once_before_the_body(tiny_checkpoint: Path) ->
         server.process.wait(30)
     records = [json.loads(line) for line in server.lines if line.startswith("{")]
     caption_records = [r for r in records if r["path"] == "/caption"]
-    assert [(r["status"], r["request_id"]) for r in caption_records] == [(503, "slow-upload"), (200, "slow-upload")]
+    assert [(r["status"], r["request_id"]) for r in caption_records] == [(200, "other-upload"), (200, "slow-upload")]
     assert not any('"POST /caption' in line for line in server.lines)  # no uvicorn text access line as well
 
 
