@@ -14,7 +14,8 @@ Names. The clean name is used as it is, with three mechanical fixes and a short 
 (:data:`NAME_OVERRIDES`): when it equals one of the synset's WordNet lemmas but for letter case, the lemma's
 case is taken ("Golden Retriever" -> "golden retriever", while "Chihuahua" and "Great Dane" keep theirs); a
 trailing disambiguation in brackets is dropped ("kite (bird of prey)" -> "kite"); of alternatives written
-"a / b" the first is kept ("cardboard box / carton" -> "cardboard box").
+"a / b" the first is kept ("cardboard box / carton" -> "cardboard box"). Names written "a or b", the few that
+describe rather than name, and two with lost capitals are in the reviewed list.
 
 Groups and parents. :data:`ANCHORS` is an ordered list of groups, each one or more WordNet synsets. A class's
 *group* is the first anchor in that order found anywhere on its hypernym chain (the class's own synset
@@ -134,6 +135,16 @@ NAME_OVERRIDES: dict[str, str] = {
     "n02123159": "tiger cat",  # clean name: "a cat having a striped coat"
     "n03642806": "laptop",  # clean name: "laptop computer"
     "n03710637": "leotard",  # clean name: "tights for gymnastics, a one-piece leotard, or a sport jersey"
+    "n13133613": "ear of corn",  # clean name: "fruiting spike of a cereal plant"; the photos are corn cobs
+    "n01817953": "African grey parrot",  # clean name: "african grey parrot"
+    "n03777568": "Model T",  # clean name: "ford model t" (WordNet: "Model T")
+    # "a or b" names, where keeping the first word would be wrong ("traffic", "vaulted"): the plainer one
+    "n02114712": "red wolf",
+    "n03017168": "wind chime",
+    "n03065424": "coil",
+    "n03424325": "gas mask",
+    "n04523525": "vaulted ceiling",
+    "n06794110": "street sign",
 }
 # WordNet family -> display name shared by all its classes (the rule is in the module docstring)
 DISPLAY_FAMILIES: dict[str, str] = {

@@ -49,8 +49,8 @@ def test_the_table_has_the_1000_classes_in_class_index_order(classes: list[dict]
     assert len(set(wnids)) == 1000
     assert wnids == sorted(wnids), "the class-index order is the sorted WordNet ids"
     assert (wnids[0], wnids[999]) == ("n01440764", "n15075141")  # tench, toilet tissue
-    # an independent source of the order: torchvision's category names for the same 1,000 outputs (708 of them
-    # are spelt as here; one class out of place would drop this to about 1)
+    # an independent source of the order: torchvision's category names for the same 1,000 outputs (712 of them
+    # are spelt as here when this was written; the whole list shifted by one class would match 1)
     from torchvision.models import get_weight
 
     categories = get_weight("ResNet18_Weights.IMAGENET1K_V1").meta["categories"]
@@ -61,6 +61,7 @@ def test_the_table_has_the_1000_classes_in_class_index_order(classes: list[dict]
 def test_every_class_has_a_name_and_parents_from_the_groups(classes: list[dict]) -> None:
     for entry in classes:
         assert entry["name"].strip() == entry["name"] != "", entry
+        assert not any(mark in entry["name"] for mark in (" or ", " / ", "(")), entry  # one name, no alternatives
         assert entry["display"] in (entry["name"], *FAMILIES), entry
         if entry["name"] in LEFTOVERS:
             assert entry["parents"] == LEFTOVERS[entry["name"]], entry
