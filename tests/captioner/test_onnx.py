@@ -411,6 +411,27 @@ def test_int8_export_quantizes_the_encoder_and_still_captions(attention_export, 
     assert all(r.captions[0].tokens for r in result)
 
 
+@pytest.mark.slow  # quantization: ~10 s
+def test_an_int8_export_keeps_the_class_head(head_export, tmp_path) -> None:
+    photos = _photos(tmp_path, 4)
+    reference = head_export.reference
+    export_onnx(
+        reference,
+        tmp_path / "int8",
+        source=str(head_export.checkpoint),
+        source_sha256="0" * 64,
+        quantize="int8",
+        calibration_images=photos,
+    )
+    meta = json.loads((tmp_path / "int8" / METADATA_FILE).read_text())
+    assert meta["io"]["encoder"]["outputs"] == ["grid", "class_logits"]
+    assert isinstance(meta["check"]["class_probability_max_abs_diff"], float)  # reported, not enforced, for int8
+    model = Captioner.from_checkpoint(tmp_path / "int8", backend="onnxruntime")
+    assert model.encoder.quantized and model.encoder.has_class_head
+    probabilities = model.caption(photos[:2], method="greedy")[0].class_probabilities
+    assert probabilities is not None and abs(float(probabilities.sum()) - 1.0) < 1e-4
+
+
 def test_info_and_export_accept_default(capsys) -> None:
     assert main(["info", "default"]) == 0
     assert json.loads(capsys.readouterr().out)["encoder"]["name"] == "efficientnet_lite2"
