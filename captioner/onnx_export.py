@@ -2,7 +2,8 @@
 
 An export folder holds::
 
-    encoder.onnx        pixels (B, 3, S, S) -> grid (B, C, h, w); the encoder fused for inference
+    encoder.onnx        pixels (B, 3, S, S) -> grid (B, C, h, w) [, class_logits (B, 1000)]; the encoder fused
+                        for inference, with its ImageNet-1k head's logits when it has one
     decoder_init.onnx   grid -> the state before <start>: h [, c] (B, L, H) [, memory (B, N, E), keys (B, N, A)]
     decoder_step.onnx   tokens (B,) + state -> logits (B, V), next_h [, next_c] [, alpha (B, N)]
     captioner.json      vocabulary, preprocessing, model config, the source checkpoint's sha256, opset,
@@ -51,7 +52,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "captioner-onnx"
-EXPORT_VERSION = 2  # 2: manifest.json; loaders refuse an export without one
+# 2: manifest.json; loaders refuse an export without one. 3: the encoder graph's class_logits output; a cached
+# version-2 export of a model with a class head would answer without class probabilities, so it is exported again.
+EXPORT_VERSION = 3
 METADATA_FILE = "captioner.json"
 GRAPH_FILES = {"encoder": "encoder.onnx", "decoder_init": "decoder_init.onnx", "decoder_step": "decoder_step.onnx"}
 MANIFEST_FILE = "manifest.json"
@@ -64,6 +67,7 @@ QUANTIZE_CHOICES = ("int8",)
 # features differ by at most ~3e-5 on values up to 6, step logits by ~4e-6).
 FEATURE_ATOL = 1e-3  # largest absolute difference of the encoder's feature grids
 LOGIT_ATOL = 1e-3  # largest absolute difference of next-word logits along the same words
+CLASS_PROBABILITY_ATOL = 1e-3  # largest absolute difference of the class head's probabilities (fp32 only)
 # int8 changes the features on purpose: the check asks only that they stay close in relative terms.
 INT8_FEATURE_RTOL = 0.25  # ||int8 - fp32|| / ||fp32|| over the check images
 
@@ -80,6 +84,10 @@ class ExportError(RuntimeError):
 def state_names(config) -> tuple[str, ...]:
     """Names of the recurrent state tensors: ``h`` and, for the LSTM, ``c``."""
     return ("h", "c") if config.cell == "lstm" else ("h",)
+
+
+def encoder_output_names(has_class_head: bool) -> list[str]:
+    return ["grid", *(("class_logits",) if has_class_head else ())]
 
 
 def init_output_names(config) -> list[str]:
@@ -99,8 +107,9 @@ class _EncoderGraph(nn.Module):
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.encoder.forward_features(pixels)
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        grid, class_logits = self.encoder.forward_features_and_logits(pixels)
+        return (grid, *((class_logits,) if class_logits is not None else ()))
 
 
 class _InitGraph(nn.Module):
@@ -256,6 +265,7 @@ def _write_export(
 
     config = model.decoder.config
     crop = model.preprocess_config.crop
+    encoder_outputs = encoder_output_names(model.encoder.classifier is not None)
     with torch.no_grad():
         pixels = torch.randn(2, 3, crop, crop)
         grid = model.encoder.forward_features(pixels)
@@ -264,7 +274,7 @@ def _write_export(
         step_args = (tokens, *state.hidden, *((state.memory, state.keys) if config.attention else ()))
         try:
             encoder_graph = _EncoderGraph(model.encoder)
-            _export_graph(encoder_graph, (pixels,), folder / GRAPH_FILES["encoder"], ["pixels"], ["grid"])
+            _export_graph(encoder_graph, (pixels,), folder / GRAPH_FILES["encoder"], ["pixels"], encoder_outputs)
             init_path = folder / GRAPH_FILES["decoder_init"]
             _export_graph(_InitGraph(model.decoder), (grid,), init_path, ["grid"], init_output_names(config))
             _export_graph(
@@ -290,7 +300,7 @@ def _write_export(
         "format_version": EXPORT_VERSION,
         "graphs": GRAPH_FILES,
         "io": {
-            "encoder": {"inputs": ["pixels"], "outputs": ["grid"]},
+            "encoder": {"inputs": ["pixels"], "outputs": encoder_outputs},
             "decoder_init": {"inputs": ["grid"], "outputs": init_output_names(config)},
             "decoder_step": {"inputs": step_input_names(config), "outputs": step_output_names(config)},
         },
@@ -359,7 +369,9 @@ def check_export(model: Captioner, folder: Path, image_paths: list[str] | None =
     """Compare the export in ``folder`` with ``model`` (PyTorch, fused); raise :class:`ExportError` on a mismatch.
 
     1. Encoder: the feature grids of the check images (fp32: largest absolute difference at most
-       :data:`FEATURE_ATOL`; int8: relative error at most :data:`INT8_FEATURE_RTOL`).
+       :data:`FEATURE_ATOL`; int8: relative error at most :data:`INT8_FEATURE_RTOL`), and the class head's
+       probabilities: present in both or neither, within :data:`CLASS_PROBABILITY_ATOL` in fp32 (int8:
+       reported only).
     2. Decoder: both decoders get PyTorch's features and are fed the same words (PyTorch's greedy
        caption); the next-word logits must agree within :data:`LOGIT_ATOL` at every step, and so must the
        chosen word wherever PyTorch's best two words are further apart than twice that tolerance.
@@ -371,8 +383,8 @@ def check_export(model: Captioner, folder: Path, image_paths: list[str] | None =
     onnx_model = load_onnx_captioner(folder)
     quantized = onnx_model.encoder.quantized
     pixels = check_images_for(model, image_paths)
-    reference = model.encoder.forward_features(pixels)
-    features = onnx_model.encoder.forward_features(pixels)
+    reference, reference_logits = model.encoder.forward_features_and_logits(pixels)
+    features, onnx_logits = onnx_model.encoder.forward_features_and_logits(pixels)
     feature_diff = float((features - reference).abs().max())
     feature_rel = float((features - reference).norm() / reference.norm().clamp_min(1e-12))
     if quantized:
@@ -385,6 +397,7 @@ def check_export(model: Captioner, folder: Path, image_paths: list[str] | None =
         raise ExportError(
             f"encoder features differ from PyTorch by up to {feature_diff:.2e}; the limit is {FEATURE_ATOL:.0e}"
         )
+    class_diff = _check_class_head(reference_logits, onnx_logits, enforce=not quantized)
 
     greedy = decode(model.decoder, reference, DecodingOptions(method="greedy"))
     logit_diff, steps = 0.0, 0
@@ -417,10 +430,34 @@ def check_export(model: Captioner, folder: Path, image_paths: list[str] | None =
         "image_source": "given images" if image_paths else "synthetic (smooth random colour fields)",
         "feature_max_abs_diff": feature_diff,
         "feature_relative_diff": feature_rel,
+        "class_probability_max_abs_diff": class_diff,
         "logit_max_abs_diff": logit_diff,
         "decoder_steps_compared": steps,
         "beam3_captions_identical": f"{same}/{len(torch_texts)}",
-        "tolerances": {"feature_atol": FEATURE_ATOL, "logit_atol": LOGIT_ATOL, "int8_feature_rtol": INT8_FEATURE_RTOL},
+        "tolerances": {
+            "feature_atol": FEATURE_ATOL,
+            "logit_atol": LOGIT_ATOL,
+            "int8_feature_rtol": INT8_FEATURE_RTOL,
+            "class_probability_atol": CLASS_PROBABILITY_ATOL,
+        },
     }
     log.debug("ONNX export check passed: %s", report)
     return report
+
+
+def _check_class_head(reference: torch.Tensor | None, exported: torch.Tensor | None, *, enforce: bool) -> float | None:
+    """The largest absolute difference of the class probabilities (None without a head); :class:`ExportError` when
+    only one side has a head or, with ``enforce``, the difference is over :data:`CLASS_PROBABILITY_ATOL`."""
+    if (reference is None) != (exported is None):
+        raise ExportError(
+            f"the PyTorch encoder {'has' if reference is not None else 'has no'} class head but the exported one "
+            f"{'has' if exported is not None else 'has none'}"
+        )
+    if reference is None or exported is None:
+        return None
+    diff = float((torch.softmax(exported.float(), -1) - torch.softmax(reference.float(), -1)).abs().max())
+    if enforce and not diff <= CLASS_PROBABILITY_ATOL:
+        raise ExportError(
+            f"class probabilities differ from PyTorch by up to {diff:.2e}; the limit is {CLASS_PROBABILITY_ATOL:.0e}"
+        )
+    return diff

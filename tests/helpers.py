@@ -13,7 +13,7 @@ from PIL import Image
 from captioner import Captioner, EncoderConfig, Vocabulary
 from captioner.config import DecoderConfig
 from captioner.decoder import CaptionDecoder
-from captioner.encoders import build_encoder
+from captioner.encoders import IMAGENET_CLASSES, build_encoder
 from captioner.transforms import Preprocess
 
 CAPTIONS = [
@@ -67,10 +67,12 @@ def tiny_vocab() -> Vocabulary:
     return Vocabulary.build(CAPTIONS, min_count=1)
 
 
-def tiny_captioner(*, seed: int = 0, size: int | None = 64, **decoder_kwargs) -> Captioner:
+def tiny_captioner(*, seed: int = 0, size: int | None = 64, class_head: bool = False, **decoder_kwargs) -> Captioner:
     """resnet18 (random weights) + a 16-unit decoder on 64x64 images: builds and runs in well under a second.
 
     ``size=None`` keeps resnet18's own preprocessing (resize 256, crop 224), as a served model has.
+    ``class_head``: give the encoder a fake ImageNet-1k head (:func:`fake_class_head`); the rest of the model is
+    the same as without it.
     """
     torch.manual_seed(seed)
     vocab = tiny_vocab()
@@ -79,7 +81,17 @@ def tiny_captioner(*, seed: int = 0, size: int | None = 64, **decoder_kwargs) ->
         encoder.preprocess = Preprocess(resize=size, crop=size)
     kwargs = {"embed_dim": 16, "hidden_dim": 16, "attention_dim": 8, "dropout": 0.1, **decoder_kwargs}
     decoder = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), feature_dim=encoder.feature_dim, **kwargs))
+    if class_head:  # drawn after the decoder: its weights stay those of the same seed without a head
+        encoder.set_classifier(fake_class_head(encoder.feature_dim))
     return Captioner(encoder, decoder, vocab).eval()
+
+
+def fake_class_head(feature_dim: int) -> torch.nn.Linear:
+    """A random ``Linear(feature_dim, 1000)`` whose weights are large enough that a random encoder's pooled
+    features get a peaked softmax (top classes well above 1/1000), so comparisons within 1e-3 mean something."""
+    head = torch.nn.Linear(feature_dim, IMAGENET_CLASSES)
+    torch.nn.init.normal_(head.weight, std=0.1)
+    return head
 
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220), "yellow": (230, 210, 40)}

@@ -30,7 +30,8 @@ CACHE_VERSION = 1
 
 
 def encoder_fingerprint(encoder: ImageEncoder) -> str:
-    """Hash of what determines the features: encoder name, its weights (all tensors) and preprocessing;
+    """Hash of what determines the features: encoder name, its weights (all tensors but the class head's, which
+    reads the features and never changes them) and preprocessing;
     for an ONNX Runtime encoder (``captioner.onnx_backend.OnnxEncoder``), its graph file instead of the weights."""
     digest = hashlib.sha256()
     digest.update(json.dumps({"v": CACHE_VERSION, "name": encoder.name, "pre": encoder.preprocess.to_dict()}).encode())
@@ -38,7 +39,7 @@ def encoder_fingerprint(encoder: ImageEncoder) -> str:
     if graph_sha256 is not None:
         digest.update(f"onnx:{graph_sha256}".encode())
         return digest.hexdigest()[:16]
-    for key, tensor in sorted(encoder.state_dict().items()):
+    for key, tensor in sorted(encoder.feature_state_dict().items()):
         digest.update(key.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]

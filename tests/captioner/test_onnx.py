@@ -197,6 +197,60 @@ def test_the_self_check_catches_a_graph_that_disagrees(attention_export, tmp_pat
         check_export(model, folder)
 
 
+@pytest.fixture(scope="module")
+def head_export(tmp_path_factory) -> Exported:
+    """The lstm-attention variant with a (fake) ImageNet-1k class head on its encoder."""
+    return _export(tmp_path_factory.mktemp("head"), attention=True, class_head=True)
+
+
+def test_the_class_head_is_an_encoder_output_with_the_same_probabilities(head_export) -> None:
+    reference, onnx_model = head_export.reference, head_export.onnx_model
+    meta = json.loads((head_export.folder / METADATA_FILE).read_text())
+    assert meta["io"]["encoder"]["outputs"] == ["grid", "class_logits"]
+    assert meta["check"]["class_probability_max_abs_diff"] <= 1e-3
+    assert onnx_model.encoder.has_class_head
+    options = DecodingOptions(method="beam", beam_size=3)
+    expected, got = reference.caption(head_export.photos, options), onnx_model.caption(head_export.photos, options)
+    for want, have in zip(expected, got, strict=True):
+        assert want.class_probabilities is not None and have.class_probabilities is not None
+        assert have.class_probabilities.shape == (1000,) and have.class_probabilities.dtype == np.float32
+        np.testing.assert_allclose(have.class_probabilities, want.class_probabilities, atol=1e-3)
+        assert want.class_probabilities.max() > 0.05  # peaked: agreement within 1e-3 is not agreement on ~1/1000
+        assert list(np.argsort(-have.class_probabilities)[:5]) == list(np.argsort(-want.class_probabilities)[:5])
+        assert [c.tokens for c in have.captions] == [c.tokens for c in want.captions]
+    # chunked runs of the graph give the same logits as one run
+    pixels = reference.preprocess(head_export.photos)
+    whole = onnx_model.encoder.forward_features_and_logits(pixels)
+    chunked = onnx_model.encoder.forward_features_and_logits(pixels, chunk_size=2)
+    for a, b in zip(whole, chunked, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_without_a_class_head_the_encoder_graph_has_no_class_output(exported) -> None:
+    reference, onnx_model, photos = exported
+    assert reference.encoder.classifier is None and not onnx_model.encoder.has_class_head
+    assert json.loads((onnx_model.export_dir / METADATA_FILE).read_text())["io"]["encoder"]["outputs"] == ["grid"]
+    assert all(r.class_probabilities is None for r in onnx_model.caption(photos[:2], method="greedy"))
+
+
+def test_the_self_check_catches_a_class_head_that_disagrees(head_export, tmp_path) -> None:
+    folder = _copy_export(head_export, tmp_path / "copy")
+    import onnx
+    from onnx import numpy_helper
+
+    graph = folder / GRAPH_FILES["encoder"]
+    model = onnx.load(str(graph))
+    # the classes' weight rows moved by one (adding a constant, as _perturb does, would leave a softmax as it is)
+    (weight,) = [init for init in model.graph.initializer if init.name.endswith("classifier.weight")]
+    weight.CopyFrom(numpy_helper.from_array(np.roll(numpy_helper.to_array(weight), 1, axis=0), weight.name))
+    onnx.save(model, str(graph))
+    write_manifest(folder)
+    with pytest.raises(ExportError, match="class probabilities differ"):
+        check_export(head_export.reference, folder)
+    with pytest.raises(ExportError, match="PyTorch encoder has no class head but the exported one has"):
+        check_export(tiny_captioner(attention=True), folder)
+
+
 def test_a_failed_export_leaves_nothing_and_a_foreign_folder_is_refused(tmp_path, monkeypatch) -> None:
     import captioner.onnx_export as onnx_export
 
@@ -355,6 +409,27 @@ def test_int8_export_quantizes_the_encoder_and_still_captions(attention_export, 
     assert model.encoder.quantized
     result = model.caption(photos[:2], method="beam")
     assert all(r.captions[0].tokens for r in result)
+
+
+@pytest.mark.slow  # quantization: ~10 s
+def test_an_int8_export_keeps_the_class_head(head_export, tmp_path) -> None:
+    photos = _photos(tmp_path, 4)
+    reference = head_export.reference
+    export_onnx(
+        reference,
+        tmp_path / "int8",
+        source=str(head_export.checkpoint),
+        source_sha256="0" * 64,
+        quantize="int8",
+        calibration_images=photos,
+    )
+    meta = json.loads((tmp_path / "int8" / METADATA_FILE).read_text())
+    assert meta["io"]["encoder"]["outputs"] == ["grid", "class_logits"]
+    assert isinstance(meta["check"]["class_probability_max_abs_diff"], float)  # reported, not enforced, for int8
+    model = Captioner.from_checkpoint(tmp_path / "int8", backend="onnxruntime")
+    assert model.encoder.quantized and model.encoder.has_class_head
+    probabilities = model.caption(photos[:2], method="greedy")[0].class_probabilities
+    assert probabilities is not None and abs(float(probabilities.sum()) - 1.0) < 1e-4
 
 
 def test_info_and_export_accept_default(capsys) -> None:
