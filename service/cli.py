@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(**overrides)
     except ValidationError as exc:
         errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        parser.error(f"invalid settings: {errors}")
+        parser.exit(2, f"{parser.prog}: invalid settings: {errors}\n")  # one line: no usage summary above it
     _configure_logging(args.log_level, settings.access_log)
     if args.verbose:  # captioner.onnx_export then lets the exporter's libraries talk
         logging.getLogger("captioner").setLevel(logging.DEBUG)

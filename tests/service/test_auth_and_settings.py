@@ -215,7 +215,7 @@ def test_onnxruntime_backend_without_the_extra_fails_startup_with_one_line(
 def test_required_api_keys_missing_stop_the_server_before_it_loads(
     keys: str | None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """What a Kubernetes pod does when the Secret is missing: exit non-zero, the last line saying why."""
+    """What a Kubernetes pod does when the Secret is missing: exit 2 with one line saying why."""
     from service import cli
 
     monkeypatch.setattr(cli, "create_app", lambda settings: pytest.fail("got past the settings"))
@@ -228,8 +228,9 @@ def test_required_api_keys_missing_stop_the_server_before_it_loads(
         cli.main([])
     assert stopped.value.code != 0
     err = capsys.readouterr().err
-    last = err.strip().splitlines()[-1]
-    assert "CAPTIONER_API_KEYS is empty" in last and "CAPTIONER_REQUIRE_API_KEYS=false" in last, err
+    (line,) = err.strip().splitlines()  # one line, no usage summary
+    assert line.startswith("captioner-serve: invalid settings: ") and stopped.value.code == 2, err
+    assert "CAPTIONER_API_KEYS is empty" in line and "CAPTIONER_REQUIRE_API_KEYS=false" in line, err
     assert "Traceback" not in err
     monkeypatch.setenv("CAPTIONER_API_KEYS", "key-one")
     assert Settings().require_api_keys and Settings().api_keys == ["key-one"]
