@@ -94,7 +94,6 @@ class Upload:
         self.received = 0
         self.held = 0
         self.is_slow = False
-        self.done = False
 
     def hold(self, n: int) -> None:
         """``n`` more bytes of the body are in memory; 503 (the upload is dropped) when that is over the budget."""
@@ -117,7 +116,6 @@ class Upload:
         if self.is_slow:
             self.budget.slow -= 1
             self.is_slow = False
-        self.done = True
 
     def drop_bytes(self) -> None:
         self.budget.bytes_held -= self.held
