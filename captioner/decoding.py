@@ -23,6 +23,7 @@ BEAM_SIZE_RANGE = (1, 20)
 NUM_CAPTIONS_RANGE = (1, 20)
 LENGTH_PENALTY_RANGE = (0.0, 5.0)
 TEMPERATURE_MAX = 10.0
+MIN_CONFIDENCE_RANGE = (0.0, 1.0)
 
 
 # The methods each option is for (max_length and method are for all). Set on another method, an option
@@ -79,6 +80,9 @@ class DecodingOptions:
         default=1, metadata={"help": "captions returned (sample: draws, beam: best beams, <= beam_size)"}
     )
     seed: int | None = field(default=None, metadata={"help": "same seed, same samples (sample)"})
+    # Captions whose calibrated confidence is below this are left out; none left: the result abstains (its tags
+    # stay). 0 never abstains. Needs a model with a confidence model (captioner.confidence).
+    min_confidence: float = field(default=0.0, metadata={"help": "abstain below this caption confidence"})
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -91,6 +95,9 @@ class DecodingOptions:
             raise ValueError(f"length_penalty must be in [{lo}, {hi}], got {self.length_penalty}")
         if not 0.0 < self.temperature <= TEMPERATURE_MAX:
             raise ValueError(f"temperature must be in (0, {TEMPERATURE_MAX}], got {self.temperature}")
+        lo, hi = MIN_CONFIDENCE_RANGE
+        if isinstance(self.min_confidence, bool) or not lo <= self.min_confidence <= hi:
+            raise ValueError(f"min_confidence must be in [{lo}, {hi}], got {self.min_confidence}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:

@@ -16,10 +16,12 @@ from torch import nn
 
 from captioner.caption_rules import CaptionRules, RuleMasks
 from captioner.checkpoint import CheckpointError, clean_state_dict, load_checkpoint, save_checkpoint
+from captioner.confidence import ConfidenceModel, ConfidenceModelError, image_statistics
 from captioner.config import DecoderConfig, EncoderConfig, ModelConfig
 from captioner.decoder import CaptionDecoder
 from captioner.decoding import DecodingOptions, Hypothesis, check_options_apply, decode
 from captioner.encoders import ImageEncoder, build_encoder, default_chunk_size, file_sha256
+from captioner.tags import Tag, tags_from_probabilities
 from captioner.transforms import DEFAULT_MAX_PIXELS, ImageSource, Preprocess, preprocess_images, to_tensor
 from captioner.vocab import Vocabulary
 
@@ -35,15 +37,25 @@ class Caption:
     log_prob: float  # model log-probability of the words and the end token
     score: float  # ranking score (length-normalised for beam search)
     attention: list[list[float]] | None = None  # per word, weights over the h*w feature grid
+    # Calibrated probability that the caption is acceptable (captioner.confidence); None: the model has no
+    # confidence model (see ``captioner calibrate``)
+    confidence: float | None = None
 
 
 @dataclass
 class CaptionResult:
-    captions: list[Caption]  # best first
+    captions: list[Caption]  # best first; empty when abstained
     attention_shape: tuple[int, int] | None = None  # (h, w) of the grid the attention weights cover
     # Softmax of the encoder's ImageNet-1k head, (1000,) float32, from the same encoder pass as the captions;
     # None when the encoder has no known head (see ImageEncoder). Left out of ==: an array has no single truth value.
     class_probabilities: np.ndarray | None = field(default=None, compare=False)
+    tags: list[Tag] = field(default_factory=list)  # what the image shows, strongest first (captioner.tags)
+    # True when every caption's confidence fell below DecodingOptions.min_confidence: no captions, tags kept
+    abstained: bool = False
+
+
+class ConfidenceUnavailableError(ValueError):
+    """``min_confidence`` was asked of a model without a confidence model."""
 
 
 def class_probabilities(class_logits: torch.Tensor | None, count: int) -> list[np.ndarray | None]:
@@ -103,6 +115,7 @@ class Captioner(nn.Module):
         *,
         metadata: dict[str, Any] | None = None,
         caption_rules: CaptionRules | None = None,
+        confidence_model: ConfidenceModel | None = None,
     ) -> None:
         super().__init__()
         if decoder.config.vocab_size != len(vocab):
@@ -116,6 +129,9 @@ class Captioner(nn.Module):
         # Where captions may start and end, learned from the training captions (captioner.caption_rules);
         # None (checkpoints from before them): decoding is unconstrained. Set it to None to decode without.
         self.caption_rules = caption_rules
+        # Turns each caption's signals into a calibrated confidence (captioner.confidence); None: captions
+        # answer confidence None and min_confidence is refused. Fitted by ``captioner calibrate``.
+        self.confidence_model = confidence_model
         # Images per encoder pass; None: encoders.default_chunk_size (a few at a time on CPU, all on GPU).
         self.encoder_chunk_size: int | None = None
         self.backend = "torch"  # or "onnxruntime": see from_checkpoint and captioner.onnx_backend
@@ -223,6 +239,7 @@ class Captioner(nn.Module):
             vocab,
             metadata=data.get("metadata") or {},
             caption_rules=CaptionRules.from_dict(rules) if rules else None,
+            confidence_model=confidence_model_from(data, source, encoder.feature_dim),
         )
 
     def optimize_for_inference(self) -> Captioner:
@@ -250,6 +267,7 @@ class Captioner(nn.Module):
             "encoder_state": clean_state_dict(self.encoder.state_dict(), half=half) if store_encoder else None,
             "metadata": {**self.metadata, **(metadata or {})},
             "caption_rules": self.caption_rules.to_dict() if self.caption_rules is not None else None,
+            "confidence_model": self.confidence_model.to_dict() if self.confidence_model is not None else None,
         }
 
     def save(self, path: str | os.PathLike, *, half: bool = False, metadata: dict[str, Any] | None = None) -> None:
@@ -291,13 +309,35 @@ class Captioner(nn.Module):
     ) -> list[CaptionResult]:
         """Caption encoder feature grids ``(B, C, h, w)`` (e.g. from a feature cache); ``class_logits`` ``(B, 1000)``
         from the same pass (:meth:`encode_with_class_logits`) give each result its class probabilities."""
+        if options.min_confidence > 0 and self.confidence_model is None:
+            raise ConfidenceUnavailableError(
+                "min_confidence needs a model with a confidence calibration, and this one has none "
+                "(add one with `captioner calibrate`)"
+            )
         grid = grid.to(self.device)
         shape = (grid.shape[2], grid.shape[3]) if self.decoder.config.attention else None
         hypotheses = decode(self.decoder, grid, options, self.rule_masks())
         probabilities = class_probabilities(class_logits, len(hypotheses))
+        confidences = self._confidences(grid, hypotheses, probabilities)
+        results = []
+        for hyps, p, sure in zip(hypotheses, probabilities, confidences, strict=True):
+            captions = [self._to_caption(h, c) for h, c in zip(hyps, sure, strict=True)]
+            kept = [c for c in captions if c.confidence is None or c.confidence >= options.min_confidence]
+            tags = tags_from_probabilities(p) if p is not None else []
+            results.append(CaptionResult(kept, shape, p, tags, abstained=not kept))
+        return results
+
+    def _confidences(
+        self, grid: torch.Tensor, hypotheses: list[list[Hypothesis]], probabilities: list[np.ndarray | None]
+    ) -> list[list[float | None]]:
+        """Each hypothesis's calibrated confidence (all None without a confidence model)."""
+        if self.confidence_model is None:
+            return [[None] * len(hyps) for hyps in hypotheses]
+        pooled = grid.float().mean(dim=(2, 3)).cpu().numpy()  # (B, C)
+        images = image_statistics(self.confidence_model.reference, pooled, probabilities)
         return [
-            CaptionResult([self._to_caption(h) for h in hyps], shape, p)
-            for hyps, p in zip(hypotheses, probabilities, strict=True)
+            list(self.confidence_model.confidences([(h.log_prob, len(h.tokens)) for h in hyps], [image] * len(hyps)))
+            for hyps, image in zip(hypotheses, images, strict=True)
         ]
 
     def rule_masks(self) -> RuleMasks | None:
@@ -327,7 +367,25 @@ class Captioner(nn.Module):
         self.eval()
         return self.caption_pixels(self.preprocess(images), options)
 
-    def _to_caption(self, hyp: Hypothesis) -> Caption:
+    def _to_caption(self, hyp: Hypothesis, confidence: float | None = None) -> Caption:
         words = self.vocab.decode_tokens(hyp.tokens)
         attention = hyp.attention.tolist() if hyp.attention is not None else None
-        return Caption(" ".join(words), words, hyp.log_prob, hyp.score, attention)
+        return Caption(" ".join(words), words, hyp.log_prob, hyp.score, attention, confidence)
+
+
+def confidence_model_from(described: dict[str, Any], source: str, feature_dim: int) -> ConfidenceModel | None:
+    """The confidence model a checkpoint (or an export's metadata) carries, checked against the encoder;
+    None when it has none (checkpoints from before confidence)."""
+    stored = described.get("confidence_model")
+    if stored is None:
+        return None
+    try:
+        confidence = ConfidenceModel.from_dict(stored)
+    except ConfidenceModelError as error:
+        raise CheckpointError(f"{source}: {error}") from error
+    if confidence.reference.feature_dim != feature_dim:
+        raise CheckpointError(
+            f"{source}: the confidence model was fitted on {confidence.reference.feature_dim}-d features, "
+            f"the encoder gives {feature_dim}"
+        )
+    return confidence

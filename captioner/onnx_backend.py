@@ -342,7 +342,7 @@ def load_onnx_captioner(path: str | os.PathLike | None, *, threads: int | None =
     """
     from captioner.caption_rules import CaptionRules
     from captioner.checkpoint import load_checkpoint
-    from captioner.model import Captioner, default_checkpoint
+    from captioner.model import Captioner, confidence_model_from, default_checkpoint
     from captioner.vocab import Vocabulary
 
     require_onnxruntime()
@@ -363,7 +363,16 @@ def load_onnx_captioner(path: str | os.PathLike | None, *, threads: int | None =
         decoder = OnnxDecoder(export, config.decoder, threads)
         vocab = Vocabulary(described["vocab"])
         rules = CaptionRules.from_dict(described["caption_rules"]) if described.get("caption_rules") else None
-        model = Captioner(encoder, decoder, vocab, metadata=described.get("metadata") or {}, caption_rules=rules)  # type: ignore[arg-type]
+        source = f"{path}'s {METADATA_FILE}" if path.is_dir() else str(path)
+        confidence = confidence_model_from(dict(described), source, config.decoder.feature_dim)
+        model = Captioner(
+            encoder,  # type: ignore[arg-type]
+            decoder,  # type: ignore[arg-type]
+            vocab,
+            metadata=described.get("metadata") or {},
+            caption_rules=rules,
+            confidence_model=confidence,
+        )
     except (KeyError, TypeError, ValueError) as exc:
         source = f"{path}'s {METADATA_FILE}" if path.is_dir() else str(path)
         raise CheckpointError(f"{source} does not describe a model this captioner can run: {exc}") from exc

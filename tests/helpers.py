@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from captioner import Captioner, EncoderConfig, Vocabulary
+from captioner.confidence import ConfidenceModel, FeatureReference
 from captioner.config import DecoderConfig
 from captioner.decoder import CaptionDecoder
 from captioner.encoders import IMAGENET_CLASSES, build_encoder
@@ -67,12 +68,14 @@ def tiny_vocab() -> Vocabulary:
     return Vocabulary.build(CAPTIONS, min_count=1)
 
 
-def tiny_captioner(*, seed: int = 0, size: int | None = 64, class_head: bool = False, **decoder_kwargs) -> Captioner:
+def tiny_captioner(
+    *, seed: int = 0, size: int | None = 64, class_head: bool = False, confidence: bool = False, **decoder_kwargs
+) -> Captioner:
     """resnet18 (random weights) + a 16-unit decoder on 64x64 images: builds and runs in well under a second.
 
     ``size=None`` keeps resnet18's own preprocessing (resize 256, crop 224), as a served model has.
     ``class_head``: give the encoder a fake ImageNet-1k head (:func:`fake_class_head`); the rest of the model is
-    the same as without it.
+    the same as without it. ``confidence``: attach :func:`fake_confidence_model` (captions get a confidence).
     """
     torch.manual_seed(seed)
     vocab = tiny_vocab()
@@ -83,7 +86,28 @@ def tiny_captioner(*, seed: int = 0, size: int | None = 64, class_head: bool = F
     decoder = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), feature_dim=encoder.feature_dim, **kwargs))
     if class_head:  # drawn after the decoder: its weights stay those of the same seed without a head
         encoder.set_classifier(fake_class_head(encoder.feature_dim))
-    return Captioner(encoder, decoder, vocab).eval()
+    model = Captioner(encoder, decoder, vocab).eval()
+    if confidence:
+        model.confidence_model = fake_confidence_model(encoder.feature_dim)
+    return model
+
+
+def fake_confidence_model(feature_dim: int, *, bias: float = 0.0) -> ConfidenceModel:
+    """A confidence model over the caption's mean log-probability and the image's feature residual (no class head
+    needed), with a reference fitted on random features: confidences strictly inside (0, 1) that differ between
+    captions. ``bias`` shifts them all (-20: every caption near 0)."""
+    rng = np.random.default_rng(0)
+    reference = FeatureReference.fit(rng.normal(size=(40, feature_dim)).astype(np.float32), components=8)
+    return ConfidenceModel(
+        signals=("mean_log_prob", "feature_residual"),
+        center=np.array([-2.0, 0.5]),
+        scale=np.array([1.0, 0.5]),
+        weights=np.array([1.0, -0.5]),
+        bias=bias,
+        reference=reference,
+        target="test: made up",
+        fitted_on={"data": "random"},
+    )
 
 
 def fake_class_head(feature_dim: int) -> torch.nn.Linear:

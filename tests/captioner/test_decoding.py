@@ -178,12 +178,13 @@ def test_an_option_the_method_does_not_use_is_refused_and_not_echoed() -> None:
         DecodingOptions(method="beam", seed=1)
     with pytest.raises(ValueError, match="method greedy does not use length_penalty"):
         DecodingOptions(method="greedy", length_penalty=1.0)
-    assert DecodingOptions(method="greedy").to_dict() == {"method": "greedy", "max_length": 20}
+    assert DecodingOptions(method="greedy").to_dict() == {"method": "greedy", "max_length": 20, "min_confidence": 0.0}
     assert DecodingOptions(method="beam", beam_size=4).to_dict() == {
         "method": "beam", "max_length": 20, "beam_size": 4, "length_penalty": 0.0, "num_captions": 1,
+        "min_confidence": 0.0,
     }  # fmt: skip
     assert set(DecodingOptions(method="sample", seed=3).to_dict()) == {
-        "method", "max_length", "temperature", "top_k", "top_p", "num_captions", "seed",
+        "method", "max_length", "temperature", "top_k", "top_p", "num_captions", "seed", "min_confidence",
     }  # fmt: skip
 
 

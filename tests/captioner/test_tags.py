@@ -112,9 +112,11 @@ def test_classes_sharing_a_display_name_are_summed() -> None:
     probabilities = _probabilities(pizza=0.25, zebra=0.05)
     probabilities[151:211] = 0.01  # Chihuahua .. Chesapeake Bay retriever: 60 breeds
     probabilities[[657, 744]] = 0.05  # the two classes named "missile"
-    tags = tags_from_probabilities(probabilities)
+    tags = tags_from_probabilities(probabilities, min_confidence=0.0)
     assert [tag.name for tag in tags] == ["dog", "pizza", "missile", "zebra", "tench"]
     assert [tag.confidence for tag in tags] == pytest.approx([0.6, 0.25, 0.1, 0.05, 0.0])
+    # by default, classes near chance are left out
+    assert [tag.name for tag in tags_from_probabilities(probabilities)] == ["dog", "pizza", "missile", "zebra"]
     assert tags[0] == Tag("dog", pytest.approx(0.6), ("mammal", "animal"))
     assert tags[1].parents == ("food",)
     assert tags[2].parents == ("weapon",)
@@ -139,7 +141,7 @@ def test_a_softmax_of_float32_logits_gives_tags_in_merged_order() -> None:
     rng = np.random.default_rng(0)
     logits = rng.normal(size=1000).astype(np.float32)
     probabilities = np.exp(logits) / np.exp(logits).sum()
-    tags = tags_from_probabilities(probabilities, top_k=10)
+    tags = tags_from_probabilities(probabilities, top_k=10, min_confidence=0.0)
     confidences = [tag.confidence for tag in tags]
     assert confidences == sorted(confidences, reverse=True)
     # 118 breeds outweigh any single class of a random softmax
