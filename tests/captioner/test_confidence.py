@@ -4,6 +4,7 @@ checkpoint and an ONNX export, ``confidence: None`` without a confidence model, 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from captioner.confidence import ConfidenceModel, ConfidenceModelError, FeatureR
 from captioner.model import ConfidenceUnavailableError
 from tests.helpers import fake_confidence_model, tiny_captioner
 
-BEAM = {"method": "beam", "beam_size": 3, "num_captions": 3}
+BEAM: dict[str, Any] = {"method": "beam", "beam_size": 3, "num_captions": 3}
 
 
 def _images(n: int) -> list[Image.Image]:
