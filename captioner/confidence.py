@@ -1,21 +1,25 @@
 """Caption confidence: a calibrated probability that a caption is acceptable, from signals the model already has.
 
-A :class:`ConfidenceModel` is fitted once on held-out captions (``training.calibration``, ``captioner calibrate``)
-and travels in the checkpoint and the ONNX export as plain numbers (:meth:`ConfidenceModel.to_dict`). At
-inference it needs, per caption, what every decoding method returns, and per image, what the encoder pass the
-captions come from already computed:
+A :class:`ConfidenceModel` is fitted once on held-out captions (``training.calibration``: ``captioner calibrate``,
+and ``captioner-train`` at the end of a run) and travels in the checkpoint and the ONNX export as plain numbers
+(:meth:`ConfidenceModel.to_dict`). At inference it needs, per caption, what every decoding method returns, and per
+image, what the encoder pass the captions come from already computed. Two parts multiply:
 
-- ``mean_log_prob``: the caption's log-probability per predicted token (its words and the end token): how sure
-  the decoder was of each word;
-- ``words``: the caption's length in words;
-- ``feature_distance``: how far the image's pooled encoder features (L2-normalised) lie from the photos the
-  model was trained on, as the mean squared Mahalanobis coordinate over the top principal components of the
-  training photos' features, plus the share of the vector outside them (the reconstruction residual);
-- ``tag_entropy``: the entropy of the ImageNet head's softmax (a photo the head cannot name spreads it out).
+1. **How good the caption is, in domain**: a logistic regression over standardised signals: the caption's
+   ``mean_log_prob`` (log-probability per predicted token: its words and the end token; how sure the decoder was of
+   each word), optionally ``words`` (its length), ``tag_entropy`` (of the ImageNet head's softmax),
+   ``feature_distance``, and the image's first few whitened principal coordinates of its pooled features against
+   the training photos (:attr:`ConfidenceModel.coordinates`: which *kind* of photo it is; the model captions some
+   kinds far better than others). Fitted to a target stated in :attr:`ConfidenceModel.target`, e.g. "per-image
+   CIDEr-D >= 0.5".
+2. **Whether the photo is in the model's domain at all**: held-out photos never show a photo unlike every training
+   photo, so the regression cannot learn what to say there. The *feature residual* (how much of the image's
+   L2-normalised pooled features lies outside the training photos' top principal components) tells such photos
+   apart; the confidence is scaled by ``min(1, p / alpha)``, where ``p`` is the share of held-out photos whose
+   residual is at least this photo's (a conformal p-value): photos as typical as all but ``alpha`` of the held-out
+   ones are untouched, farther ones lose confidence in proportion to how rare they are.
 
-Each signal is standardised with the fitting set's mean and spread, and a logistic regression over them gives
-the probability of the fitted target (e.g. "per-image CIDEr-D >= 0.5"; :attr:`ConfidenceModel.target` says
-which). numpy only: either runtime computes the same numbers.
+numpy only: either runtime computes the same numbers.
 """
 
 from __future__ import annotations
@@ -35,20 +39,24 @@ class ConfidenceModelError(ValueError):
     """A stored confidence model is malformed or does not fit this model."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ImageStatistics:
     """What the confidence needs from one image's encoder pass."""
 
-    feature_distance: float  # mean squared Mahalanobis coordinate in the training photos' principal subspace
-    feature_residual: float  # squared norm of the normalised features outside that subspace
+    coordinates: np.ndarray  # (k,) whitened principal coordinates of the normalised pooled features
+    feature_residual: float  # squared norm of the normalised features outside the principal subspace
     tag_entropy: float | None  # entropy (nats) of the ImageNet head's softmax; None without a head
+
+    @property
+    def feature_distance(self) -> float:
+        """Mean squared whitened coordinate: a Mahalanobis distance within the principal subspace."""
+        return float(np.mean(self.coordinates**2))
 
 
 @dataclass(frozen=True, eq=False)
 class FeatureReference:
-    """The training photos' pooled features, summarised: their mean and top principal directions (of the
-    L2-normalised vectors), and the variance along each. ``distance`` of a new image is a Mahalanobis distance
-    restricted to those directions; ``residual`` what the directions do not explain."""
+    """The training photos' pooled features, summarised: the mean and top principal directions of the
+    L2-normalised vectors, and the variance along each."""
 
     mean: np.ndarray  # (C,) float32
     components: np.ndarray  # (k, C) float32, orthonormal rows
@@ -69,24 +77,21 @@ class FeatureReference:
 
     @classmethod
     def fit(cls, pooled: np.ndarray, *, components: int = 64) -> FeatureReference:
-        """From the pooled features ``(N, C)`` of training photos (N well above ``components``)."""
+        """From the pooled features ``(N, C)`` of training photos (N above ``components``)."""
         x = _normalised(np.asarray(pooled, dtype=np.float64))
         if x.shape[0] <= components:
-            raise ValueError(
-                f"need more than {components} training photos to fit the feature reference, got {x.shape[0]}"
-            )
+            raise ValueError(f"need more than {components} photos to fit the feature reference, got {x.shape[0]}")
         mean = x.mean(axis=0)
         _, singular, vt = np.linalg.svd(x - mean, full_matrices=False)
-        variances = singular[:components] ** 2 / (x.shape[0] - 1)
+        variances = np.maximum(singular[:components] ** 2 / (x.shape[0] - 1), 1e-12)
         return cls(mean.astype(np.float32), vt[:components].astype(np.float32), variances.astype(np.float32))
 
-    def distances(self, pooled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(N, C)`` pooled features -> (mean squared Mahalanobis coordinate, squared residual), each ``(N,)``."""
+    def describe(self, pooled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(N, C)`` pooled features -> whitened principal coordinates ``(N, k)`` and squared residuals ``(N,)``."""
         x = _normalised(np.asarray(pooled, dtype=np.float64)) - self.mean
         coords = x @ self.components.T.astype(np.float64)  # (N, k)
-        distance = (coords**2 / self.variances).mean(axis=1)
         residual = np.maximum((x**2).sum(axis=1) - (coords**2).sum(axis=1), 0.0)
-        return distance, residual
+        return coords / np.sqrt(self.variances.astype(np.float64)), residual
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -103,9 +108,9 @@ class FeatureReference:
                 np.asarray(data["components"], dtype=np.float32),
                 np.asarray(data["variances"], dtype=np.float32),
             )
+        except ConfidenceModelError:
+            raise
         except (KeyError, TypeError, ValueError) as error:
-            if isinstance(error, ConfidenceModelError):
-                raise
             raise ConfidenceModelError(f"feature reference is malformed: {error}") from error
 
 
@@ -113,44 +118,61 @@ def image_statistics(
     reference: FeatureReference, pooled: np.ndarray, class_probabilities: Sequence[np.ndarray | None]
 ) -> list[ImageStatistics]:
     """Per image, from its pooled features ``(N, C)`` and its ImageNet softmax (or None)."""
-    distance, residual = reference.distances(pooled)
+    coordinates, residual = reference.describe(pooled)
     return [
-        ImageStatistics(float(d), float(r), _entropy(p) if p is not None else None)
-        for d, r, p in zip(distance, residual, class_probabilities, strict=True)
+        ImageStatistics(c, float(r), _entropy(p) if p is not None else None)
+        for c, r, p in zip(coordinates, residual, class_probabilities, strict=True)
     ]
 
 
 @dataclass(frozen=True, eq=False)
 class ConfidenceModel:
-    """Logistic regression over standardised :data:`SIGNALS`, and the feature reference one of them needs."""
+    """Logistic regression over standardised signals, times the domain factor; see the module docstring."""
 
-    signals: tuple[str, ...]  # which of SIGNALS, in the order of the weights
-    center: np.ndarray  # (S,) the fitting set's mean of each signal
-    scale: np.ndarray  # (S,) and its standard deviation (> 0)
-    weights: np.ndarray  # (S,) logistic weights on the standardised signals
+    signals: tuple[str, ...]  # named signals (of SIGNALS), in the order of the first weights
+    center: np.ndarray  # (S + coordinates,) the fitting set's mean of each signal
+    scale: np.ndarray  # (S + coordinates,) and its standard deviation (> 0)
+    weights: np.ndarray  # (S + coordinates,) logistic weights on the standardised signals
     bias: float
     reference: FeatureReference
     target: str  # what the probability is of, in words: "per-image CIDEr-D >= 0.5 (Flickr8k dev references)"
     fitted_on: dict[str, Any] = field(default_factory=dict)  # data, counts, decoding options, fit figures
+    coordinates: int = 0  # the image's first principal coordinates used as signals after the named ones
+    # Feature residuals of the held-out photos, ascending (empty: no domain factor), and the share of them beyond
+    # which a photo starts losing confidence
+    domain_residuals: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    domain_alpha: float = 0.02
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.signals if s not in SIGNALS]
-        if unknown or not self.signals:
+        if unknown:
             raise ConfidenceModelError(f"unknown confidence signals {unknown}; expected some of {', '.join(SIGNALS)}")
-        n = len(self.signals)
+        if not 0 <= self.coordinates <= self.reference.components.shape[0]:
+            raise ConfidenceModelError(
+                f"confidence model: {self.coordinates} coordinates, but the reference has "
+                f"{self.reference.components.shape[0]} components"
+            )
+        n = len(self.signals) + self.coordinates
+        if n == 0:
+            raise ConfidenceModelError("confidence model: no signals")
         if any(a.shape != (n,) for a in (self.center, self.scale, self.weights)):
             raise ConfidenceModelError(f"confidence model: center, scale and weights need {n} values each")
         if not (np.all(np.isfinite(self.center)) and np.all(self.scale > 0) and np.all(np.isfinite(self.weights))):
             raise ConfidenceModelError("confidence model: values must be finite and scales positive")
-        if not math.isfinite(self.bias):
-            raise ConfidenceModelError("confidence model: bias must be finite")
+        if not math.isfinite(self.bias) or not 0.0 < self.domain_alpha <= 1.0:
+            raise ConfidenceModelError("confidence model: bias must be finite and domain_alpha in (0, 1]")
+        if self.domain_residuals.ndim != 1 or np.any(np.diff(self.domain_residuals) < 0):
+            raise ConfidenceModelError("confidence model: domain_residuals must be a sorted list")
 
     @property
     def needs_class_head(self) -> bool:
         return "tag_entropy" in self.signals
 
     def signal_matrix(self, captions: Sequence[tuple[float, int]], images: Sequence[ImageStatistics]) -> np.ndarray:
-        """``(N, S)`` raw signals of captions given as (log_prob, words), each with its image's statistics."""
+        """``(N, S + coordinates)`` raw signals of captions given as (log_prob, words), each with its image's
+        statistics."""
+        if self.needs_class_head and any(image.tag_entropy is None for image in images):
+            raise ConfidenceModelError("this confidence model needs the encoder's ImageNet head, which the model lacks")
         rows = []
         for (log_prob, words), image in zip(captions, images, strict=True):
             values = {
@@ -160,31 +182,42 @@ class ConfidenceModel:
                 "feature_residual": image.feature_residual,
                 "tag_entropy": image.tag_entropy,
             }
-            if values["tag_entropy"] is None and self.needs_class_head:
-                raise ConfidenceModelError(
-                    "this confidence model needs the encoder's ImageNet head, which the model lacks"
-                )
-            rows.append([values[s] for s in self.signals])
-        return np.asarray(rows, dtype=np.float64).reshape(len(rows), len(self.signals))
+            rows.append([*(values[s] for s in self.signals), *image.coordinates[: self.coordinates]])
+        return np.asarray(rows, dtype=np.float64).reshape(len(rows), len(self.center))
 
-    def probabilities(self, signals: np.ndarray) -> np.ndarray:
-        """``(N, S)`` raw signals -> ``(N,)`` probabilities in [0, 1]."""
+    def in_domain_probabilities(self, signals: np.ndarray) -> np.ndarray:
+        """``(N, S + coordinates)`` raw signals -> the regression's ``(N,)`` probabilities (part 1)."""
         z = (signals - self.center) / self.scale @ self.weights + self.bias
         return 1.0 / (1.0 + np.exp(-np.clip(z, -60.0, 60.0)))
 
+    def domain_factors(self, residuals: np.ndarray) -> np.ndarray:
+        """``(N,)`` feature residuals -> ``min(1, p / alpha)`` (part 2); all 1 without held-out residuals."""
+        held_out = self.domain_residuals
+        if held_out.size == 0:
+            return np.ones(len(residuals))
+        at_least = held_out.size - np.searchsorted(held_out, np.asarray(residuals, dtype=np.float64), side="left")
+        p = (1.0 + at_least) / (1.0 + held_out.size)
+        return np.minimum(1.0, p / self.domain_alpha)
+
     def confidences(self, captions: Sequence[tuple[float, int]], images: Sequence[ImageStatistics]) -> list[float]:
-        return [float(p) for p in self.probabilities(self.signal_matrix(captions, images))]
+        """Each caption's confidence: part 1 times part 2."""
+        signals = self.signal_matrix(captions, images)
+        factors = self.domain_factors(np.array([image.feature_residual for image in images]))
+        return [float(p) for p in self.in_domain_probabilities(signals) * factors]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain numbers and strings: storable in a checkpoint (``weights_only``) and in an export's JSON."""
         return {
             "format_version": FORMAT_VERSION,
             "signals": list(self.signals),
-            "center": _floats(self.center),
-            "scale": _floats(self.scale),
-            "weights": _floats(self.weights),
+            "coordinates": self.coordinates,
+            "center": _floats(self.center, np.float64),
+            "scale": _floats(self.scale, np.float64),
+            "weights": _floats(self.weights, np.float64),
             "bias": float(self.bias),
             "reference": self.reference.to_dict(),
+            "domain_residuals": _floats(self.domain_residuals, np.float64),
+            "domain_alpha": float(self.domain_alpha),
             "target": self.target,
             "fitted_on": dict(self.fitted_on),
         }
@@ -201,14 +234,17 @@ class ConfidenceModel:
             )
         try:
             return cls(
-                tuple(str(s) for s in data["signals"]),
-                np.asarray(data["center"], dtype=np.float64),
-                np.asarray(data["scale"], dtype=np.float64),
-                np.asarray(data["weights"], dtype=np.float64),
-                float(data["bias"]),
-                FeatureReference.from_dict(data["reference"]),
-                str(data["target"]),
-                dict(data.get("fitted_on") or {}),
+                signals=tuple(str(s) for s in data["signals"]),
+                center=np.asarray(data["center"], dtype=np.float64),
+                scale=np.asarray(data["scale"], dtype=np.float64),
+                weights=np.asarray(data["weights"], dtype=np.float64),
+                bias=float(data["bias"]),
+                reference=FeatureReference.from_dict(data["reference"]),
+                target=str(data["target"]),
+                fitted_on=dict(data.get("fitted_on") or {}),
+                coordinates=int(data.get("coordinates", 0)),
+                domain_residuals=np.asarray(data.get("domain_residuals", []), dtype=np.float64).reshape(-1),
+                domain_alpha=float(data.get("domain_alpha", 0.02)),
             )
         except ConfidenceModelError:
             raise
@@ -225,5 +261,5 @@ def _entropy(p: np.ndarray) -> float:
     return float(-(q * np.log(np.clip(q, 1e-12, 1.0))).sum())
 
 
-def _floats(values: np.ndarray) -> list[float]:
-    return [float(v) for v in np.asarray(values, dtype=np.float32)]
+def _floats(values: np.ndarray, dtype: type = np.float32) -> list[float]:
+    return [float(v) for v in np.asarray(values, dtype=dtype)]

@@ -3,6 +3,7 @@ checkpoint and an ONNX export, ``confidence: None`` without a confidence model, 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -24,22 +25,20 @@ def _images(n: int) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, (70 + 7 * i, 80, 3), dtype=np.uint8)) for i in range(n)]
 
 
-def test_feature_reference_distances_by_hand() -> None:
+def test_feature_reference_coordinates_and_residuals_by_hand() -> None:
     rng = np.random.default_rng(1)
     train = rng.normal(size=(50, 6))
     reference = FeatureReference.fit(train, components=3)
     np.testing.assert_allclose(reference.components @ reference.components.T, np.eye(3), atol=1e-5)
     x = rng.normal(size=(4, 6))
-    distance, residual = reference.distances(x)
+    coordinates, residual = reference.describe(x)
     unit = x / np.linalg.norm(x, axis=1, keepdims=True) - reference.mean
-    coords = unit @ reference.components.T
-    np.testing.assert_allclose(distance, (coords**2 / reference.variances).mean(axis=1), rtol=1e-5)
-    np.testing.assert_allclose(residual, (unit**2).sum(axis=1) - (coords**2).sum(axis=1), rtol=1e-4, atol=1e-6)
-    # a training photo lies closer to the subspace than a vector off in another direction
-    far = np.zeros((1, 6))
-    far[0, int(np.argmin(np.abs(reference.components).sum(axis=0)))] = 1.0
-    assert reference.distances(train[:1])[1][0] < reference.distances(far)[1][0]
-    with pytest.raises(ValueError, match="need more than 3 training photos"):
+    projected = unit @ reference.components.T
+    np.testing.assert_allclose(coordinates, projected / np.sqrt(reference.variances), rtol=1e-5)
+    np.testing.assert_allclose(residual, (unit**2).sum(axis=1) - (projected**2).sum(axis=1), rtol=1e-4, atol=1e-6)
+    # whitened: the training photos' own coordinates have unit variance along each component
+    np.testing.assert_allclose(reference.describe(train)[0].var(axis=0, ddof=1), np.ones(3), rtol=1e-4)
+    with pytest.raises(ValueError, match="need more than 3 photos"):
         FeatureReference.fit(train[:3], components=3)
 
 
@@ -53,11 +52,45 @@ def test_confidence_is_the_logistic_of_the_standardised_signals() -> None:
     assert got[1] > got[0]  # a likelier caption, the same image: more confident
 
 
+def test_principal_coordinates_are_signals_after_the_named_ones() -> None:
+    base = fake_confidence_model(6)
+    model = dataclasses.replace(
+        base,
+        coordinates=2,
+        center=np.array([-2.0, 0.5, 0.0, 0.0]),
+        scale=np.array([1.0, 0.5, 1.0, 1.0]),
+        weights=np.array([1.0, -0.5, 0.7, -0.3]),
+    )
+    images = image_statistics(model.reference, np.random.default_rng(2).normal(size=(1, 6)), [None])
+    (p,) = model.confidences([(-3.0, 2)], images)
+    c = images[0].coordinates
+    z = (-1.0 + 2.0) + (images[0].feature_residual - 0.5) / 0.5 * -0.5 + 0.7 * c[0] - 0.3 * c[1]
+    assert p == pytest.approx(1 / (1 + np.exp(-z)))
+
+
+def test_photos_farther_out_than_the_held_out_ones_lose_confidence_in_proportion() -> None:
+    held_out = np.arange(1, 101, dtype=np.float64) / 100  # residuals 0.01 .. 1.00
+    model = dataclasses.replace(fake_confidence_model(6), domain_residuals=held_out, domain_alpha=0.05)
+    # p = (1 + held-out residuals >= r) / 101; factor = min(1, p / 0.05)
+    factors = model.domain_factors(np.array([0.0, 0.5, 0.96, 0.99, 1.0, 5.0]))
+    expected = [1.0, 1.0, min(1.0, 6 / 101 / 0.05), 3 / 101 / 0.05, 2 / 101 / 0.05, 1 / 101 / 0.05]
+    np.testing.assert_allclose(factors, expected)
+    images = image_statistics(model.reference, np.ones((1, 6)), [None])
+    plain = fake_confidence_model(6).confidences([(-2.0, 3)], images)[0]
+    far = dataclasses.replace(model, domain_residuals=held_out * 0.0)  # every held-out photo nearer than this one
+    assert far.confidences([(-2.0, 3)], images)[0] == pytest.approx(plain * (1 / 101) / 0.05)
+    assert ConfidenceModel.from_dict(model.to_dict()).domain_factors(np.array([0.99]))[0] == pytest.approx(expected[3])
+    with pytest.raises(ConfidenceModelError, match="sorted"):
+        dataclasses.replace(model, domain_residuals=held_out[::-1])
+
+
 def test_a_confidence_model_round_trips_through_its_dict_and_refuses_bad_ones() -> None:
     model = fake_confidence_model(6)
     again = ConfidenceModel.from_dict(model.to_dict())
     signals = np.array([[-1.5, 0.3], [-3.0, 1.2]])
-    np.testing.assert_allclose(again.probabilities(signals), model.probabilities(signals), rtol=1e-6)
+    np.testing.assert_allclose(
+        again.in_domain_probabilities(signals), model.in_domain_probabilities(signals), rtol=1e-6
+    )
     bad = model.to_dict()
     bad["signals"] = ["mean_log_prob", "moon_phase"]
     with pytest.raises(ConfidenceModelError, match="unknown confidence signals"):
