@@ -126,6 +126,25 @@ def get_args_parser() -> argparse.ArgumentParser:
         help=f"a word is ruled out when (k + 1) / (n + 2) is below this, for k endings (or starts) in n sightings "
         f"(default: {DEFAULT_MAX_RATE})",
     )
+    calibrate = sub.add_parser(
+        "calibrate",
+        help="fit caption confidence on a data set's held-out photos, into a checkpoint copy",
+        description="Fit the confidence every caption gets (captioner.confidence: a calibrated probability that the "
+        "caption reaches per-image CIDEr-D >= --threshold) on the val split of --data, with the train split as the "
+        "reference for what the model's photos look like, and write SOURCE with it to TARGET. Never use the test "
+        "split. Needs the train extra (scikit-learn). captioner-train does this at the end of a run.",
+    )
+    calibrate.add_argument("source", help="checkpoint to read, or 'default'")
+    calibrate.add_argument("target", help="checkpoint file to write (may be SOURCE itself)")
+    calibrate.add_argument("--data", required=True, help="Flickr8k folder, COCO captions JSON, or Karpathy split JSON")
+    calibrate.add_argument("--data-format", default="auto", choices=["auto", "coco", "karpathy", "flickr8k"])
+    calibrate.add_argument(
+        "--threshold", type=float, default=0.5, help="per-image CIDEr-D a caption must reach to count as acceptable"
+    )
+    calibrate.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    add_backend_arg(calibrate, default="auto", choices=BACKEND_CHOICES)
+    calibrate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_verbose_arg(calibrate)
     return parser
 
 
@@ -222,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             return _export(args)
         if args.command == "rules":
             return _rules(args)
+        if args.command == "calibrate":
+            return _calibrate(args)
         if args.command == "merge":
             from captioner.bulk import merge_parts
 
@@ -511,6 +532,36 @@ def _rules(args: argparse.Namespace) -> int:
     print(
         f"{args.target}: captions may not end on {len(rules.no_end)} words or {len(rules.no_end_pairs)} word pairs, "
         f"nor start with {len(rules.no_start)} words (learned from {len(captions):,} training captions)"
+    )
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    """``captioner calibrate``: the checkpoint as it is, plus a confidence model fitted on --data."""
+    try:
+        from training.calibration import CalibrationSettings, calibrate_checkpoint
+    except ImportError as error:  # the train extra (scikit-learn) is not installed
+        raise ValueError(f"captioner calibrate needs the train extra (pip install 'captioner[train]'): {error}") from (
+            error
+        )
+
+    confidence = calibrate_checkpoint(
+        checkpoint_arg(args.source),
+        args.target,
+        args.data,
+        data_format=args.data_format,
+        settings=CalibrationSettings(threshold=args.threshold),
+        backend=args.backend,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    fitted = confidence.fitted_on
+    checked = fitted.get("cross_validated", {})
+    print(
+        f"{args.target}: caption confidence fitted on {fitted['held_out_photos']:,} held-out photos "
+        f"({fitted['acceptable_share']:.1%} acceptable: {confidence.target}); "
+        f"{checked.get('folds', 0)}-fold: calibration error {checked.get('calibration_error', float('nan')):.3f}, "
+        f"Spearman with CIDEr-D {checked.get('spearman_with_cider', float('nan')):.2f}"
     )
     return 0
 

@@ -24,10 +24,12 @@ from torch import nn
 
 from captioner import Captioner, EncoderConfig, Vocabulary
 from captioner.caption_rules import CaptionRules
+from captioner.checkpoint import load_checkpoint, save_checkpoint
 from captioner.model import resolve_device
 from captioner.progress import progress_bar
 from training import batches, checkpoints
 from training.batches import epoch_batches
+from training.calibration import CalibrationError, calibrate
 from training.config import TrainConfig
 from training.distributed import setup_distributed, teardown_distributed
 from training.evaluation import validate
@@ -131,6 +133,26 @@ class Trainer:
         if self.dist.main:
             checkpoints.save_best(self.out, self.model, self._metadata(), half=self.config.half_checkpoint)
 
+    def _calibrate_best(self) -> None:
+        """Fit best.pt's caption confidence on the val split (main rank; the config can turn it off)."""
+        best = self.out / "best.pt"
+        if not (self.config.calibrate and self.dist.main and best.is_file()):
+            return
+        stored = load_checkpoint(best)
+        model = Captioner.from_state(stored, source=str(best)).to(self.device).eval()
+        try:
+            confidence, _ = calibrate(
+                model, self.corpus, held_out_corpus=self.val_corpus, progress=self.config.progress
+            )
+        except CalibrationError as error:
+            log.warning("best.pt has no caption confidence: %s", error)
+            self._log({"event": "calibration", "fitted": False, "reason": str(error)})
+            return
+        stored["confidence_model"] = confidence.to_dict()
+        save_checkpoint(best, stored)
+        log.info("best.pt: caption confidence fitted (%s)", confidence.target)
+        self._log({"event": "calibration", "fitted": True, **confidence.fitted_on})
+
     def _log(self, record: dict[str, Any]) -> None:
         self.run_log.write(record, step=self.global_step)
 
@@ -179,6 +201,7 @@ class Trainer:
                 stopped = "early_stopping"
                 break
         self._check_ranks_agree()
+        self._calibrate_best()
         self._log(
             {
                 "event": "end",

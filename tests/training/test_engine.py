@@ -79,6 +79,10 @@ def test_loss_falls_and_the_checkpoint_captions(shapes, cache_dir, tmp_path):
         assert (tmp_path / name).is_file()
     model = Captioner.from_checkpoint(tmp_path / "best.pt")
     assert model.metadata["training"]["splits"] == {"train": 24, "val": 8, "test": 8}
+    # the run tried to fit caption confidence at the end; 24 training photos are too few, and the run says so
+    (calibration,) = [r for r in _log(tmp_path) if r.get("event") == "calibration"]
+    assert calibration["fitted"] is False and "more than 64 training photos" in calibration["reason"]
+    assert model.confidence_model is None
     red_square = next((shapes / "images").glob("*_red_square.jpg"))
     caption = model.caption([red_square], method="beam")[0].captions[0].text
     assert "red" in caption.split() or "square" in caption.split()
