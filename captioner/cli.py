@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import typing
+from collections.abc import Collection
 from dataclasses import asdict
 from pathlib import Path
 
@@ -146,17 +147,20 @@ def add_backend_arg(
     )
 
 
-def add_decoding_args(parser: argparse.ArgumentParser) -> None:
+def add_decoding_args(parser: argparse.ArgumentParser, *, leave_out: Collection[str] = ()) -> None:
     """The decoding flags, shared by every command that captions (``captioner``, ``captioner-eval``).
 
     One flag per :class:`DecodingOptions` field (``max_length`` -> ``--max-length``), with its type,
     default, and help with its valid values (:data:`~captioner.decoding.VALID_VALUES`) or choices. A flag
     the method does not use (``--beam-size`` with ``--method sample``) is refused by
     :func:`decoding_options_from_args` even at its default value, as the service refuses the option: each
-    flag records that it was given.
+    flag records that it was given. An option in ``leave_out`` gets no flag, for a command it would mean nothing
+    to; :func:`decoding_options_from_args` then takes its default.
     """
     types = typing.get_type_hints(DecodingOptions)
     for option in dataclasses.fields(DecodingOptions):
+        if option.name in leave_out:
+            continue
         hint = types[option.name]
         kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint)  # int | None -> int
         described = "; ".join(filter(None, (option.metadata.get("help"), VALID_VALUES.get(option.name))))
@@ -187,7 +191,8 @@ class _DecodingFlag(argparse.Action):
 def decoding_options_from_args(args: argparse.Namespace) -> DecodingOptions:
     """Validated :class:`DecodingOptions` from the flags of :func:`add_decoding_args`; ``ValueError`` for a
     flag given that the method does not use (``--method sample --beam-size 3``), whatever its value."""
-    options = DecodingOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DecodingOptions)})
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(DecodingOptions) if hasattr(args, f.name)}
+    options = DecodingOptions(**given)
     check_options_apply(options.method, getattr(args, _GIVEN, ()))
     return options
 
