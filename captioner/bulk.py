@@ -36,10 +36,16 @@ from typing import Any
 
 import numpy as np
 
+from captioner.decoding import DecodingOptions
+from captioner.model import CaptionResult
 from captioner.transforms import IMAGE_EXTENSIONS, ImageError, Preprocess, load_crop, normalize_crops
 
 OUTPUT_FORMATS = (".jsonl", ".csv")
-CSV_FIELDS = ("image", "caption", "log_prob", "score", "captions", "error", "model", "options")
+# New columns go at the end: the columns of every earlier version are then a prefix (see KNOWN_CSV_HEADERS).
+CSV_FIELDS = (
+    "image", "caption", "log_prob", "score", "captions", "error", "model", "options",
+    "confidence", "tags", "abstained",
+)  # fmt: skip
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -273,9 +279,16 @@ class RunSignature:
 
 
 # The fields a record of this command has; anything else in a file means it is not this command's.
-RECORD_KEYS = frozenset({"image", "captions", "error", "model", "options"})
+RECORD_KEYS = frozenset({"image", "captions", "tags", "abstained", "error", "model", "options"})
 # Files written before records carried their model and options: still this command's, read and appended as such.
 LEGACY_CSV_FIELDS = CSV_FIELDS[:6]
+# The header of every version, newest first. A file with an older one gets the new columns when it is opened (its
+# rows keep their values; the new cells stay empty): without an ``abstained`` column an abstention would be a row
+# with neither a caption nor an error, which no later run could read.
+KNOWN_CSV_HEADERS = (CSV_FIELDS, CSV_FIELDS[:8], LEGACY_CSV_FIELDS)
+# Decoding options added after records carried their options, each at the value every record written before it
+# was made with: such a record was made as a run with that value makes it, so the run resumes the file.
+_LATER_OPTIONS = {name: getattr(DecodingOptions(), name) for name in ("min_confidence",)}
 _JSONL_RECORD_START = b'{"image": '  # how every record this command writes begins (json.dumps, image first)
 
 
@@ -294,7 +307,12 @@ class RecordFile:
     that is not (another program's notes, a CSV with other columns, records of another model or other options)
     is refused with a one-line :class:`InputError` and left byte for byte as it was. Only then is a record cut
     off by a kill dropped, and, with ``retry_errors``, the error records taken out so that their images are
-    captioned again (the file is rewritten to a temporary file and renamed over it).
+    captioned again; a CSV file of an earlier version gets this version's columns (both rewrite the file to a
+    temporary file renamed over it).
+
+    A record is an image's ``captions`` (each with its ``confidence``, None without a confidence model), its
+    ``tags`` and whether it ``abstained`` (no caption reached ``min_confidence``: ``captions`` is empty, and the
+    record is not an error), or its ``error``. Records written before tags and confidence lack those fields.
     """
 
     def __init__(self, path: str | os.PathLike, run: RunSignature | None = None, *, retry_errors: bool = False) -> None:
@@ -305,12 +323,12 @@ class RecordFile:
         self.errors: set[str] = set()  # of those, the images whose record is an error
         self.retried = 0  # error records taken out to be captioned again (retry_errors)
         self.legacy = 0  # records without a model and options (written before records carried them)
-        self.fields: tuple[str, ...] = CSV_FIELDS  # the CSV columns written: the file's own when it has a header
+        self.upgraded = False  # a CSV file of an earlier version given this version's columns (KNOWN_CSV_HEADERS)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         existing = self._open_existing(retry_errors) if self.path.exists() else 0
         self._file = open(self.path, "a", encoding="utf-8", newline="")  # noqa: SIM115 (closed by close())
         if self.format == ".csv" and existing == 0:
-            csv.DictWriter(self._file, fieldnames=self.fields, lineterminator="\n").writeheader()
+            csv.DictWriter(self._file, fieldnames=CSV_FIELDS, lineterminator="\n").writeheader()
 
     def _open_existing(self, retry_errors: bool) -> int:
         """Read and check the whole file, then repair it as planned; returns the bytes it holds afterwards."""
@@ -334,11 +352,12 @@ class RecordFile:
             with open(self.path, "ab") as f:
                 f.write(b"\n")
         errors = {r.image for r in records if r.error}
-        if retry_errors and errors:
-            self._rewrite_without(errors)
-            records = [r for r in records if not r.error]
-            self.retried = len(errors)
-            errors = set()
+        if (retry_errors and errors) or self.upgraded:
+            retried = errors if retry_errors else set()
+            self._rewrite_without(retried)
+            records = [r for r in records if r.image not in retried]
+            self.retried = len(retried)
+            errors -= retried
         self.done = {r.image for r in records}
         self.errors = errors
         self.legacy = sum(r.signature is None for r in records)
@@ -356,9 +375,9 @@ class RecordFile:
             return []
         reader = csv.DictReader(io.StringIO(text))
         header = tuple(reader.fieldnames or ())
-        if header not in (CSV_FIELDS, LEGACY_CSV_FIELDS):
+        if header not in KNOWN_CSV_HEADERS:
             raise self._foreign(f"its columns are {', '.join(header) or 'none'}, not {', '.join(CSV_FIELDS)}")
-        self.fields = header
+        self.upgraded = header != CSV_FIELDS
         return [self._csv_record(row, number) for number, row in enumerate(reader, 2)]
 
     def _parse_tail(self, text: str, tail: bytes) -> _Record | None:
@@ -392,7 +411,7 @@ class RecordFile:
             raise self._foreign(f"line {number} has neither captions nor an error")
         if captions is not None and not (
             isinstance(captions, list)
-            and captions
+            and (captions or record.get("abstained") is True)
             and all(isinstance(c, dict) and isinstance(c.get("text"), str) for c in captions)
         ):
             raise self._foreign(f"line {number}'s captions are not this command's")
@@ -403,7 +422,7 @@ class RecordFile:
     def _csv_record(self, row: dict[str, Any], number: int) -> _Record:
         if not row.get("image") or None in row or any(v is None for v in row.values()):
             raise self._foreign(f"line {number} is not a row of it")
-        if not row["error"] and not row["caption"]:
+        if not row["error"] and not row["caption"] and row.get("abstained") != "true":
             raise self._foreign(f"line {number} has neither a caption nor an error")
         options = row.get("options")
         try:
@@ -415,7 +434,7 @@ class RecordFile:
     def _check_signatures(self, records: list[_Record]) -> None:
         if self.run is None:
             return
-        other = [r for r in records if r.signature is not None and r.signature != self.run]
+        other = [r for r in records if r.signature is not None and not _same_run(r.signature, self.run)]
         if other:
             first = other[0].signature
             assert first is not None
@@ -426,14 +445,15 @@ class RecordFile:
             )
 
     def _rewrite_without(self, images: set[str]) -> None:
-        """The file less the records of ``images``, written beside it and renamed over it (atomic)."""
+        """The file less the records of ``images``, in this version's columns, written beside it and renamed over it
+        (atomic)."""
         kept = [r for r in read_records(self.path) if r["image"] not in images]
         tmp = self.path.with_name(f".{self.path.name}.retry")
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             if self.format == ".jsonl":
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
             else:
-                writer = csv.DictWriter(f, fieldnames=self.fields, lineterminator="\n")
+                writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, lineterminator="\n")
                 writer.writeheader()
                 writer.writerows(kept)
             f.flush()
@@ -451,7 +471,7 @@ class RecordFile:
         if self.format == ".jsonl":
             text.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in signed)
         else:
-            writer = csv.DictWriter(text, fieldnames=self.fields, lineterminator="\n", extrasaction="ignore")
+            writer = csv.DictWriter(text, fieldnames=CSV_FIELDS, lineterminator="\n")
             writer.writerows(map(_csv_row, signed))
         self._file.write(text.getvalue())
         self.done.update(record["image"] for record in signed)
@@ -473,13 +493,23 @@ def _signature(model: Any, options: Any) -> RunSignature | None:
     return RunSignature(str(model), options if isinstance(options, dict) else {})
 
 
+def _same_run(made: RunSignature, run: RunSignature) -> bool:
+    """Whether a record made as ``made`` says was made as ``run`` makes it: the same model and options, an option
+    added since (:data:`_LATER_OPTIONS`) missing on either side taken at the value it was made with."""
+    return made.model == run.model and {**_LATER_OPTIONS, **made.options} == {**_LATER_OPTIONS, **run.options}
+
+
 def _words(options: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v}" for k, v in options.items()) or "no options"
 
 
 def _csv_row(record: dict[str, Any]) -> dict[str, Any]:
+    """A record as a CSV row: the best caption's text and numbers, every caption's text when there are several,
+    tags as ``name:confidence`` joined by ``;`` (tag names hold neither), ``abstained`` as true/false (empty for
+    an error); an empty cell where the record has no value (no confidence model, an error)."""
     captions = record.get("captions") or []
     best = captions[0] if captions else {}
+    confidence = best.get("confidence")
     return {
         "image": record["image"],
         "caption": best.get("text", ""),
@@ -489,6 +519,9 @@ def _csv_row(record: dict[str, Any]) -> dict[str, Any]:
         "error": record.get("error") or "",
         "model": record.get("model", ""),
         "options": json.dumps(record["options"], sort_keys=True) if "options" in record else "",
+        "confidence": "" if confidence is None else confidence,
+        "tags": ";".join(f"{t['name']}:{t['confidence']}" for t in record.get("tags") or []),
+        "abstained": "" if "abstained" not in record else str(record["abstained"]).lower(),
     }
 
 
@@ -595,23 +628,32 @@ def _collect(chunk: list[str], futures: list) -> Batch:
 
 
 def caption_records(model, batch: Batch, options) -> list[dict[str, Any]]:
-    """One record per image of ``batch``: its captions, or its error."""
+    """One record per image of ``batch``: its captions, tags and whether it abstained, or its error."""
     readable = {i: crop for i, crop in enumerate(batch.crops) if crop is not None}
     results = {}
     if readable:
         pixels = normalize_crops(np.stack(list(readable.values())), model.preprocess_config)
         results = dict(zip(readable, model.caption_pixels(pixels, options), strict=True))
-    records = []
-    for i, path in enumerate(batch.paths):
-        if i in results:
-            captions = [
-                {"text": c.text, "log_prob": round(c.log_prob, 4), "score": round(c.score, 4)}
-                for c in results[i].captions
-            ]
-            records.append({"image": path, "captions": captions})
-        else:
-            records.append({"image": path, "error": batch.errors[i]})
-    return records
+    return [
+        _record(path, results[i]) if i in results else {"image": path, "error": batch.errors[i]}
+        for i, path in enumerate(batch.paths)
+    ]
+
+
+def _record(image: str, result: CaptionResult) -> dict[str, Any]:
+    """An image's record: its captions (an abstention has none), tags and whether it abstained, as JSON gives
+    them; numbers rounded to 4 places, which no caller needs more of and keeps files half as long."""
+    captions = [
+        {
+            "text": c.text,
+            "log_prob": round(c.log_prob, 4),
+            "score": round(c.score, 4),
+            "confidence": None if c.confidence is None else round(c.confidence, 4),
+        }
+        for c in result.captions
+    ]
+    tags = [tag.to_dict(digits=4) for tag in result.tags]
+    return {"image": image, "captions": captions, "tags": tags, "abstained": result.abstained}
 
 
 def caption_stream(

@@ -9,13 +9,14 @@ import logging
 import os
 import sys
 import typing
+from collections.abc import Collection
 from dataclasses import asdict
 from pathlib import Path
 
 from captioner.bulk import InputError, default_workers
 from captioner.caption_rules import DEFAULT_MAX_RATE
 from captioner.checkpoint import CheckpointError, checkpoint_arg
-from captioner.decoding import DecodingOptions, check_options_apply
+from captioner.decoding import VALID_VALUES, DecodingOptions, check_options_apply
 from captioner.encoders import EncoderWeightsError
 from captioner.model import BACKEND_CHOICES, BACKENDS
 from captioner.onnx_backend import BackendUnavailable
@@ -28,10 +29,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     cap = sub.add_parser(
         "caption",
         help="caption images: files, folders, glob patterns or a list; streamed to --output and resumable",
-        description="Caption images. Without --output, one line per image (path<TAB>caption) or, with --json, one "
-        "JSON document. With --output FILE (.jsonl or .csv), one record per image is written and flushed as each "
-        "batch finishes; running the same command again skips the images FILE already holds. Under torchrun, "
-        "each process captions its share into FILE's part files, merged at the end (or: captioner merge FILE).",
+        description="Caption images. Without --output, one line per image (path<TAB>captions, each with its "
+        "confidence when the model has a confidence calibration, then <TAB>tags: ... when the model has an ImageNet "
+        "head) or, with --json, one JSON document. With --output FILE (.jsonl or .csv), one record per image is "
+        "written and flushed as each batch finishes; running the same command again skips the images FILE already "
+        "holds. Under torchrun, each process captions its share into FILE's part files, merged at the end (or: "
+        "captioner merge FILE).",
     )
     cap.add_argument(
         "inputs",
@@ -163,19 +166,24 @@ def add_backend_arg(
     )
 
 
-def add_decoding_args(parser: argparse.ArgumentParser) -> None:
+def add_decoding_args(parser: argparse.ArgumentParser, *, leave_out: Collection[str] = ()) -> None:
     """The decoding flags, shared by every command that captions (``captioner``, ``captioner-eval``).
 
     One flag per :class:`DecodingOptions` field (``max_length`` -> ``--max-length``), with its type,
-    default, and help or choices. A flag the method does not use (``--beam-size`` with ``--method
-    sample``) is refused by :func:`decoding_options_from_args` even at its default value, as the service
-    refuses the option: each flag records that it was given.
+    default, and help with its valid values (:data:`~captioner.decoding.VALID_VALUES`) or choices. A flag
+    the method does not use (``--beam-size`` with ``--method sample``) is refused by
+    :func:`decoding_options_from_args` even at its default value, as the service refuses the option: each
+    flag records that it was given. An option in ``leave_out`` gets no flag, for a command it would mean nothing
+    to; :func:`decoding_options_from_args` then takes its default.
     """
     types = typing.get_type_hints(DecodingOptions)
     for option in dataclasses.fields(DecodingOptions):
+        if option.name in leave_out:
+            continue
         hint = types[option.name]
         kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint)  # int | None -> int
-        help_text = option.metadata.get("help", "").replace("%", "%%")
+        described = "; ".join(filter(None, (option.metadata.get("help"), VALID_VALUES.get(option.name))))
+        help_text = described.replace("%", "%%")
         if option.default is not None:
             help_text = f"{help_text} (default: %(default)s)".lstrip()
         parser.add_argument(
@@ -202,7 +210,8 @@ class _DecodingFlag(argparse.Action):
 def decoding_options_from_args(args: argparse.Namespace) -> DecodingOptions:
     """Validated :class:`DecodingOptions` from the flags of :func:`add_decoding_args`; ``ValueError`` for a
     flag given that the method does not use (``--method sample --beam-size 3``), whatever its value."""
-    options = DecodingOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DecodingOptions)})
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(DecodingOptions) if hasattr(args, f.name)}
+    options = DecodingOptions(**given)
     check_options_apply(options.method, getattr(args, _GIVEN, ()))
     return options
 
@@ -288,6 +297,7 @@ def _caption(args: argparse.Namespace) -> int:
     if world > 1 and not args.output:
         raise ValueError("under torchrun each process writes its share to a file: give --output")
     model = Captioner.from_checkpoint(checkpoint_arg(args.checkpoint), device=args.device, backend=args.backend)
+    model.check_options(options)  # --min-confidence without a confidence model: refused before any output
     model = model.optimize_for_inference()
     group = _join_process_group(world)
 
@@ -301,7 +311,7 @@ def _caption(args: argparse.Namespace) -> int:
     missing = [m for m in inputs.missing if m not in done] if rank == 0 else []
     todo = [p for p in inputs.paths[rank::world] if p not in done]
     skipped = len(inputs.paths[rank::world]) - len(todo)
-    printer = _Printer(args.json, sink)
+    printer = _Printer(args.json, sink, options)
     if skipped:
         assert sink is not None  # only an --output file holds images already captioned
         errors = len(sink.errors & set(inputs.paths[rank::world]))
@@ -357,9 +367,10 @@ def _missing_reason(item: str) -> str:
 class _Printer:
     """Where records go: the output file, or the terminal (text lines, or one JSON document at the end)."""
 
-    def __init__(self, as_json: bool, sink) -> None:
+    def __init__(self, as_json: bool, sink, options: DecodingOptions) -> None:
         self.as_json = as_json
         self.sink = sink
+        self.options = options
         self.results: list[dict] = []
         self.failed = 0
 
@@ -375,7 +386,22 @@ class _Printer:
         else:
             for record in records:
                 if "captions" in record:
-                    print(f"{record['image']}\t{' | '.join(c['text'] for c in record['captions'])}", flush=True)
+                    print(text_line(record, self.options), flush=True)
+
+
+def text_line(record: dict, options: DecodingOptions) -> str:
+    """An image's record as one line: ``path<TAB>captions``, each with its confidence when the model has a
+    confidence model, then ``<TAB>tags: name 0.61, ...`` when the model has a class head. An abstained image says
+    so in the captions' place: one line per image, whatever happened, so the output still reads as columns."""
+    if record["abstained"]:
+        captions = f"(abstained: no caption reached confidence {options.min_confidence})"
+    else:
+        captions = " | ".join(
+            c["text"] if c["confidence"] is None else f"{c['text']} (confidence {c['confidence']:.2f})"
+            for c in record["captions"]
+        )
+    tags = ", ".join(f"{t['name']} {t['confidence']:.2f}" for t in record["tags"])
+    return f"{record['image']}\t{captions}" + (f"\ttags: {tags}" if tags else "")
 
 
 def _join_process_group(world: int):
@@ -490,7 +516,10 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def _describe(model) -> dict:
+    """What ``captioner info`` prints: the model's parts, what it was trained with, and what its captions come with
+    (tags need the encoder's ImageNet head; confidence and ``--min-confidence`` need a confidence model)."""
     rules = model.caption_rules
+    confidence = model.confidence_model
     return {
         "encoder": model.encoder.identity(),
         "decoder": asdict(model.decoder.config),
@@ -504,6 +533,10 @@ def _describe(model) -> dict:
             "no_start_words": len(rules.no_start),
             "max_rate": rules.max_rate,
         },
+        "class_head": model.encoder.classifier is not None,
+        "confidence_model": None
+        if confidence is None
+        else {"target": confidence.target, "signals": list(confidence.signals), "fitted_on": confidence.fitted_on},
         "metadata": model.metadata,
     }
 

@@ -4,7 +4,11 @@
 
     with CaptionClient("http://localhost:8000", api_key="...") as client:
         reply = client.caption("dog.jpg", method="beam", beam_size=5, num_captions=2)
-        print(reply.captions[0].text, reply.options["method"])
+        print(reply.captions[0].text, reply.captions[0].confidence, [tag.name for tag in reply.tags])
+
+        reply = client.caption("photo.jpg", min_confidence=0.5)  # the model needs a confidence calibration
+        if reply.abstained:  # no caption reached 0.5: none is given, the tags still are
+            print("not sure; it shows", ", ".join(tag.name for tag in reply.tags))
 
         for path, result in zip(paths, client.caption_many(paths, concurrency=8)):
             if isinstance(result, CaptionError):  # one bad image never stops the rest

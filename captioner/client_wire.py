@@ -26,12 +26,16 @@ from PIL import Image
 
 from captioner.decoding import DecodingOptions, check_options_apply
 from captioner.model import Caption
+from captioner.tags import Tag
 from captioner.transforms import ImageError, load_image
 
 ImageInput = str | os.PathLike | bytes | Image.Image
 
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(DecodingOptions))
+# Options sent only when set off their default, which is every server's: a server from before one was added
+# refuses it as an unknown parameter, even at the default value that changes nothing.
+SENT_WHEN_SET = {"min_confidence": DecodingOptions().min_confidence}
 RETRY_STATUSES = frozenset((429, 503))  # "come back later": the server said so, the request itself was fine
 BACKOFF_START = 0.5  # seconds: the first backoff window, doubled at every attempt
 RETRY_AFTER_FLOOR = 1.0  # seconds: the shortest wait after a 503/429, whatever its Retry-After says
@@ -84,13 +88,19 @@ class ImageReadError(CaptionError):
 
 @dataclass(frozen=True)
 class CaptionResponse:
-    """What ``POST /caption`` answered; ``raw`` is the whole JSON body (image size, attention region, ...)."""
+    """What ``POST /caption`` answered; ``raw`` is the whole JSON body (image size, attention region, ...).
 
-    captions: list[Caption]  # best first; the library's own Caption, so code works against either
+    A server from before confidence and tags sends neither: its captions' ``confidence`` is None (as a model
+    without a confidence model answers), ``tags`` is empty and ``abstained`` False.
+    """
+
+    captions: list[Caption]  # best first; the library's own Caption (with its confidence), so code works with either
     options: dict[str, Any]  # the decoding options the server applied, defaults filled in
     model_id: str
     timing: dict[str, Any]  # total_ms, decode_ms, queue_ms, model_ms, batch_size
     attention_shape: tuple[int, int] | None = None  # (h, w) grid the attention weights cover; attention=True only
+    tags: list[Tag] = field(default_factory=list)  # what the image shows, strongest first (empty: no class head)
+    abstained: bool = False  # no caption reached min_confidence: captions is empty, the tags are still there
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -103,9 +113,16 @@ class CaptionResponse:
                 log_prob=float(c["log_prob"]),
                 score=float(c["score"]),
                 attention=c.get("attention"),
+                confidence=_optional_number(c.get("confidence"), "a caption's confidence"),
             )
             for c in body["captions"]
         ]
+        tags = body.get("tags") or []
+        abstained = body.get("abstained", False)
+        if not isinstance(tags, list):
+            raise TypeError(f"tags is a list, got {type(tags).__name__}")
+        if not isinstance(abstained, bool):
+            raise TypeError(f"abstained is true or false, got {abstained!r}")
         shape = body.get("attention_shape")
         return cls(
             captions=captions,
@@ -113,8 +130,19 @@ class CaptionResponse:
             model_id=str(body["model_id"]),
             timing=dict(body["timing"]),
             attention_shape=(int(shape[0]), int(shape[1])) if shape else None,
+            tags=[Tag.from_dict(tag) for tag in tags],
+            abstained=abstained,
             raw=dict(body),
         )
+
+
+def _optional_number(value: object, what: str) -> float | None:
+    """A JSON number or null as float or None; ``TypeError`` for anything else (``"0.5"`` and ``true`` too)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{what} is a number or null, got {value!r}")
+    return float(value)
 
 
 # -- requests: options, images, answers -----------------------------------------------------------
@@ -142,8 +170,12 @@ def _resolve_options(options: DecodingOptions | None, fields: Mapping[str, Any])
 
 def _query(options: DecodingOptions, attention: bool) -> dict[str, Any]:
     """The options the method uses (``to_dict``), so the server runs exactly what was checked here; ``seed``
-    only when set (None: random)."""
-    params = {name: value for name, value in options.to_dict().items() if value is not None}
+    only when set (None: random), and :data:`SENT_WHEN_SET` only off their default."""
+    params = {
+        name: value
+        for name, value in options.to_dict().items()
+        if value is not None and not (name in SENT_WHEN_SET and value == SENT_WHEN_SET[name])
+    }
     if attention:
         params["attention"] = "true"
     return params

@@ -24,6 +24,18 @@ NUM_CAPTIONS_RANGE = (1, 20)
 LENGTH_PENALTY_RANGE = (0.0, 5.0)
 TEMPERATURE_MAX = 10.0
 MIN_CONFIDENCE_RANGE = (0.0, 1.0)
+# The same ranges in words, for help texts (DecodingOptions.__post_init__ enforces them); an option without
+# an entry has no range to state (method: its choices; seed: any integer).
+VALID_VALUES = {
+    "max_length": "an integer in [{}, {}]".format(*MAX_LENGTH_RANGE),
+    "beam_size": "an integer in [{}, {}]".format(*BEAM_SIZE_RANGE),
+    "length_penalty": "a number in [{}, {}]".format(*LENGTH_PENALTY_RANGE),
+    "temperature": f"a number in (0, {TEMPERATURE_MAX}]",
+    "top_k": "an integer >= 0, 0 keeps all",
+    "top_p": "a number in (0, 1]",
+    "num_captions": "an integer in [{}, {}]".format(*NUM_CAPTIONS_RANGE),
+    "min_confidence": "a number in [{}, {}], 0 never abstains".format(*MIN_CONFIDENCE_RANGE),
+}
 
 
 # The methods each option is for (max_length and method are for all). Set on another method, an option

@@ -309,11 +309,7 @@ class Captioner(nn.Module):
     ) -> list[CaptionResult]:
         """Caption encoder feature grids ``(B, C, h, w)`` (e.g. from a feature cache); ``class_logits`` ``(B, 1000)``
         from the same pass (:meth:`encode_with_class_logits`) give each result its class probabilities."""
-        if options.min_confidence > 0 and self.confidence_model is None:
-            raise ConfidenceUnavailableError(
-                "min_confidence needs a model with a confidence calibration, and this one has none "
-                "(add one with `captioner calibrate`)"
-            )
+        self.check_options(options)
         grid = grid.to(self.device)
         shape = (grid.shape[2], grid.shape[3]) if self.decoder.config.attention else None
         hypotheses = decode(self.decoder, grid, options, self.rule_masks())
@@ -326,6 +322,16 @@ class Captioner(nn.Module):
             tags = tags_from_probabilities(p) if p is not None else []
             results.append(CaptionResult(kept, shape, p, tags, abstained=not kept))
         return results
+
+    def check_options(self, options: DecodingOptions) -> None:
+        """Raise :class:`ConfidenceUnavailableError` when ``options`` ask for what this model cannot give
+        (``min_confidence`` without a confidence model). Captioning checks it on every batch; front ends call it
+        once after loading, so a bulk run is refused before it opens its output or reads a photo."""
+        if options.min_confidence > 0 and self.confidence_model is None:
+            raise ConfidenceUnavailableError(
+                "min_confidence needs a model with a confidence calibration, and this one has none "
+                "(add one with `captioner calibrate`)"
+            )
 
     def _confidences(
         self, grid: torch.Tensor, hypotheses: list[list[Hypothesis]], probabilities: list[np.ndarray | None]

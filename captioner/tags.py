@@ -40,6 +40,27 @@ class Tag:
     confidence: float
     parents: tuple[str, ...]
 
+    def to_dict(self, *, digits: int | None = None) -> dict[str, object]:
+        """The tag as JSON gives it everywhere (``{"name", "confidence", "parents"}``: the API, the CLI's ``--json``
+        and bulk records); ``digits`` rounds the confidence for files people read."""
+        confidence = self.confidence if digits is None else round(self.confidence, digits)
+        return {"name": self.name, "confidence": confidence, "parents": list(self.parents)}
+
+    @classmethod
+    def from_dict(cls, data: object) -> Tag:
+        """A tag from its JSON (:meth:`to_dict`); ``KeyError``, ``TypeError`` or ``ValueError`` for anything else, so
+        a reader of another program's answer (``captioner.client``) can report it as not a tag."""
+        if not isinstance(data, dict):
+            raise TypeError(f"a tag is a JSON object, got {type(data).__name__}")
+        name, confidence, parents = data["name"], data["confidence"], data.get("parents", [])
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a tag's name is a non-empty string, got {name!r}")
+        if isinstance(confidence, bool) or not isinstance(confidence, int | float):
+            raise TypeError(f"tag {name!r}: confidence is a number, got {confidence!r}")
+        if not isinstance(parents, list) or not all(isinstance(parent, str) for parent in parents):
+            raise TypeError(f"tag {name!r}: parents are a list of names, got {parents!r}")
+        return cls(name, float(confidence), tuple(parents))
+
 
 @dataclass(frozen=True)
 class TagTable:

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 import captioner.bulk as bulk
+from captioner import Captioner, DecodingOptions
 from captioner.bulk import InputError, RecordFile, expand_inputs, merge_parts, part_path, read_manifest
 from captioner.cli import main
 from captioner.encoders import file_sha256
@@ -135,7 +136,8 @@ def test_caption_a_folder_into_jsonl_then_run_again_and_resume(checkpoint, tmp_p
     names = [r["image"] for r in records]
     assert len(names) == len(set(names)) == 8 + 1  # no duplicates, no gaps
     assert [os.path.normpath(n) for n in names[:-1]] == sorted([*images, str(tmp_path / "photos" / "zz-broken.jpg")])
-    signature = {"model": f"model-{bulk_sha(checkpoint)}", "options": {"method": "greedy", "max_length": 20}}
+    options = {"method": "greedy", "max_length": 20, "min_confidence": 0.0}
+    signature = {"model": f"model-{bulk_sha(checkpoint)}", "options": options}
     assert records[-1] == {"image": "missing.jpg", "error": "no such file: missing.jpg", **signature}  # last
     assert all({k: r[k] for k in ("model", "options")} == signature for r in records)  # each says what made it
     assert all(r["captions"][0]["text"] for r in records if "broken" not in r["image"] and "error" not in r)
@@ -223,6 +225,8 @@ CAPTION = {"captions": [{"text": "a dog", "log_prob": -1.0, "score": -1.0}]}
         ("notes.jsonl", b'{"image": "a.jpg", "captions": [{"text": "a dog"}], "rating": 5}\n'),
         ("sheet.csv", b"image,label\na.jpg,cat\nb.jpg,do"),  # a foreign CSV with an image column
         ("sheet.csv", b"image,caption,log_prob,score,captions,error\na.jpg,,,,,\n"),  # a row of nothing
+        ("notes.jsonl", b'{"image": "a.jpg", "captions": []}\n'),  # no caption, and it does not say it abstained
+        ("sheet.csv", (",".join(bulk.CSV_FIELDS) + "\na.jpg,,,,,,m,{},,,false\n").encode()),  # the same in CSV
         ("latin1.csv", "image,caption\ncaf\u00e9.jpg,x\n".encode("latin-1")),
     ],
 )
@@ -284,12 +288,16 @@ def test_an_output_file_from_before_records_were_signed_is_still_resumed(tmp_pat
     out = tmp_path / "old.csv"
     out.write_text("image,caption,log_prob,score,captions,error\na.jpg,a dog,-1.0,-1.0,,\n")
     sink = RecordFile(out, RUN)
-    assert sink.done == {"a.jpg"} and sink.legacy == 1
+    assert sink.done == {"a.jpg"} and sink.legacy == 1 and sink.upgraded
     sink.write([{"image": "b.jpg", **CAPTION}])
     sink.close()
     rows = bulk.read_records(out)
-    assert list(rows[0]) == list(bulk.LEGACY_CSV_FIELDS)  # its own columns: every row still has the same ones
-    assert [r["image"] for r in rows] == ["a.jpg", "b.jpg"]
+    assert list(rows[0]) == list(bulk.CSV_FIELDS)  # this version's columns: every row has the same ones
+    assert rows[0] == {**dict.fromkeys(bulk.CSV_FIELDS, ""), "image": "a.jpg", "caption": "a dog"} | {
+        "log_prob": "-1.0",
+        "score": "-1.0",
+    }  # its values kept, the new cells empty
+    assert [r["image"] for r in rows] == ["a.jpg", "b.jpg"] and rows[1]["model"] == RUN.model
 
 
 def test_a_foreign_output_file_is_byte_identical_after_the_refused_run(checkpoint, tmp_path, capsys) -> None:
@@ -317,3 +325,108 @@ def test_retry_errors_on_the_command_line(checkpoint, tmp_path, capsys) -> None:
     assert "1 error records taken out of" in capsys.readouterr().err
     (record,) = bulk.read_records(out)
     assert record["image"] == str(photo) and record["captions"][0]["text"]
+
+
+# -- confidence, tags and abstention (issue 23) ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory) -> Path:
+    """A checkpoint whose captions come with a confidence and its images with tags."""
+    path = tmp_path_factory.mktemp("bulk-calibrated") / "calibrated.pt"
+    tiny_captioner(confidence=True, class_head=True).save(path)
+    return path
+
+
+def _run(model: Path, photos: Path, out: Path, *extra: str) -> int:
+    argv = ["caption", str(photos), "--output", str(out), "--checkpoint", str(model), "--backend", "torch"]
+    return main([*argv, "--batch-size", "2", "--workers", "0", *extra])
+
+
+def _csv_tags(cell: str) -> list[tuple[str, float]]:
+    return [(name, float(value)) for name, value in (tag.rsplit(":", 1) for tag in cell.split(";"))] if cell else []
+
+
+def test_records_carry_each_captions_confidence_and_the_images_tags(calibrated, checkpoint, tmp_path) -> None:
+    images = _tree(tmp_path / "photos", count=3)
+    assert _run(calibrated, tmp_path / "photos", tmp_path / "out.jsonl", "--num-captions", "2") == 0
+    assert _run(calibrated, tmp_path / "photos", tmp_path / "out.csv", "--num-captions", "2") == 0
+    records, rows = bulk.read_records(tmp_path / "out.jsonl"), bulk.read_records(tmp_path / "out.csv")
+    options = DecodingOptions(num_captions=2)
+    expected = Captioner.from_checkpoint(calibrated).caption(images, options)  # the library, on the same files
+    for record, row, result in zip(records, rows, expected, strict=True):
+        assert [c["confidence"] for c in record["captions"]] == [round(c.confidence, 4) for c in result.captions]
+        assert [(t["name"], t["confidence"], t["parents"]) for t in record["tags"]] == [
+            (t.name, round(t.confidence, 4), list(t.parents)) for t in result.tags
+        ]
+        assert record["tags"] and record["abstained"] is False
+        # the CSV row: the best caption's confidence, the tags as name:confidence;..., abstained false
+        assert float(row["confidence"]) == record["captions"][0]["confidence"]
+        assert _csv_tags(row["tags"]) == [(t["name"], t["confidence"]) for t in record["tags"]]
+        assert row["abstained"] == "false" and row["caption"] == record["captions"][0]["text"]
+    # neither a confidence model nor a class head: confidence null (an empty cell), no tags
+    assert _run(checkpoint, tmp_path / "photos", tmp_path / "plain.jsonl") == 0
+    assert _run(checkpoint, tmp_path / "photos", tmp_path / "plain.csv") == 0
+    for record in bulk.read_records(tmp_path / "plain.jsonl"):
+        assert record["captions"][0]["confidence"] is None and record["tags"] == [] and record["abstained"] is False
+    for row in bulk.read_records(tmp_path / "plain.csv"):
+        assert row["caption"] and row["confidence"] == "" and row["tags"] == "" and row["abstained"] == "false"
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_abstentions_are_records_not_errors_and_the_run_resumes(calibrated, tmp_path, capsys, suffix) -> None:
+    images = _tree(tmp_path / "photos", count=3)
+    out = tmp_path / f"out{suffix}"
+    assert _run(calibrated, tmp_path / "photos", out, "--min-confidence", "1.0") == 0  # nothing failed
+    assert capsys.readouterr().err == ""
+    records = bulk.read_records(out)
+    assert sorted(os.path.normpath(r["image"]) for r in records) == images  # every image has its record
+    for record in records:
+        assert "error" not in record or record["error"] == ""
+        if suffix == ".jsonl":
+            assert record["captions"] == [] and record["abstained"] is True and record["tags"]
+            assert record["options"]["min_confidence"] == 1.0
+        else:
+            assert record["caption"] == "" and record["confidence"] == "" and record["abstained"] == "true"
+            assert _csv_tags(record["tags"]) and json.loads(record["options"])["min_confidence"] == 1.0
+    before = out.read_bytes()
+    assert _run(calibrated, tmp_path / "photos", out, "--min-confidence", "1.0") == 0
+    assert "3 images already in" in capsys.readouterr().err  # read back as this command's records: skipped
+    assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_a_file_from_before_confidence_resumes_and_learns_the_new_fields(tmp_path, suffix) -> None:
+    out = tmp_path / f"old{suffix}"
+    old_options = {"method": "greedy", "max_length": 20}  # as records were signed before min_confidence
+    if suffix == ".jsonl":
+        old = {"image": "a.jpg", **CAPTION, "model": RUN.model, "options": old_options}
+        out.write_text(json.dumps(old) + "\n")
+    else:
+        row = ["a.jpg", "a dog", "-1.0", "-1.0", "", "", RUN.model, json.dumps(old_options)]
+        with open(out, "w", newline="") as f:
+            csv.writer(f, lineterminator="\n").writerows([bulk.CSV_FIELDS[:8], row])  # the columns before tags
+    today = bulk.RunSignature(RUN.model, DecodingOptions(method="greedy").to_dict())  # min_confidence 0.0
+    with pytest.raises(InputError, match="1 records were made otherwise"):  # another bar is other options
+        RecordFile(out, bulk.RunSignature(RUN.model, DecodingOptions(method="greedy", min_confidence=0.5).to_dict()))
+    sink = RecordFile(out, today)
+    assert sink.done == {"a.jpg"} and sink.legacy == 0 and sink.upgraded == (suffix == ".csv")
+    sink.write([{"image": "b.jpg", "captions": [], "tags": [{"name": "dog", "confidence": 0.5, "parents": []}],
+                 "abstained": True}])  # fmt: skip
+    sink.close()
+    again = RecordFile(out, today)  # both records read back, the old one and the abstention
+    assert again.done == {"a.jpg", "b.jpg"} and again.errors == set()
+    again.close()
+    records = bulk.read_records(out)
+    if suffix == ".csv":
+        assert records[0]["caption"] == "a dog" and records[0]["abstained"] == ""  # kept as it was
+        assert records[1]["abstained"] == "true" and records[1]["tags"] == "dog:0.5"
+    else:
+        assert records[0] == old and records[1]["abstained"] is True
+
+
+def test_tag_names_hold_neither_csv_separator() -> None:
+    from captioner.tags import load_tag_table
+
+    names = load_tag_table().display_names
+    assert len(names) > 100 and not [name for name in names if ":" in name or ";" in name]

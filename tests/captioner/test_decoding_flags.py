@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from captioner.cli import add_decoding_args, decoding_options_from_args, main
-from captioner.decoding import METHODS, DecodingOptions
+from captioner.decoding import METHODS, VALID_VALUES, DecodingOptions
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,3 +84,18 @@ def test_the_command_line_exits_2_with_one_line(capsys) -> None:
     assert main(["caption", "no-such.jpg", "--method", "sample", "--beam-size", "1"]) == 2
     err = capsys.readouterr().err
     assert err == "captioner: error: method sample does not use beam_size (beam_size is for beam): leave it out\n"
+
+
+def test_each_flag_states_its_valid_values() -> None:
+    flags = {action.dest: action for action in _parser()._actions}
+    assert set(VALID_VALUES) <= set(flags)  # no range for an option that is not there
+    for name, words in VALID_VALUES.items():
+        assert words in (flags[name].help or "")
+    assert "[0.0, 1.0]" in (flags["min_confidence"].help or "")
+
+
+def test_a_flag_left_out_takes_its_default() -> None:
+    parser = argparse.ArgumentParser(prog="test")
+    add_decoding_args(parser, leave_out=("min_confidence",))
+    assert "min_confidence" not in {action.dest for action in parser._actions}
+    assert decoding_options_from_args(parser.parse_args(["--beam-size", "4"])) == DecodingOptions(beam_size=4)

@@ -220,3 +220,21 @@ def test_the_generator_rebuilds_the_committed_table_byte_for_byte(tmp_path: Path
     out = tmp_path / "imagenet_tags.json"
     subprocess.run([sys.executable, str(GENERATOR), "--out", str(out)], check=True, timeout=120, capture_output=True)
     assert out.read_bytes() == TAGS_FILE.read_bytes()
+
+
+def test_a_tag_round_trips_through_its_json_and_anything_else_is_refused() -> None:
+    tag = Tag("dog", 0.612345, ("mammal", "animal"))
+    assert tag.to_dict() == {"name": "dog", "confidence": 0.612345, "parents": ["mammal", "animal"]}
+    assert tag.to_dict(digits=2)["confidence"] == 0.61
+    assert Tag.from_dict(json.loads(json.dumps(tag.to_dict()))) == tag
+    assert Tag.from_dict({"name": "dog", "confidence": 1}) == Tag("dog", 1.0, ())  # parents may be left out
+    for bad, error in (
+        (["dog", 0.5], TypeError),
+        ({"confidence": 0.5}, KeyError),
+        ({"name": "", "confidence": 0.5}, ValueError),
+        ({"name": "dog", "confidence": "0.5"}, TypeError),
+        ({"name": "dog", "confidence": True}, TypeError),
+        ({"name": "dog", "confidence": 0.5, "parents": "animal"}, TypeError),
+    ):
+        with pytest.raises(error):
+            Tag.from_dict(bad)

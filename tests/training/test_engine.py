@@ -405,3 +405,13 @@ def test_epoch_batches_shard_evenly_and_bucket_by_length():
     assert epoch_batches(lengths, 32, seed=1, epoch=2) != epoch_batches(lengths, 32, seed=1, epoch=3)
     spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in ranks[0]]
     assert sum(spread) / len(spread) < 4  # batches hold similar lengths (random batches: ~16)
+
+
+def test_eval_has_every_decoding_flag_but_min_confidence(capsys):
+    from training.cli import get_eval_args_parser
+
+    parser = get_eval_args_parser()
+    assert "--beam-size" in parser.format_help() and "--min-confidence" not in parser.format_help()
+    with pytest.raises(SystemExit):  # never taken and then ignored
+        parser.parse_args(["--data", "x", "--min-confidence", "0.5"])
+    assert "unrecognized arguments: --min-confidence" in capsys.readouterr().err
