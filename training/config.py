@@ -118,9 +118,8 @@ class TrainConfig:
     resume: bool = False  # continue from output_dir/last.pt
     init_from: str | None = None  # start from a trained checkpoint's model ("default": the bundled one)
     half_checkpoint: bool = False  # store best.pt's weights in fp16
-    # at the end, fit best.pt's caption confidence on the val split (training.calibration; skipped, with a warning,
-    # when the split is too small or no caption is acceptable)
-    calibrate: bool = True
+    # skipped with a warning when the data is too small, or no caption is (or every one is) acceptable
+    calibrate: bool = True  # at the end, fit best.pt's caption confidence on the val split (captioner calibrate)
     limit_images: int | None = None  # use at most this many images per split (quick runs, tests)
     progress: bool = True  # progress bars
 

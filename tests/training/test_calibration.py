@@ -98,12 +98,3 @@ def test_calibrate_fits_the_default_model_on_real_held_out_photos(tmp_path: Path
     # and the whole checkpoint went along: the source's metadata, plus where its confidence came from
     assert model.metadata["confidence_from"] == {"data": "data"}
     assert json.dumps(model.metadata["training"]) == json.dumps(default.metadata["training"])
-
-
-def test_eval_refuses_min_confidence(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from training.cli import eval_main
-
-    shapes = make_flickr_folder(tmp_path / "shapes")
-    assert eval_main(["--data", str(shapes), "--min-confidence", "0.5", "--no-progress"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "--min-confidence does not apply" in err
