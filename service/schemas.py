@@ -15,6 +15,7 @@ from captioner.decoding import (
     LENGTH_PENALTY_RANGE,
     MAX_LENGTH_RANGE,
     METHODS,
+    MIN_CONFIDENCE_RANGE,
     NUM_CAPTIONS_RANGE,
     TEMPERATURE_MAX,
     DecodingOptions,
@@ -34,6 +35,9 @@ _RANGES = {
     "top_k": "an integer >= 0 (0 keeps all words)",
     "top_p": "a number in (0, 1]",
     "seed": f"an integer in [0, {SEED_MAX}]",
+    "min_confidence": "a number in [{}, {}] (0 never abstains; above 0 needs a calibrated model)".format(
+        *MIN_CONFIDENCE_RANGE
+    ),
     "attention": "true or false",
 }
 # The same ranges as pydantic's constraints (DecodingOptions checks them too, but pydantic's errors name the field).
@@ -46,6 +50,7 @@ _CONSTRAINTS: dict[str, dict[str, Any]] = {
     "top_p": {"gt": 0.0, "le": 1.0},
     "num_captions": {"ge": NUM_CAPTIONS_RANGE[0], "le": NUM_CAPTIONS_RANGE[1]},
     "seed": {"ge": 0, "le": SEED_MAX},
+    "min_confidence": {"ge": MIN_CONFIDENCE_RANGE[0], "le": MIN_CONFIDENCE_RANGE[1]},
 }
 # The request and response models are made from DecodingOptions' fields (names, types, defaults, help), in
 # its order, then the service's own option, attention: an option or a default is written there only.
