@@ -224,13 +224,13 @@ MIXED_OPTIONS = [
 ]
 
 
-def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(tiny_checkpoint: Path) -> None:
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(calibrated_checkpoint: Path) -> None:
     """Eight simultaneous uploads with different images and options: one encoder batch of eight, and
-    every response equals what that image alone with those options gives."""
-    app = create_app(Settings(checkpoint=tiny_checkpoint, max_batch_size=8, max_wait_ms=5_000))
+    every response (captions, their confidences, the tags) equals what that image alone with those options gives."""
+    app = create_app(Settings(checkpoint=calibrated_checkpoint, max_batch_size=8, max_wait_ms=5_000))
     uploads = [images.png(seed=100 + i) for i in range(len(MIXED_OPTIONS))]
 
-    async def scenario() -> tuple[list[httpx.Response], list[list[tuple[str, float]]], str]:
+    async def scenario() -> tuple[list[httpx.Response], list[CaptionResult], str]:
         async with app.router.lifespan_context(app):
             # On a loaded machine the eighth request can still be in the HTTP layer when the first seven
             # have been decoded, so the batch would close without it. Holding the batcher until all
@@ -256,7 +256,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(tiny_check
                 metrics = (await client.get("/metrics")).text
             model = app.state.loaded.model
             expected = [
-                [(c.text, c.log_prob) for c in model.caption([data], DecodingOptions(**options))[0].captions]
+                model.caption([data], DecodingOptions(**options))[0]
                 for data, options in zip(uploads, MIXED_OPTIONS, strict=True)
             ]
         return responses, expected, metrics
@@ -266,9 +266,15 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(tiny_check
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["timing"]["batch_size"] == len(MIXED_OPTIONS), "the requests did not share one batch"
-        got = [(c["text"], c["log_prob"]) for c in body["captions"]]
-        assert [text for text, _ in got] == [text for text, _ in want], options
-        assert [lp for _, lp in got] == pytest.approx([lp for _, lp in want], abs=1e-4), options
+        assert [c["text"] for c in body["captions"]] == [c.text for c in want.captions], options
+        got = [(c["log_prob"], c["confidence"]) for c in body["captions"]]
+        assert got == [
+            (pytest.approx(c.log_prob, abs=1e-4), pytest.approx(c.confidence, abs=1e-4)) for c in want.captions
+        ]
+        assert [(t["name"], t["confidence"]) for t in body["tags"]] == [
+            (t.name, pytest.approx(t.confidence, abs=1e-4)) for t in want.tags
+        ], options
+        assert body["tags"], "the model has a class head"
         assert body["options"]["method"] == options["method"]
     # Same seed and options, different images: each request sampled with its own generator.
     assert responses[5].json()["captions"] != responses[7].json()["captions"] or uploads[5] == uploads[7]
