@@ -23,7 +23,8 @@ _TRAINING_DATA_KEYS = ("training", "training_data", "data", "dataset")
 @router.get(
     "/model",
     response_model=ModelInfo,
-    summary="Encoder, decoder, vocabulary size, training data and metrics of the served checkpoint",
+    summary="Encoder, decoder, vocabulary size, training data, metrics, confidence calibration and tag settings "
+    "of the served checkpoint",
     responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
 )
 async def model_info(loaded: LoadedDep) -> ModelInfo:
