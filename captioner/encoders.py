@@ -87,6 +87,11 @@ class ImageEncoder(nn.Module):
         self.set_trainable(trainable)
         self.train(False)
 
+    @property
+    def has_class_head(self) -> bool:
+        """Whether the encoder gives ImageNet-1k logits (so results get tags); the ONNX encoder answers the same."""
+        return self.classifier is not None
+
     def set_classifier(self, classifier: nn.Linear | None) -> None:
         """Keep ``classifier`` as the class head (frozen: fine-tuning never trains it), or drop the head (None)."""
         if classifier is not None:

@@ -15,8 +15,9 @@ while other requests are already *arriving* (inside :meth:`MicroBatcher.expectin
 decoded), so a lone request never pays the wait, and requests that queue up while a batch runs are
 taken together as soon as the model is free.
 
-Within a batch, every crop goes through the tensor conversion and the encoder together; the decoder then runs
-once per group of requests with identical :class:`DecodingOptions`. Sampling with a seed is the
+Within a batch, every crop goes through the tensor conversion and the encoder together (with the encoder's
+ImageNet head, when it has one: the tags and the caption confidences come from that same pass); the decoder
+then runs once per group of requests with identical :class:`DecodingOptions`. Sampling with a seed is the
 exception: each such request is decoded on its own, so a seeded request gives the same captions
 whether or not it shared a batch (one random generator per request, not one per group).
 
@@ -335,11 +336,13 @@ class MicroBatcher:
         """On the model thread: one tensor conversion + encoder pass for the batch, a decoder pass per options group."""
         # Decoded, resized and cropped on the upload threads: only the tensor conversion is left.
         pixels = self.model.crops_to_pixels([job.image for job in batch])  # (B, 3, S, S)
-        grid = self.model.encode(pixels)  # (B, C, h, w)
+        # The ImageNet head's logits come from the same pass: each result's tags and its captions' confidence.
+        grid, class_logits = self.model.encode_with_class_logits(pixels)  # (B, C, h, w), (B, 1000) or None
         results: list[CaptionResult | None] = [None] * len(batch)
         for rows, options in _group_by_options(batch):
             index = torch.tensor(rows, device=grid.device)
-            group = self.model.caption_features(grid.index_select(0, index), options)
+            logits = class_logits.index_select(0, index.to(class_logits.device)) if class_logits is not None else None
+            group = self.model.caption_features(grid.index_select(0, index), options, class_logits=logits)
             for row, result in zip(rows, group, strict=True):
                 results[row] = result
         assert all(r is not None for r in results)

@@ -15,11 +15,13 @@ from captioner.decoding import (
     LENGTH_PENALTY_RANGE,
     MAX_LENGTH_RANGE,
     METHODS,
+    MIN_CONFIDENCE_RANGE,
     NUM_CAPTIONS_RANGE,
     TEMPERATURE_MAX,
     DecodingOptions,
     check_options_apply,
 )
+from captioner.tags import DEFAULT_MIN_TAG_CONFIDENCE, DEFAULT_TAG_COUNT
 
 SEED_MAX = 2**63 - 1
 
@@ -34,6 +36,9 @@ _RANGES = {
     "top_k": "an integer >= 0 (0 keeps all words)",
     "top_p": "a number in (0, 1]",
     "seed": f"an integer in [0, {SEED_MAX}]",
+    "min_confidence": "a number in [{}, {}] (0 never abstains; above 0 needs a calibrated model)".format(
+        *MIN_CONFIDENCE_RANGE
+    ),
     "attention": "true or false",
 }
 # The same ranges as pydantic's constraints (DecodingOptions checks them too, but pydantic's errors name the field).
@@ -46,6 +51,7 @@ _CONSTRAINTS: dict[str, dict[str, Any]] = {
     "top_p": {"gt": 0.0, "le": 1.0},
     "num_captions": {"ge": NUM_CAPTIONS_RANGE[0], "le": NUM_CAPTIONS_RANGE[1]},
     "seed": {"ge": 0, "le": SEED_MAX},
+    "min_confidence": {"ge": MIN_CONFIDENCE_RANGE[0], "le": MIN_CONFIDENCE_RANGE[1]},
 }
 # The request and response models are made from DecodingOptions' fields (names, types, defaults, help), in
 # its order, then the service's own option, attention: an option or a default is written there only.
@@ -122,14 +128,32 @@ AppliedOptions = create_model(
 )
 
 
+# Confidences are probabilities: 4 decimals (0.01 %) say all they can; the rest is noise of the float32 maths.
+CONFIDENCE_DECIMALS = 4
+
+
 class CaptionOut(BaseModel):
     text: str = Field(description="the caption, lower-case words separated by spaces")
     tokens: list[str] = Field(description="its words")
     log_prob: float = Field(description="model log-probability of the words and the end token")
     score: float = Field(description="ranking score (length-normalised for beam search)")
+    confidence: float | None = Field(
+        description="calibrated probability, in [0, 1], that the caption is acceptable (what 'acceptable' means: "
+        "GET /model, confidence.target); rounded to 4 decimals; null when the model has no confidence calibration"
+    )
     attention: list[list[float]] | None = Field(
         None, description="per word, attention weights over the h*w feature grid (row-major); attention=true only"
     )
+
+
+class TagOut(BaseModel):
+    """One thing the image shows, from the encoder's ImageNet-1k head (captioner.tags)."""
+
+    name: str = Field(description="a readable name; families of classes share one (every dog breed is 'dog')")
+    confidence: float = Field(
+        description="the head's probability, summed over the classes sharing the name; rounded to 4 decimals"
+    )
+    parents: list[str] = Field(description="broader groups from WordNet, nearest first (e.g. mammal, animal)")
 
 
 class ImageInfo(BaseModel):
@@ -155,7 +179,14 @@ class Timing(BaseModel):
 
 
 class CaptionResponse(BaseModel):
-    captions: list[CaptionOut] = Field(description="best first")
+    captions: list[CaptionOut] = Field(description="best first; empty when abstained")
+    abstained: bool = Field(
+        description="true when every caption's confidence was below min_confidence: no captions, the tags are kept"
+    )
+    tags: list[TagOut] = Field(
+        description=f"what the image shows, strongest first: up to {DEFAULT_TAG_COUNT} tags with confidence "
+        f">= {DEFAULT_MIN_TAG_CONFIDENCE}; empty when the encoder has no ImageNet head (GET /model, tags)"
+    )
     options: AppliedOptions = Field(description="the decoding options used, defaults filled in")
     model_id: str
     image: ImageInfo
@@ -173,19 +204,22 @@ class CaptionResponse(BaseModel):
                             "tokens": ["a", "dog", "runs", "across", "the", "grass"],
                             "log_prob": -4.21,
                             "score": -4.21,
+                            "confidence": 0.8312,
                             "attention": None,
                         }
+                    ],
+                    "abstained": False,
+                    "tags": [
+                        {"name": "dog", "confidence": 0.7421, "parents": ["mammal", "animal"]},
+                        {"name": "tennis ball", "confidence": 0.0315, "parents": ["sports equipment"]},
                     ],
                     "options": {
                         "method": "beam",
                         "max_length": 20,
                         "beam_size": 3,
                         "length_penalty": 0.0,
-                        "temperature": 1.0,
-                        "top_k": 0,
-                        "top_p": 1.0,
                         "num_captions": 1,
-                        "seed": None,
+                        "min_confidence": 0.0,
                         "attention": False,
                     },
                     "model_id": "default-3f2a9c1b7e4d",
@@ -208,6 +242,19 @@ class EncoderInfo(BaseModel):
     preprocess: dict[str, Any]
 
 
+class ConfidenceInfo(BaseModel):
+    """The calibration that turns a caption's signals into its confidence (captioner.confidence)."""
+
+    target: str = Field(description="what the confidence is the probability of, e.g. per-image CIDEr-D >= a bar")
+    signals: list[str] = Field(description="what it is computed from (caption log-probability, feature distance, ...)")
+    fitted_on: dict[str, Any] = Field(description="the data and figures of the fit, as the checkpoint records them")
+
+
+class TagSettings(BaseModel):
+    count: int = Field(description="most tags per image")
+    min_confidence: float = Field(description="tags below this confidence are left out")
+
+
 class ModelInfo(BaseModel):
     id: str
     checkpoint: str = Field(description="the checkpoint's file name (no folder: the server's paths stay private)")
@@ -217,6 +264,13 @@ class ModelInfo(BaseModel):
     decoder: dict[str, Any] = Field(description="the decoder's configuration")
     vocab_size: int
     attention: bool = Field(description="whether captions can come with attention maps")
+    confidence: ConfidenceInfo | None = Field(
+        description="the confidence calibration; null: captions answer confidence null and min_confidence > 0 "
+        "is refused (add one with `captioner calibrate`)"
+    )
+    tags: TagSettings | None = Field(
+        description="how responses pick their tags; null: the encoder has no ImageNet head and responses have none"
+    )
     parameters: int
     training_data: Any | None = Field(None, description="what the checkpoint says it was trained on")
     metrics: dict[str, Any] | None = Field(None, description="evaluation metrics stored in the checkpoint")

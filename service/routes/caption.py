@@ -12,13 +12,15 @@ from fastapi import APIRouter, Request
 from PIL import Image
 from pydantic import ValidationError
 
+from captioner.decoding import DecodingOptions
 from captioner.model import CaptionResult
 from captioner.transforms import ImageError, Preprocess, load_crop
 from service.admission import AdmissionControl
 from service.batching import BatcherStopped, MicroBatcher, OutOfMemory, QueueTimeout
-from service.deps import ApiKeyDep, BatcherDep, LoadedDep, SettingsDep, fault, not_serving
+from service.deps import ApiKeyDep, BatcherDep, LoadedDep, LoadedModel, SettingsDep, fault, not_serving
 from service.errors import ApiError, describe_validation_errors, image_error
 from service.schemas import (
+    CONFIDENCE_DECIMALS,
     AppliedOptions,
     AttentionRegion,
     CaptionOptions,
@@ -26,6 +28,7 @@ from service.schemas import (
     CaptionResponse,
     ErrorResponse,
     ImageInfo,
+    TagOut,
     Timing,
 )
 from service.upload_budget import UploadBudget
@@ -86,7 +89,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     431: {"model": ErrorResponse, "description": "headers over the size or field-count limit"},
     422: {
         "model": ErrorResponse,
-        "description": "an option outside its valid range, or one the method does not use (the message names it)",
+        "description": "an option outside its valid range, or one the method does not use (the message names it); "
+        "`confidence_unavailable`: min_confidence above 0 on a model without a confidence calibration",
     },
     503: {
         "model": ErrorResponse,
@@ -116,6 +120,7 @@ async def caption(request: Request, loaded: LoadedDep, batcher: BatcherDep, sett
             options = params.decoding_options()
         except ValueError as exc:
             raise ApiError(422, "invalid_option", str(exc)) from None
+        _check_model_supports(loaded, options)
         data = _image_bytes(form)
         del form  # from here on only the decoded image is kept
         _admit(request, batcher, uploaded=True)
@@ -141,6 +146,8 @@ async def caption(request: Request, loaded: LoadedDep, batcher: BatcherDep, sett
     with_attention = shape is not None
     return CaptionResponse(
         captions=_captions(result, with_attention),
+        abstained=result.abstained,
+        tags=[TagOut(name=t.name, confidence=_rounded(t.confidence), parents=list(t.parents)) for t in result.tags],
         options=AppliedOptions(**options.to_dict(), attention=params.attention),
         model_id=loaded.id,
         image=ImageInfo(width=width, height=height),
@@ -178,6 +185,22 @@ def _parse_options(query: Mapping[str, str], fields: Mapping[str, str]) -> Capti
         raise ApiError(422, "invalid_option", describe_validation_errors(exc.errors())) from None
 
 
+def _check_model_supports(loaded: LoadedModel, options: DecodingOptions) -> None:
+    """Refuse (422) what the served model cannot do before any work is queued: abstaining needs confidences,
+    and a model without a confidence calibration has none (the library would raise ConfidenceUnavailableError)."""
+    if options.min_confidence > 0 and loaded.model.confidence_model is None:
+        raise ApiError(
+            422,
+            "confidence_unavailable",
+            f"min_confidence needs a model with a confidence calibration, and the served model {loaded.id} has "
+            "none (GET /model: confidence is null; add one with `captioner calibrate`): leave min_confidence at 0",
+        )
+
+
+def _rounded(confidence: float) -> float:
+    return round(float(confidence), CONFIDENCE_DECIMALS)
+
+
 def _image_bytes(form: Form) -> bytearray:
     if IMAGE_FIELD in form.files:
         return form.files[IMAGE_FIELD]
@@ -212,6 +235,7 @@ def _captions(result: CaptionResult, with_attention: bool) -> list[CaptionOut]:
             tokens=c.tokens,
             log_prob=c.log_prob,
             score=c.score,
+            confidence=_rounded(c.confidence) if c.confidence is not None else None,
             attention=[[round(w, 5) for w in row] for row in c.attention] if with_attention and c.attention else None,
         )
         for c in result.captions

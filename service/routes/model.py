@@ -10,8 +10,10 @@ from typing import Any
 from fastapi import APIRouter
 
 from captioner.checkpoint import to_jsonable
+from captioner.confidence import ConfidenceModel
+from captioner.tags import DEFAULT_MIN_TAG_CONFIDENCE, DEFAULT_TAG_COUNT
 from service.deps import ApiKeyDep, LoadedDep
-from service.schemas import EncoderInfo, ErrorResponse, ModelInfo
+from service.schemas import ConfidenceInfo, EncoderInfo, ErrorResponse, ModelInfo, TagSettings
 
 router = APIRouter(tags=["model"], dependencies=[ApiKeyDep])
 
@@ -21,7 +23,8 @@ _TRAINING_DATA_KEYS = ("training", "training_data", "data", "dataset")
 @router.get(
     "/model",
     response_model=ModelInfo,
-    summary="Encoder, decoder, vocabulary size, training data and metrics of the served checkpoint",
+    summary="Encoder, decoder, vocabulary size, training data, metrics, confidence calibration and tag settings "
+    "of the served checkpoint",
     responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
 )
 async def model_info(loaded: LoadedDep) -> ModelInfo:
@@ -46,10 +49,22 @@ async def model_info(loaded: LoadedDep) -> ModelInfo:
         decoder=dataclasses.asdict(config.decoder) if config.decoder is not None else {},
         vocab_size=len(model.vocab),
         attention=bool(config.decoder is not None and config.decoder.attention),
+        confidence=_confidence_info(model.confidence_model) if model.confidence_model is not None else None,
+        tags=TagSettings(count=DEFAULT_TAG_COUNT, min_confidence=DEFAULT_MIN_TAG_CONFIDENCE)
+        if model.encoder.has_class_head
+        else None,
         parameters=model.parameter_count(),
         training_data=training_data,
         metrics=metrics if isinstance(metrics, dict) else None,
         metadata=metadata,
+    )
+
+
+def _confidence_info(confidence: ConfidenceModel) -> ConfidenceInfo:
+    return ConfidenceInfo(
+        target=confidence.target,
+        signals=list(confidence.signals),
+        fitted_on=without_server_paths(to_jsonable(confidence.fitted_on)),  # it may name the calibration data's folder
     )
 
 

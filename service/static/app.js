@@ -11,7 +11,14 @@ const methodSelect = $("#method");
 const submitButton = $("#submit");
 const statusLine = $("#status");
 const captionList = $("#captions");
+const tagList = $("#tags");
+const abstainedNote = $("#abstained");
+const minConfidenceInput = $("#min-confidence");
 const apiKeyInput = $("#api-key");
+
+// A caption's confidence is the calibrated probability that it is acceptable: below one half it is more
+// likely wrong than right, and the page says so in words, not only in a number.
+const LOW_CONFIDENCE = 0.5;
 
 const MAX_PREVIEW = 640; // preview width/height in CSS pixels
 // A large photo is scaled down here before it is sent, to this short side: twice the model's own
@@ -47,7 +54,7 @@ drop.addEventListener("keydown", (event) => {
 
 function chooseFile(file) {
   currentFile = file;
-  captionList.replaceChildren();
+  clearResults();
   setStatus(`${file.name} (${Math.round(file.size / 1024)} KiB)`);
   const url = URL.createObjectURL(file);
   const image = new Image();
@@ -129,8 +136,14 @@ async function loadModelInfo() {
     const preprocess = info.encoder && info.encoder.preprocess;
     if (preprocess && preprocess.resize) uploadShortSide = 2 * preprocess.resize;
     $("#model").textContent = `${info.id} · ${info.encoder.name} · ${info.vocab_size} words` +
-      (info.attention ? " · attention" : "");
+      (info.attention ? " · attention" : "") + (info.confidence ? " · confidence" : "");
     showDomain(info.training_data);
+    // Abstaining needs confidences: a model without a calibration would refuse any min confidence above 0.
+    minConfidenceInput.disabled = !info.confidence;
+    if (!info.confidence) {
+      minConfidenceInput.value = "0";
+      minConfidenceInput.title = "this model has no confidence calibration";
+    }
   } catch (err) {
     // The page works without it.
   }
@@ -152,7 +165,7 @@ form.addEventListener("submit", async (event) => {
   event.preventDefault();
   if (!currentFile) return;
   submitButton.disabled = true;
-  captionList.replaceChildren();
+  clearResults();
   drawImage();
   try {
     const upload = await scaledUpload();
@@ -164,7 +177,7 @@ form.addEventListener("submit", async (event) => {
     for (const label of form.querySelectorAll("[data-methods]")) {
       const input = label.querySelector("input");
       const used = label.dataset.methods.split(" ").includes(method);
-      if (used && input.value !== "") body.append(input.name, input.value);
+      if (used && !input.disabled && input.value !== "") body.append(input.name, input.value);
     }
     body.append("attention", $("#attention").checked ? "true" : "false");
     setStatus("Captioning…" + upload.note);
@@ -237,9 +250,62 @@ function showCaptions(data, note = "") {
     const score = document.createElement("span");
     score.className = "score";
     score.textContent = `score ${caption.score.toFixed(3)} · log p ${caption.log_prob.toFixed(3)}`;
-    item.append(words, score);
+    item.append(words, confidenceBadge(caption.confidence), score);
+    if (caption.confidence !== null && caption.confidence < LOW_CONFIDENCE) item.classList.add("low");
     captionList.append(item);
   }
+  if (data.abstained) {
+    const bar = percent(data.options.min_confidence);
+    abstainedNote.textContent = `The model abstained: no caption reached the minimum confidence of ${bar}.`;
+    abstainedNote.hidden = false;
+  }
+  showTags(data.tags || []);
+}
+
+function percent(value) {
+  return `${Math.round(value * 100)} %`;
+}
+
+// "83 %", or, below LOW_CONFIDENCE, "27 % · low confidence — likely wrong"; nothing when the model has no
+// confidence calibration (the API answers null: the page never invents a number).
+function confidenceBadge(confidence) {
+  const badge = document.createElement("span");
+  badge.className = "confidence";
+  if (confidence === null || confidence === undefined) return badge;
+  const low = confidence < LOW_CONFIDENCE;
+  badge.textContent = percent(confidence) + (low ? " · low confidence — likely wrong" : "");
+  badge.title = "calibrated probability that this caption is acceptable";
+  return badge;
+}
+
+function showTags(tags) {
+  for (const tag of tags) {
+    const item = document.createElement("li");
+    item.className = "tag";
+    const name = document.createElement("span");
+    name.className = "tag-name";
+    name.textContent = tag.name;
+    const share = document.createElement("span");
+    share.className = "tag-confidence";
+    share.textContent = percent(tag.confidence);
+    item.append(name, " ", share);
+    if (tag.parents.length) {
+      item.title = tag.parents.join(" › ");
+      const parents = document.createElement("small");
+      parents.className = "tag-parents";
+      parents.textContent = tag.parents.join(", ");
+      item.append(" ", parents);
+    }
+    tagList.append(item);
+  }
+  $("#tags-box").hidden = !tags.length;
+}
+
+function clearResults() {
+  captionList.replaceChildren();
+  tagList.replaceChildren();
+  $("#tags-box").hidden = true;
+  abstainedNote.hidden = true;
 }
 
 // Paint one word's attention weights (an h*w grid over the encoder's centre crop) over the preview.

@@ -55,6 +55,9 @@ def test_caption_a_photo_in_the_browser(photo: Path, browser, server: Server) ->
     expect(caption).to_be_visible(timeout=60_000)
     assert caption.locator(".word").count() > 0
     assert "score" in caption.locator(".score").inner_text()
+    # a model without a confidence calibration: no confidence shown (never a made-up one), no min confidence
+    expect(caption.locator(".confidence")).to_be_empty()
+    expect(page.locator("#min-confidence")).to_be_disabled()
     expect(page.locator("#status")).to_contain_text("ms")
 
     # Attention: hovering a word paints its heat map over the image.

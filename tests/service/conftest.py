@@ -26,6 +26,20 @@ def tiny_checkpoint_no_attention(tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 @pytest.fixture(scope="session")
+def calibrated_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny checkpoint with an ImageNet head and a confidence model: its results carry tags and confidences."""
+    return save_tiny_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "calibrated.pt", attention=False, class_head=True, confidence=True
+    )
+
+
+@pytest.fixture(scope="session")
+def calibrated_client(calibrated_checkpoint: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(Settings(checkpoint=calibrated_checkpoint))) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="session")
 def client(tiny_checkpoint: Path) -> Iterator[TestClient]:
     """The default service over the tiny checkpoint; shared, so assert on metric *differences*."""
     with TestClient(create_app(Settings(checkpoint=tiny_checkpoint))) as test_client:

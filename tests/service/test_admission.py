@@ -242,7 +242,7 @@ def test_out_of_memory_is_503_never_500(make_client, monkeypatch: pytest.MonkeyP
     def no_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(model, "encode", no_memory)
+    monkeypatch.setattr(model, "encode_with_class_logits", no_memory)
     response = _post(client)
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "out_of_memory" and response.headers["retry-after"] == "1"

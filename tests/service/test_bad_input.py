@@ -306,7 +306,7 @@ def test_a_failing_batch_fails_its_requests_not_the_server(
         def broken(*args, **kwargs):
             raise RuntimeError("simulated model failure")
 
-        monkeypatch.setattr(model, "encode", broken)
+        monkeypatch.setattr(model, "encode_with_class_logits", broken)
         _error(_upload(client, _jpeg(), method="greedy"), 500, "internal_error")
         monkeypatch.undo()
         assert _upload(client, _jpeg(), method="greedy").status_code == 200

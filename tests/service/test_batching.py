@@ -12,6 +12,7 @@ import torch
 
 from captioner.decoding import DecodingOptions
 from captioner.model import Caption, CaptionResult
+from captioner.tags import Tag
 from service.app import create_app
 from service.batching import BatcherStopped, MicroBatcher, ModelThread, _group_by_options, _Job
 from service.settings import Settings
@@ -19,7 +20,8 @@ from tests.service import images
 
 
 class _GatedModel:
-    """Stands in for a Captioner: "images" are tensors, each caption is its value; ``encode`` can be held."""
+    """Stands in for a Captioner: "images" are tensors, each caption is its value; the encoder can be held. Its
+    "class logits" are the image's value too, so a result shows which row of them reached it."""
 
     device = torch.device("cpu")
 
@@ -33,15 +35,21 @@ class _GatedModel:
     def crops_to_pixels(self, images: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(images)
 
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_with_class_logits(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.thread_names.append(threading.current_thread().name)
         self.running.set()
         assert self.gate.wait(timeout=30), "test never opened the gate"
         self.encoded.append(pixels.shape[0])
-        return pixels[:, :1, :1, :1]  # (B, 1, 1, 1)
+        return pixels[:, :1, :1, :1], pixels[:, 0, 0, :1]  # (B, 1, 1, 1), (B, 1)
 
-    def caption_features(self, grid: torch.Tensor, options: DecodingOptions) -> list[CaptionResult]:
-        return [CaptionResult([Caption(str(int(v)), [str(int(v))], 0.0, 0.0)]) for v in grid.flatten().tolist()]
+    def caption_features(
+        self, grid: torch.Tensor, options: DecodingOptions, *, class_logits: torch.Tensor | None = None
+    ) -> list[CaptionResult]:
+        assert class_logits is not None and class_logits.shape[0] == grid.shape[0]
+        return [
+            CaptionResult([Caption(str(int(v)), [str(int(v))], 0.0, 0.0)], tags=[Tag(f"logit {int(c)}", 1.0, ())])
+            for v, c in zip(grid.flatten().tolist(), class_logits.flatten().tolist(), strict=True)
+        ]
 
 
 def _pixels(value: int) -> torch.Tensor:
@@ -110,6 +118,26 @@ def test_requests_queued_while_the_model_is_busy_run_as_one_batch() -> None:
         assert model.encoded == [1, 5]
         assert [r.captions[0].text for r, _ in results] == ["100", "0", "1", "2", "3", "4"]
         assert [info.size for _, info in results] == [1, 5, 5, 5, 5, 5]
+        await _stop(batcher)
+
+    asyncio.run(scenario())
+
+
+def test_each_options_group_gets_its_own_rows_of_class_logits() -> None:
+    """Requests with different options interleaved in one batch: each result's tags come from its own image's
+    row of the encoder's class logits, not its group's position in the batch."""
+
+    async def scenario() -> None:
+        model = _GatedModel()
+        model.gate.clear()
+        batcher = await _start(model)
+        beam = DecodingOptions(method="beam", beam_size=2)
+        jobs = [asyncio.ensure_future(batcher.submit(_pixels(i), beam if i % 2 else GREEDY)) for i in range(6)]
+        await asyncio.sleep(0.01)
+        model.gate.set()
+        results = await asyncio.gather(*jobs)
+        assert sum(model.encoded) == 6 and len(model.encoded) <= 2  # one pass for all, or the first alone
+        assert [(r.captions[0].text, r.tags[0].name) for r, _ in results] == [(str(i), f"logit {i}") for i in range(6)]
         await _stop(batcher)
 
     asyncio.run(scenario())
@@ -196,13 +224,13 @@ MIXED_OPTIONS = [
 ]
 
 
-def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(tiny_checkpoint: Path) -> None:
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(calibrated_checkpoint: Path) -> None:
     """Eight simultaneous uploads with different images and options: one encoder batch of eight, and
-    every response equals what that image alone with those options gives."""
-    app = create_app(Settings(checkpoint=tiny_checkpoint, max_batch_size=8, max_wait_ms=5_000))
+    every response (captions, their confidences, the tags) equals what that image alone with those options gives."""
+    app = create_app(Settings(checkpoint=calibrated_checkpoint, max_batch_size=8, max_wait_ms=5_000))
     uploads = [images.png(seed=100 + i) for i in range(len(MIXED_OPTIONS))]
 
-    async def scenario() -> tuple[list[httpx.Response], list[list[tuple[str, float]]], str]:
+    async def scenario() -> tuple[list[httpx.Response], list[CaptionResult], str]:
         async with app.router.lifespan_context(app):
             # On a loaded machine the eighth request can still be in the HTTP layer when the first seven
             # have been decoded, so the batch would close without it. Holding the batcher until all
@@ -228,7 +256,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(tiny_check
                 metrics = (await client.get("/metrics")).text
             model = app.state.loaded.model
             expected = [
-                [(c.text, c.log_prob) for c in model.caption([data], DecodingOptions(**options))[0].captions]
+                model.caption([data], DecodingOptions(**options))[0]
                 for data, options in zip(uploads, MIXED_OPTIONS, strict=True)
             ]
         return responses, expected, metrics
@@ -238,9 +266,15 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(tiny_check
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["timing"]["batch_size"] == len(MIXED_OPTIONS), "the requests did not share one batch"
-        got = [(c["text"], c["log_prob"]) for c in body["captions"]]
-        assert [text for text, _ in got] == [text for text, _ in want], options
-        assert [lp for _, lp in got] == pytest.approx([lp for _, lp in want], abs=1e-4), options
+        assert [c["text"] for c in body["captions"]] == [c.text for c in want.captions], options
+        got = [(c["log_prob"], c["confidence"]) for c in body["captions"]]
+        assert got == [
+            (pytest.approx(c.log_prob, abs=1e-4), pytest.approx(c.confidence, abs=1e-4)) for c in want.captions
+        ]
+        assert [(t["name"], t["confidence"]) for t in body["tags"]] == [
+            (t.name, pytest.approx(t.confidence, abs=1e-4)) for t in want.tags
+        ], options
+        assert body["tags"], "the model has a class head"
         assert body["options"]["method"] == options["method"]
     # Same seed and options, different images: each request sampled with its own generator.
     assert responses[5].json()["captions"] != responses[7].json()["captions"] or uploads[5] == uploads[7]
@@ -262,9 +296,9 @@ def test_torch_work_runs_only_on_the_model_thread(client, monkeypatch: pytest.Mo
 
         monkeypatch.setattr(model, name, wrapper)
 
-    for name in ("crops_to_pixels", "encode", "caption_features"):
+    for name in ("crops_to_pixels", "encode_with_class_logits", "caption_features"):
         spy(name)
     response = client.post("/caption", params={"method": "greedy"}, files={"image": ("x.png", images.png())})
     assert response.status_code == 200
-    assert [s.split("@")[0] for s in seen] == ["crops_to_pixels", "encode", "caption_features"]
+    assert [s.split("@")[0] for s in seen] == ["crops_to_pixels", "encode_with_class_logits", "caption_features"]
     assert all(s.split("@")[1].startswith("captioner-model") for s in seen), seen

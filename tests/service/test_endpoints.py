@@ -61,6 +61,7 @@ def test_caption_returns_captions_options_model_and_timing(client: TestClient, m
         "beam_size": 3,
         "length_penalty": 0.0,
         "num_captions": 2,
+        "min_confidence": 0.0,
         "attention": False,
     }
     assert body["model_id"] == client.get("/ready").json()["model_id"]
@@ -228,11 +229,11 @@ def test_an_option_the_method_does_not_use_is_422_and_the_echo_shows_only_what_a
     error = refused.json()["error"]
     assert error["code"] == "invalid_option" and "method greedy does not use beam_size" in error["message"]
     greedy = _caption(client, data, method="greedy", max_length=5)
-    assert greedy["options"] == {"method": "greedy", "max_length": 5, "attention": False}
+    assert greedy["options"] == {"method": "greedy", "max_length": 5, "min_confidence": 0.0, "attention": False}
     sample = _caption(client, data, method="sample", seed=4, top_k=3)
     assert sample["options"] == {
         "method": "sample", "max_length": 20, "temperature": 1.0, "top_k": 3, "top_p": 1.0, "num_captions": 1,
-        "seed": 4, "attention": False,
+        "seed": 4, "min_confidence": 0.0, "attention": False,
     }  # fmt: skip
 
 

@@ -23,13 +23,13 @@ class _FlakyModel(_GatedModel):
         self.memory = memory
         self.oom = oom
 
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        grid = super().encode(pixels)
+    def encode_with_class_logits(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        grid, class_logits = super().encode_with_class_logits(pixels)
         if pixels.shape[0] > self.memory:
             raise self.oom(f"CUDA out of memory. Tried to allocate {pixels.shape[0]} GiB")
         if (grid == BAD).any():
             raise ValueError("this image breaks the model")
-        return grid
+        return grid, class_logits
 
 
 async def _submit_all(batcher, values: list[int], model: _GatedModel) -> list:
