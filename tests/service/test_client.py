@@ -456,8 +456,9 @@ def test_request_carries_the_image_options_and_api_key() -> None:
     params = dict(first.url.params)
     assert params["method"] == "sample" and params["num_captions"] == "2" and params["top_k"] == "5"
     assert params["attention"] == "true" and "seed" not in params
-    # only the options sampling uses (an option another method uses would be refused by the server)
-    assert set(params) == {*DecodingOptions(method="sample").to_dict(), "attention"} - {"seed"}
+    # only the options sampling uses (an option another method uses would be refused by the server); min_confidence
+    # only when set, so that a server from before it (which refuses unknown options) still answers
+    assert set(params) == {*DecodingOptions(method="sample").to_dict(), "attention"} - {"seed", "min_confidence"}
     assert second.url.params["seed"] == "11" and "attention" not in second.url.params
 
     with FakeServer(_ok()).client() as client:
