@@ -118,10 +118,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "words none starts with) from the training split of --data and write SOURCE with them to TARGET. Every "
         "decoding method then follows them. Checkpoints trained by captioner-train already carry them.",
     )
-    rules.add_argument("source", help="checkpoint to read, or 'default'")
-    rules.add_argument("target", help="checkpoint file to write (may be SOURCE itself)")
-    rules.add_argument("--data", required=True, help="Flickr8k folder, COCO captions JSON, or Karpathy split JSON")
-    rules.add_argument("--data-format", default="auto", choices=["auto", "coco", "karpathy", "flickr8k"])
+    _add_checkpoint_copy_args(rules)
     rules.add_argument(
         "--max-rate",
         type=float,
@@ -137,10 +134,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "reference for what the model's photos look like, and write SOURCE with it to TARGET. Never use the test "
         "split. Needs the train extra (scikit-learn). captioner-train does this at the end of a run.",
     )
-    calibrate.add_argument("source", help="checkpoint to read, or 'default'")
-    calibrate.add_argument("target", help="checkpoint file to write (may be SOURCE itself)")
-    calibrate.add_argument("--data", required=True, help="Flickr8k folder, COCO captions JSON, or Karpathy split JSON")
-    calibrate.add_argument("--data-format", default="auto", choices=["auto", "coco", "karpathy", "flickr8k"])
+    _add_checkpoint_copy_args(calibrate)
     calibrate.add_argument(
         "--threshold", type=float, default=0.5, help="per-image CIDEr-D a caption must reach to count as acceptable"
     )
@@ -149,6 +143,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_verbose_arg(calibrate)
     return parser
+
+
+def _add_checkpoint_copy_args(parser: argparse.ArgumentParser) -> None:
+    """SOURCE, TARGET and the data a command learns from: the commands that write a checkpoint's copy with
+    something learned added (``rules``, ``calibrate``)."""
+    parser.add_argument("source", help="checkpoint to read, or 'default'")
+    parser.add_argument("target", help="checkpoint file to write (may be SOURCE itself)")
+    parser.add_argument("--data", required=True, help="Flickr8k folder, COCO captions JSON, or Karpathy split JSON")
+    parser.add_argument("--data-format", default="auto", choices=["auto", "coco", "karpathy", "flickr8k"])
 
 
 def add_backend_arg(
