@@ -16,7 +16,8 @@ reviewed. For each display name of ``captioner/assets/imagenet_tags.json``, in t
 3. else, when neither gives a word, the first of its parents (nearest first) with a word in
    :data:`PARENT_WORDS`: goldfinch -> bird, tench -> fish, lion -> animal, banana -> fruit, cardigan -> nothing.
    Parents are only a fallback: offered beside the name, the decoder would pick the word it already likes ("food"
-   over "pizza"), which is the word it says without guidance.
+   over "pizza"), which is the word it says without guidance. "building" is no fallback: WordNet files shops and
+   rooms under it (a "library" photo is taken inside), so buildings are reviewed overrides.
 
 Every word is then kept only if the vocabulary has it (a word of an override that it lacks, such as "burger", is
 dropped; adding such words is vocabulary extension, not this table's job), duplicates dropped, order kept. Tags
@@ -53,8 +54,8 @@ PARENT_WORDS = {
     "dog": ["dog"], "cat": ["animal"], "bird": ["bird"], "fish": ["fish"], "insect": ["bug", "insect"],
     "primate": ["animal"], "aircraft": ["airplane", "plane", "jet"], "boat": ["boat"], "car": ["car"],
     "computer": ["computer"], "camera": ["camera"], "fruit": ["fruit"], "vegetable": ["vegetables"],
-    "food": ["food"], "kitchen appliance": ["kitchen"], "musical instrument": ["instrument"],
-    "building": ["building"], "person": ["person"], "reptile": ["animal"], "amphibian": ["animal"],
+    "food": ["food"], "kitchen appliance": ["kitchen"], "musical instrument": ["instrument"], "person": ["person"],
+    "reptile": ["animal"], "amphibian": ["animal"],
     "mammal": ["animal"], "animal": ["animal"],
 }  # fmt: skip
 
@@ -139,6 +140,24 @@ OVERRIDES = {
     "park bench": ["bench"],
     "street sign": ["sign"],
     "plate": ["plate"],
+    # rooms and buildings: WordNet files shops and rooms under "building", but a photo tagged "home theater" or
+    # "library" is taken inside, where "building" is wrong; only what is seen from outside gets "building"
+    "home theater": ["tv", "television", "room"],
+    "entertainment center": ["tv", "television", "room"],
+    "library": ["books", "library"],
+    "bookstore": ["books", "store"],
+    "barbershop": ["shop"],
+    "bakery": ["bakery", "shop"],
+    "movie theater": ["theater"],
+    "medicine cabinet": ["bathroom", "mirror"],
+    "palace": ["palace", "building"],
+    "monastery": ["building"],
+    "mosque": ["building"],
+    "castle": ["castle", "building"],
+    "stupa": ["building"],
+    "planetarium": ["building"],
+    "boathouse": ["boat", "building"],
+    "slide rule": [],  # WordNet's "computer" parent: not what a caption would say
 }
 
 
