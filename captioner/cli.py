@@ -189,14 +189,35 @@ def add_decoding_args(parser: argparse.ArgumentParser, *, leave_out: Collection[
         help_text = described.replace("%", "%%")
         if option.default is not None:
             help_text = f"{help_text} (default: %(default)s)".lstrip()
+        flag = "--" + option.name.replace("_", "-")
+        if kind is bool:  # a switch: --flag alone means true, --flag false turns it off
+            parser.add_argument(
+                flag,
+                action=_DecodingFlag,
+                type=_parse_bool,
+                nargs="?",
+                const=True,
+                metavar="BOOL",
+                default=option.default,
+                help=help_text or None,
+            )
+            continue
         parser.add_argument(
-            "--" + option.name.replace("_", "-"),
+            flag,
             action=_DecodingFlag,
             type=kind,
             default=option.default,
             choices=option.metadata.get("choices"),
             help=help_text or None,
         )
+
+
+def _parse_bool(text: str) -> bool:
+    """A switch's value (``--guided-by-tags false``); ``bool("false")`` would be True."""
+    value = text.strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value in ("true", "1", "yes")
 
 
 _GIVEN = "decoding_flags_given"  # the Namespace attribute listing the decoding options given as flags

@@ -35,7 +35,10 @@ ImageInput = str | os.PathLike | bytes | Image.Image
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(DecodingOptions))
 # Options sent only when set off their default, which is every server's: a server from before one was added
 # refuses it as an unknown parameter, even at the default value that changes nothing.
-SENT_WHEN_SET = {"min_confidence": DecodingOptions().min_confidence}
+SENT_WHEN_SET = {
+    "min_confidence": DecodingOptions().min_confidence,
+    "guided_by_tags": DecodingOptions().guided_by_tags,
+}
 RETRY_STATUSES = frozenset((429, 503))  # "come back later": the server said so, the request itself was fine
 BACKOFF_START = 0.5  # seconds: the first backoff window, doubled at every attempt
 RETRY_AFTER_FLOOR = 1.0  # seconds: the shortest wait after a 503/429, whatever its Retry-After says

@@ -35,6 +35,7 @@ VALID_VALUES = {
     "top_p": "a number in (0, 1]",
     "num_captions": "an integer in [{}, {}]".format(*NUM_CAPTIONS_RANGE),
     "min_confidence": "a number in [{}, {}], 0 never abstains".format(*MIN_CONFIDENCE_RANGE),
+    "guided_by_tags": "true or false",
 }
 
 
@@ -48,6 +49,7 @@ APPLIES_TO = {
     "top_p": ("sample",),
     "num_captions": ("sample", "beam"),
     "seed": ("sample",),
+    "guided_by_tags": ("beam",),
 }
 
 
@@ -95,6 +97,9 @@ class DecodingOptions:
     # Captions whose calibrated confidence is below this are left out; none left: the result abstains (its tags
     # stay). 0 never abstains. Needs a model with a confidence model (captioner.confidence).
     min_confidence: float = field(default=0.0, metadata={"help": "abstain below this caption confidence"})
+    # Make the caption name a confident image tag when the plain caption is unsure (captioner.guidance): constrained
+    # beam search over the tag's caption words. Needs a model with the ImageNet head.
+    guided_by_tags: bool = field(default=False, metadata={"help": "name a confident tag in the caption (beam)"})
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -110,6 +115,8 @@ class DecodingOptions:
         lo, hi = MIN_CONFIDENCE_RANGE
         if isinstance(self.min_confidence, bool) or not lo <= self.min_confidence <= hi:
             raise ValueError(f"min_confidence must be in [{lo}, {hi}], got {self.min_confidence}")
+        if not isinstance(self.guided_by_tags, bool):
+            raise ValueError(f"guided_by_tags must be true or false, got {self.guided_by_tags!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -385,3 +392,87 @@ def _rank_beams(batch, k, scores, lengths, history, att_history, options, rules)
         hyps.sort(key=lambda ch: (ch[0], ch[1].score), reverse=True)  # complete captions first
         out.append([h for _, h in hyps[: options.num_captions]])
     return out
+
+
+@torch.inference_mode()
+def constrained_beam_search(
+    decoder: CaptionDecoder,
+    grid: torch.Tensor,
+    options: DecodingOptions,
+    required: torch.Tensor,
+    rules: RuleMasks | None = None,
+) -> list[list[Hypothesis] | None]:
+    """Beam search whose captions must contain at least one word of each image's set ``required (B, V)`` bool.
+
+    Constrained beam search (Anderson et al., EMNLP 2017) with one disjunctive constraint: its finite-state machine
+    has two states, *not yet* and *satisfied*, and each keeps its own ``beam_size`` beams, all images x states x
+    beams in one ``(B * 2 * K, ...)`` batch. A *not yet* beam that takes a required word moves to *satisfied*,
+    where it competes only with captions that named one too: the word is forced in wherever the decoder can best
+    continue around it, not appended. Finished beams, the end at ``max_length`` and ``rules`` work as in
+    :func:`beam_search`. Per image: the *satisfied* beams ranked as :func:`beam_search` ranks its beams, or None
+    when none of them is a complete caption (no required word, or it could only be named in a caption cut off at
+    ``max_length``): the caller falls back to the plain beam search then.
+    """
+    batch, device = grid.shape[0], grid.device
+    if required.shape != (batch, decoder.config.vocab_size):
+        expected = (batch, decoder.config.vocab_size)
+        raise ValueError(f"required must have shape {expected}, got {tuple(required.shape)}")
+    k, eos = options.beam_size, Vocabulary.eos_id
+    required = required.to(device=device, dtype=torch.bool).clone()
+    required[:, [*NEVER_PRODUCED, eos]] = False  # only words can satisfy the constraint
+    rows_per_image = 2 * k  # state 0 (not yet) beams, then state 1 (satisfied) beams
+    state = decoder.init_state(grid).repeat_interleave(rows_per_image)
+    tokens = torch.full((batch * rows_per_image,), Vocabulary.bos_id, dtype=torch.long, device=device)
+    scores = torch.full((batch, 2, k), float("-inf"), device=device)
+    scores[:, 0, 0] = 0.0  # one live beam: not yet, empty
+    finished = torch.zeros(batch * rows_per_image, dtype=torch.bool, device=device)
+    lengths = torch.zeros(batch * rows_per_image, dtype=torch.long, device=device)
+    history = torch.empty(batch * rows_per_image, 0, dtype=torch.long, device=device)
+    att_history = None
+    image_rows = (torch.arange(batch, device=device) * rows_per_image).view(batch, 1)  # (B, 1)
+    not_yet_mask = required.unsqueeze(1)  # (B, 1, V): these words leave state 0
+    for t in range(options.max_length + 1):
+        before = history[:, -2] if history.shape[1] >= 2 else None
+        step_rules = rules if t < options.max_length else None
+        logits, state, alpha = next_word_logits(decoder, tokens, state, step_rules, before)
+        logp = logits.log_softmax(-1)  # (B*2K, V)
+        vocab = logp.shape[-1]
+        if t == options.max_length:
+            eos_only = torch.full_like(logp, float("-inf"))
+            eos_only[:, eos] = logp[:, eos]
+            logp = eos_only
+        done_row = torch.full((vocab,), float("-inf"), device=device)
+        done_row[eos] = 0.0
+        logp = torch.where(finished.unsqueeze(1), done_row, logp)
+        candidates = scores.unsqueeze(-1) + logp.view(batch, 2, k, vocab)  # (B, 2, K, V)
+        stay = candidates[:, 0].masked_fill(not_yet_mask, float("-inf"))  # (B, K, V): still not yet
+        enter = candidates[:, 0].masked_fill(~not_yet_mask, float("-inf"))  # (B, K, V): names a required word now
+        satisfied = torch.cat([candidates[:, 1], enter], dim=1)  # (B, 2K, V): beam i < K from state 1, else state 0
+        scores0, flat0 = stay.reshape(batch, k * vocab).topk(k, dim=1)  # (B, K)
+        scores1, flat1 = satisfied.reshape(batch, 2 * k * vocab).topk(k, dim=1)  # (B, K)
+        beam1 = flat1 // vocab  # (B, K) in [0, 2K)
+        source1 = torch.where(beam1 < k, beam1 + k, beam1 - k)  # the row within the image's 2K rows
+        source = (image_rows + torch.cat([flat0 // vocab, source1], dim=1)).view(-1)  # (B*2K,)
+        tokens = torch.cat([flat0 % vocab, flat1 % vocab], dim=1).view(-1)  # (B*2K,)
+        scores = torch.stack([scores0, scores1], dim=1)  # (B, 2, K)
+        state = state.reorder(source)
+        was_finished = finished.index_select(0, source)
+        lengths = lengths.index_select(0, source) + (~was_finished).long()
+        history = torch.cat([history.index_select(0, source), tokens.unsqueeze(1)], dim=1)  # (B*2K, t+1)
+        if alpha is not None:
+            step_att = alpha.float().index_select(0, source).unsqueeze(1)  # (B*2K, 1, N)
+            att_history = (
+                step_att if att_history is None else torch.cat([att_history.index_select(0, source), step_att], dim=1)
+            )
+        finished = was_finished | (tokens == eos)
+        # Beams at -inf (no candidate yet, e.g. state 1 before any required word) never finish: stop when every
+        # beam that can still become a caption has.
+        alive = scores.view(-1) > float("-inf")
+        if bool((finished | ~alive).all()):
+            break
+    rows = (image_rows + torch.arange(k, 2 * k, device=device)).view(-1)  # (B*K,) the satisfied beams
+    lengths, history = lengths.index_select(0, rows), history.index_select(0, rows)
+    att_history = att_history.index_select(0, rows) if att_history is not None else None
+    met = (_complete(history, lengths, rules) & (scores[:, 1].reshape(-1) > float("-inf"))).view(batch, k)
+    ranked = _rank_beams(batch, k, scores[:, 1].contiguous(), lengths, history, att_history, options, rules)
+    return [hyps if bool(ok.any()) else None for hyps, ok in zip(ranked, met.cpu(), strict=True)]

@@ -19,8 +19,9 @@ from captioner.checkpoint import CheckpointError, clean_state_dict, load_checkpo
 from captioner.confidence import ConfidenceModel, ConfidenceModelError, image_statistics
 from captioner.config import DecoderConfig, EncoderConfig, ModelConfig
 from captioner.decoder import CaptionDecoder
-from captioner.decoding import DecodingOptions, Hypothesis, check_options_apply, decode
+from captioner.decoding import DecodingOptions, Hypothesis, check_options_apply, constrained_beam_search, decode
 from captioner.encoders import ImageEncoder, build_encoder, default_chunk_size, file_sha256
+from captioner.guidance import DEFAULT_POLICY, GuidancePolicy, required_words
 from captioner.tags import Tag, tags_from_probabilities
 from captioner.transforms import DEFAULT_MAX_PIXELS, ImageSource, Preprocess, preprocess_images, to_tensor
 from captioner.vocab import Vocabulary
@@ -56,6 +57,10 @@ class CaptionResult:
 
 class ConfidenceUnavailableError(ValueError):
     """``min_confidence`` was asked of a model without a confidence model."""
+
+
+class TagsUnavailableError(ValueError):
+    """``guided_by_tags`` was asked without the encoder's ImageNet logits to take the tags from."""
 
 
 def class_probabilities(class_logits: torch.Tensor | None, count: int) -> list[np.ndarray | None]:
@@ -315,13 +320,47 @@ class Captioner(nn.Module):
         hypotheses = decode(self.decoder, grid, options, self.rule_masks())
         probabilities = class_probabilities(class_logits, len(hypotheses))
         confidences = self._confidences(grid, hypotheses, probabilities)
+        tags = [tags_from_probabilities(p) if p is not None else [] for p in probabilities]
+        if options.guided_by_tags:
+            if class_logits is None:
+                raise TagsUnavailableError(
+                    "guided_by_tags needs the encoder's ImageNet head logits, which this model or call lacks"
+                )
+            if self._guide(grid, options, hypotheses, tags, confidences):
+                confidences = self._confidences(grid, hypotheses, probabilities)
         results = []
-        for hyps, p, sure in zip(hypotheses, probabilities, confidences, strict=True):
+        for hyps, p, image_tags, sure in zip(hypotheses, probabilities, tags, confidences, strict=True):
             captions = [self._to_caption(h, c) for h, c in zip(hyps, sure, strict=True)]
             kept = [c for c in captions if c.confidence is None or c.confidence >= options.min_confidence]
-            tags = tags_from_probabilities(p) if p is not None else []
-            results.append(CaptionResult(kept, shape, p, tags, abstained=not kept))
+            results.append(CaptionResult(kept, shape, p, image_tags, abstained=not kept))
         return results
+
+    def _guide(
+        self,
+        grid: torch.Tensor,
+        options: DecodingOptions,
+        hypotheses: list[list[Hypothesis]],
+        tags: list[list[Tag]],
+        confidences: list[list[float | None]],
+        policy: GuidancePolicy = DEFAULT_POLICY,
+    ) -> bool:
+        """Replace, in place, the plain beams of the images :mod:`captioner.guidance` picks by constrained beams that
+        name a confident tag (where such a complete caption exists); True when any image was re-decoded."""
+        required = torch.zeros(len(hypotheses), len(self.vocab), dtype=torch.bool)  # (B, V)
+        for i, (hyps, image_tags, sure) in enumerate(zip(hypotheses, tags, confidences, strict=True)):
+            words = required_words(image_tags, self.vocab.decode_tokens(hyps[0].tokens), sure[0], self.vocab, policy)
+            required[i, [self.vocab.token_id(word) for word in words]] = True
+        picked = required.any(dim=1).nonzero().view(-1).tolist()
+        if not picked:
+            return False
+        index = torch.tensor(picked, device=grid.device)
+        guided = constrained_beam_search(
+            self.decoder, grid.index_select(0, index), options, required[picked], self.rule_masks()
+        )
+        for i, found in zip(picked, guided, strict=True):
+            if found is not None:  # else no complete caption could name the tag: the plain one stays
+                hypotheses[i] = found
+        return True
 
     def check_options(self, options: DecodingOptions) -> None:
         """Raise :class:`ConfidenceUnavailableError` when ``options`` ask for what this model cannot give

@@ -163,7 +163,9 @@ def get_eval_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="test", help="train | val | test (a COCO file is its own split)")
     # every image's best caption is scored: an abstention would leave an image out of the metrics unseen (the
     # captions kept at a confidence are bench/confidence.py's measure)
-    add_decoding_args(parser, leave_out=("min_confidence",))
+    # guided_by_tags needs the ImageNet head's logits, which the feature cache does not keep: bench/novel_objects.py
+    # scores guided captions
+    add_decoding_args(parser, leave_out=("min_confidence", "guided_by_tags"))
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     parser.add_argument("--device", default="auto")

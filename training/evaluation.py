@@ -70,12 +70,9 @@ def caption_shape_rates(predictions: dict[str, str], corpus: CaptionCorpus, mode
 
 
 def validation_options(config: TrainConfig) -> DecodingOptions:
-    beam = config.val_method == "beam"
-    return DecodingOptions(
-        method="beam" if beam else "greedy",
-        max_length=config.max_caption_words,
-        **({"beam_size": config.val_beam_size} if beam else {}),
-    )
+    if config.val_method == "beam":
+        return DecodingOptions(method="beam", max_length=config.max_caption_words, beam_size=config.val_beam_size)
+    return DecodingOptions(method="greedy", max_length=config.max_caption_words)
 
 
 @torch.no_grad()

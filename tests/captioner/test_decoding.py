@@ -181,7 +181,7 @@ def test_an_option_the_method_does_not_use_is_refused_and_not_echoed() -> None:
     assert DecodingOptions(method="greedy").to_dict() == {"method": "greedy", "max_length": 20, "min_confidence": 0.0}
     assert DecodingOptions(method="beam", beam_size=4).to_dict() == {
         "method": "beam", "max_length": 20, "beam_size": 4, "length_penalty": 0.0, "num_captions": 1,
-        "min_confidence": 0.0,
+        "min_confidence": 0.0, "guided_by_tags": False,
     }  # fmt: skip
     assert set(DecodingOptions(method="sample", seed=3).to_dict()) == {
         "method", "max_length", "temperature", "top_k", "top_p", "num_captions", "seed", "min_confidence",
