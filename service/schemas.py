@@ -39,6 +39,7 @@ _RANGES = {
     "min_confidence": "a number in [{}, {}] (0 never abstains; above 0 needs a calibrated model)".format(
         *MIN_CONFIDENCE_RANGE
     ),
+    "guided_by_tags": "true or false",
     "attention": "true or false",
 }
 # The same ranges as pydantic's constraints (DecodingOptions checks them too, but pydantic's errors name the field).
@@ -220,6 +221,7 @@ class CaptionResponse(BaseModel):
                         "length_penalty": 0.0,
                         "num_captions": 1,
                         "min_confidence": 0.0,
+                        "guided_by_tags": False,
                         "attention": False,
                     },
                     "model_id": "default-3f2a9c1b7e4d",

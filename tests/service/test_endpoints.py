@@ -62,6 +62,7 @@ def test_caption_returns_captions_options_model_and_timing(client: TestClient, m
         "length_penalty": 0.0,
         "num_captions": 2,
         "min_confidence": 0.0,
+        "guided_by_tags": False,
         "attention": False,
     }
     assert body["model_id"] == client.get("/ready").json()["model_id"]
