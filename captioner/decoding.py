@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from captioner.caption_rules import RuleMasks
-from captioner.decoder import CaptionDecoder
+from captioner.decoder import CaptionDecoder, DecoderState
 from captioner.vocab import Vocabulary
 
 METHODS = ("greedy", "sample", "beam")
@@ -309,6 +309,31 @@ def _until_eos(ids: list[int]) -> list[int]:
     return ids[: ids.index(Vocabulary.eos_id)] if Vocabulary.eos_id in ids else ids
 
 
+def _beam_step(
+    decoder: CaptionDecoder,
+    tokens: torch.Tensor,
+    state: DecoderState,
+    rules: RuleMasks | None,
+    history: torch.Tensor,
+    finished: torch.Tensor,
+    last: bool,
+) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
+    """One step of every beam: word log-probabilities ``(rows, V)`` under the caption rules, where a finished beam
+    can only repeat ``<end>`` (at no cost) and, at the ``last`` step (``max_length`` reached), every live beam must
+    end now (the rules no longer apply: a caption out of room ends where it is); with the new state and attention."""
+    eos = Vocabulary.eos_id
+    before = history[:, -2] if history.shape[1] >= 2 else None
+    logits, state, alpha = next_word_logits(decoder, tokens, state, None if last else rules, before)
+    logp = logits.log_softmax(-1)  # (rows, V)
+    if last:
+        eos_only = torch.full_like(logp, float("-inf"))
+        eos_only[:, eos] = logp[:, eos]
+        logp = eos_only
+    done_row = torch.full((logp.shape[-1],), float("-inf"), device=logp.device)
+    done_row[eos] = 0.0
+    return torch.where(finished.unsqueeze(1), done_row, logp), state, alpha
+
+
 @torch.inference_mode()
 def beam_search(
     decoder: CaptionDecoder, grid: torch.Tensor, options: DecodingOptions, rules: RuleMasks | None = None
@@ -332,18 +357,8 @@ def beam_search(
     att_history = None
     offsets = (torch.arange(batch, device=device) * k).unsqueeze(1)  # (B, 1)
     for t in range(options.max_length + 1):
-        before = history[:, -2] if history.shape[1] >= 2 else None
-        step_rules = rules if t < options.max_length else None  # at max_length every beam must end
-        logits, state, alpha = next_word_logits(decoder, tokens, state, step_rules, before)
-        logp = logits.log_softmax(-1)  # (B*K, V)
-        vocab = logp.shape[-1]
-        if t == options.max_length:  # out of room: every live beam must end now
-            eos_only = torch.full_like(logp, float("-inf"))
-            eos_only[:, eos] = logp[:, eos]
-            logp = eos_only
-        done_row = torch.full((vocab,), float("-inf"), device=device)
-        done_row[eos] = 0.0
-        logp = torch.where(finished.unsqueeze(1), done_row, logp)
+        logp, state, alpha = _beam_step(decoder, tokens, state, rules, history, finished, t == options.max_length)
+        vocab = logp.shape[-1]  # logp: (B*K, V)
         candidates = (scores.view(-1, 1) + logp).view(batch, k * vocab)  # (B, K*V)
         scores, flat = candidates.topk(k, dim=1)  # (B, K)
         source = (offsets + flat // vocab).view(-1)  # (B*K,) row each new beam extends
@@ -432,18 +447,8 @@ def constrained_beam_search(
     image_rows = (torch.arange(batch, device=device) * rows_per_image).view(batch, 1)  # (B, 1)
     not_yet_mask = required.unsqueeze(1)  # (B, 1, V): these words leave state 0
     for t in range(options.max_length + 1):
-        before = history[:, -2] if history.shape[1] >= 2 else None
-        step_rules = rules if t < options.max_length else None
-        logits, state, alpha = next_word_logits(decoder, tokens, state, step_rules, before)
-        logp = logits.log_softmax(-1)  # (B*2K, V)
-        vocab = logp.shape[-1]
-        if t == options.max_length:
-            eos_only = torch.full_like(logp, float("-inf"))
-            eos_only[:, eos] = logp[:, eos]
-            logp = eos_only
-        done_row = torch.full((vocab,), float("-inf"), device=device)
-        done_row[eos] = 0.0
-        logp = torch.where(finished.unsqueeze(1), done_row, logp)
+        logp, state, alpha = _beam_step(decoder, tokens, state, rules, history, finished, t == options.max_length)
+        vocab = logp.shape[-1]  # logp: (B*2K, V)
         candidates = scores.unsqueeze(-1) + logp.view(batch, 2, k, vocab)  # (B, 2, K, V)
         stay = candidates[:, 0].masked_fill(not_yet_mask, float("-inf"))  # (B, K, V): still not yet
         enter = candidates[:, 0].masked_fill(~not_yet_mask, float("-inf"))  # (B, K, V): names a required word now
