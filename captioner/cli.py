@@ -560,7 +560,7 @@ def _describe(model) -> dict:
         "class_head": model.encoder.classifier is not None,
         "confidence_model": None
         if confidence is None
-        else {"target": confidence.target, "signals": list(confidence.signals), "fitted_on": confidence.fitted_on},
+        else {"target": confidence.target, "signals": confidence.described_signals, "fitted_on": confidence.fitted_on},
         "metadata": model.metadata,
     }
 

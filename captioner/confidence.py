@@ -165,6 +165,16 @@ class ConfidenceModel:
             raise ConfidenceModelError("confidence model: domain_residuals must be a sorted list")
 
     @property
+    def described_signals(self) -> list[str]:
+        """Everything the confidence is computed from, in words (for ``captioner info`` and the service's /model)."""
+        named = list(self.signals)
+        if self.coordinates:
+            named.append(f"{self.coordinates} principal coordinates of the image's features")
+        if self.domain_residuals.size:
+            named.append(f"domain factor: feature residual against {self.domain_residuals.size} held-out photos")
+        return named
+
+    @property
     def needs_class_head(self) -> bool:
         return "tag_entropy" in self.signals
 

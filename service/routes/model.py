@@ -63,7 +63,7 @@ async def model_info(loaded: LoadedDep) -> ModelInfo:
 def _confidence_info(confidence: ConfidenceModel) -> ConfidenceInfo:
     return ConfidenceInfo(
         target=confidence.target,
-        signals=list(confidence.signals),
+        signals=confidence.described_signals,
         fitted_on=without_server_paths(to_jsonable(confidence.fitted_on)),  # it may name the calibration data's folder
     )
 

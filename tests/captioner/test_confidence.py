@@ -66,6 +66,7 @@ def test_principal_coordinates_are_signals_after_the_named_ones() -> None:
     c = images[0].coordinates
     z = (-1.0 + 2.0) + (images[0].feature_residual - 0.5) / 0.5 * -0.5 + 0.7 * c[0] - 0.3 * c[1]
     assert p == pytest.approx(1 / (1 + np.exp(-z)))
+    assert model.described_signals[-1] == "2 principal coordinates of the image's features"
 
 
 def test_photos_farther_out_than_the_held_out_ones_lose_confidence_in_proportion() -> None:
@@ -82,6 +83,11 @@ def test_photos_farther_out_than_the_held_out_ones_lose_confidence_in_proportion
     assert ConfidenceModel.from_dict(model.to_dict()).domain_factors(np.array([0.99]))[0] == pytest.approx(expected[3])
     with pytest.raises(ConfidenceModelError, match="sorted"):
         dataclasses.replace(model, domain_residuals=held_out[::-1])
+    assert model.described_signals == [
+        "mean_log_prob",
+        "feature_residual",
+        "domain factor: feature residual against 100 held-out photos",
+    ]
 
 
 def test_a_confidence_model_round_trips_through_its_dict_and_refuses_bad_ones() -> None:
