@@ -235,6 +235,9 @@ class Rollout:
     log_probs: torch.Tensor  # (R, T) each token's log-probability under the decoder; 0 after <end>
     mask: torch.Tensor  # (R, T) bool: a real token (a word or the <end>)
     attention: torch.Tensor | None  # (R, T, N) fp32 attention weights of each step; None without attention
+    # (R, T) bool: the <end> put in at max_length, which ``choose`` never picked (self-critical training
+    # leaves it out of its loss: it was not sampled)
+    forced: torch.Tensor
 
 
 def rollout(
@@ -260,7 +263,7 @@ def rollout(
     tokens = torch.full((rows,), Vocabulary.bos_id, dtype=torch.long, device=device)
     before: torch.Tensor | None = None
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    chosen, log_probs, masks, alphas = [], [], [], []
+    chosen, log_probs, masks, alphas, forced = [], [], [], [], []
     for t in range(max_length + 1):
         # At max_length the caption must end, whatever its last word: no rule then.
         logits, state, alpha = next_word_logits(decoder, tokens, state, rules if t < max_length else None, before)
@@ -273,6 +276,7 @@ def rollout(
         log_probs.append(step_logp.masked_fill(finished, 0.0))
         chosen.append(tokens)
         masks.append(~finished)
+        forced.append(~finished if t == max_length else torch.zeros_like(finished))
         if alpha is not None:
             alphas.append(alpha.float())
         # Not in place: autograd keeps this step's mask for the backward pass of masked_fill.
@@ -280,7 +284,13 @@ def rollout(
         if bool(finished.all()):
             break
     attention = torch.stack(alphas, dim=1) if alphas else None  # (R, T, N)
-    return Rollout(torch.stack(chosen, dim=1), torch.stack(log_probs, dim=1), torch.stack(masks, dim=1), attention)
+    return Rollout(
+        torch.stack(chosen, dim=1),
+        torch.stack(log_probs, dim=1),
+        torch.stack(masks, dim=1),
+        attention,
+        forced=torch.stack(forced, dim=1),
+    )
 
 
 def _hypotheses(rolled: Rollout) -> list[Hypothesis]:
