@@ -175,15 +175,21 @@ def greedy(
 def sample(
     decoder: CaptionDecoder, grid: torch.Tensor, options: DecodingOptions, rules: RuleMasks | None = None
 ) -> list[list[Hypothesis]]:
-    generator = None
+    """``num_captions`` independent draws per image. With a seed, each image has a generator of its own, all
+    seeded alike: an image's samples are those it gets decoded alone (as the service decodes a seeded request),
+    whatever else shares its batch in ``captioner caption`` or ``captioner-eval``."""
+    n = options.num_captions
+    generators = None
     if options.seed is not None:
-        generator = torch.Generator(device=grid.device).manual_seed(options.seed)
+        generators = [torch.Generator(device=grid.device).manual_seed(options.seed) for _ in range(grid.shape[0])]
 
     def choose(logits: torch.Tensor) -> torch.Tensor:
-        probs = filter_logits(logits / options.temperature, options.top_k, options.top_p).softmax(-1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+        probs = filter_logits(logits / options.temperature, options.top_k, options.top_p).softmax(-1)  # (B*n, V)
+        if generators is None:
+            return torch.multinomial(probs, 1).squeeze(1)  # (B*n,)
+        per_image = zip(probs.split(n), generators, strict=True)  # each image's n rows, from its own generator
+        return torch.cat([torch.multinomial(rows, 1, generator=g) for rows, g in per_image]).squeeze(1)  # (B*n,)
 
-    n = options.num_captions
     hyps = _hypotheses(rollout(decoder, grid.repeat_interleave(n, dim=0), options.max_length, choose, rules))
     return [hyps[i * n : (i + 1) * n] for i in range(grid.shape[0])]
 
