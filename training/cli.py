@@ -109,7 +109,10 @@ def parse_train_config(argv: list[str] | None = None):
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """INFO on the main process; under torchrun the other ranks log warnings and errors only, so the console
+    shows each line once, not once per GPU (rank 0 is the one with the validation scores)."""
+    level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -133,10 +136,24 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else exc.__class__.__name__
 
 
+def _interrupted_message(output_dir: str | None) -> str:
+    """What Ctrl-C leaves to resume from: last.pt, or (before the first save) nothing."""
+    if output_dir is None:  # still reading the flags: nothing has started
+        return "captioner-train: interrupted"
+    if not (Path(output_dir) / "last.pt").is_file():
+        return (
+            f"captioner-train: interrupted before the first checkpoint: no last.pt in {output_dir} to resume from "
+            "(last.pt is saved at the end of each epoch and every --checkpoint-every steps)"
+        )
+    return "captioner-train: interrupted; resume with --resume (last.pt holds the last saved step)"
+
+
 def train_main(argv: list[str] | None = None) -> int:
     _setup_logging()
+    output_dir = None
     try:
         config = parse_train_config(argv)
+        output_dir = config.output_dir
         from training.engine import train
 
         summary = train(config)
@@ -144,7 +161,7 @@ def train_main(argv: list[str] | None = None) -> int:
         print(f"captioner-train: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("captioner-train: interrupted; resume with --resume (last.pt holds the last saved step)", file=sys.stderr)
+        print(_interrupted_message(output_dir), file=sys.stderr)
         return 130
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 has the validation scores
         log.info("finished: %s", json.dumps(summary))

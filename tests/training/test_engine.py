@@ -294,6 +294,22 @@ def test_train_and_eval_clis(shapes, cache_dir, tmp_path, capsys):
     assert len(predictions) == 8 and set(predictions[0]) == {"image_id", "caption"}
 
 
+def test_under_torchrun_only_rank_0_logs_info():
+    """Every rank runs the same code: without this, each line of the console came once per GPU."""
+    code = (
+        "import logging; from training.cli import _setup_logging; _setup_logging(); "
+        "logging.getLogger('training.engine').info('an epoch ended'); logging.getLogger('training').warning('careful')"
+    )
+    for rank in ("0", "1"):
+        env = {**os.environ, "RANK": rank, "PYTHONPATH": str(REPO)}
+        run = subprocess.run(
+            [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert run.returncode == 0, run.stderr
+        assert ("an epoch ended" in run.stderr) == (rank == "0"), (rank, run.stderr)
+        assert "careful" in run.stderr
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
