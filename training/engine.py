@@ -298,7 +298,8 @@ class Trainer:
                 self.save_last()
         bar.close()
         self.last_train_loss = float(np.mean(losses)) if losses else float("nan")
-        self.last_rate = seen * self.dist.world / max(time.perf_counter() - start, 1e-9)
+        self.last_epoch_seconds = time.perf_counter() - start
+        self.last_rate = seen * self.dist.world / max(self.last_epoch_seconds, 1e-9)
         self.last_reward = float(np.mean(rewards)) if rewards else None
         return "done"
 
@@ -360,8 +361,10 @@ class Trainer:
         """Validate, log, checkpoint; returns True when early stopping says stop."""
         c = self.config
         metrics: dict[str, float] = {}
+        validation_started = time.perf_counter()
         if self.dist.main:
             metrics = self.evaluate_val()
+        validation_seconds = time.perf_counter() - validation_started
         stop = False
         self.epoch += 1
         self.step_in_epoch = 0
@@ -385,10 +388,25 @@ class Trainer:
                     "best_CIDEr": self.best_score,
                 }
             )
+            log.info("%s", self._epoch_summary(metrics, validation_seconds))
             if improved:
                 self._save_best()
             self.save_last()
         return self.dist.broadcast_flag(stop, self.device)
+
+    def _epoch_summary(self, metrics: dict[str, float], validation_seconds: float) -> str:
+        """The console's line for the epoch just ended (log.jsonl has every number): what a user watches."""
+        objective = "cross-entropy" if self.last_reward is None else "self-critical"
+        trained = f"train loss {self.last_train_loss:.3f}"
+        if self.last_reward is not None:
+            trained += f", reward {self.last_reward:.3f}"
+        scores = ", ".join(f"{name} {metrics[name]:.3f}" for name in ("loss", "BLEU-4", "CIDEr") if name in metrics)
+        best = f"; best CIDEr {self.best_score:.3f}" if math.isfinite(self.best_score) else ""
+        return (
+            f"epoch {self.epoch}/{self.config.epochs} ({objective}): {trained}; val {scores or 'not scored'}{best}; "
+            f"{self.last_epoch_seconds:.0f} s training ({self.last_rate:.0f} captions/s) + "
+            f"{validation_seconds:.0f} s validation"
+        )
 
     def evaluate_val(self) -> dict[str, float]:
         """Validation loss (teacher forced) and caption metrics on the validation split."""

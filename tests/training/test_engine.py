@@ -1,5 +1,7 @@
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -292,6 +294,26 @@ def test_train_and_eval_clis(shapes, cache_dir, tmp_path, capsys):
     assert "dangling" in printed
     predictions = json.loads((out / "predictions.json").read_text())
     assert len(predictions) == 8 and set(predictions[0]) == {"image_id", "caption"}
+
+
+def test_each_epoch_reaches_the_console(shapes, cache_dir, tmp_path, caplog):
+    """log.jsonl has every number; the console gets a line per epoch with the val scores and the time."""
+    caplog.set_level(logging.INFO, logger="training")
+    train(_config(shapes, tmp_path, cache_dir, epochs=2, attention=False))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    number = r"(-?\d+\.\d{3})"
+    pattern = (
+        rf"epoch (\d)/2 \(cross-entropy\): train loss {number}; val loss {number}, BLEU-4 {number}, "
+        rf"CIDEr {number}; best CIDEr {number}; \d+ s training \(\d+ captions/s\) \+ \d+ s validation"
+    )
+    matches = [re.fullmatch(pattern, line) for line in lines]
+    assert len(lines) == 2 and all(matches), lines
+    epochs = [r for r in _log(tmp_path) if "val_loss" in r]
+    for match, record in zip(matches, epochs, strict=True):
+        assert match is not None
+        assert int(match[1]) == record["epoch"]
+        assert float(match[2]) == pytest.approx(record["train_loss"], abs=5e-4)
+        assert float(match[5]) == pytest.approx(record["val_CIDEr"], abs=5e-4)
 
 
 def test_under_torchrun_only_rank_0_logs_info():
