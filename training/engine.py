@@ -35,7 +35,7 @@ from training.distributed import setup_distributed, teardown_distributed
 from training.evaluation import validate
 from training.losses import build_cider_reward, caption_loss, self_critical_loss
 from training.module import sample, teacher_forced, wrap_for_training
-from training.optim import make_optimizer, make_schedule
+from training.optim import make_optimizer, make_schedule, warmup_shortfall
 from training.run_log import RunLog
 from training.scst import CiderD
 
@@ -171,6 +171,9 @@ class Trainer:
             len(self.vocab),
             self.steps_per_epoch,
         )
+        shortfall = warmup_shortfall(c, steps_per_epoch=self.steps_per_epoch)
+        if shortfall is not None and self.dist.main:
+            log.warning("%s", shortfall)
         started = time.perf_counter()
         self._log(
             {

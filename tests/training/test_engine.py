@@ -316,6 +316,19 @@ def test_each_epoch_reaches_the_console(shapes, cache_dir, tmp_path, caplog):
         assert float(match[5]) == pytest.approx(record["val_CIDEr"], abs=5e-4)
 
 
+def test_a_run_shorter_than_its_warm_up_says_so_once(shapes, cache_dir, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="training")
+    train(_config(shapes, tmp_path, cache_dir, epochs=1, max_steps=3, warmup_steps=100))
+    warnings = [r.getMessage() for r in caplog.records if "warm-up" in r.getMessage()]
+    assert warnings == [
+        "the learning-rate warm-up (100 steps, --warmup-steps) is longer than this run's 3 cross-entropy steps: "
+        "the learning rate stops at 3% of --lr 0.01"
+    ]
+    caplog.clear()
+    train(_config(shapes, tmp_path / "long-enough", cache_dir, epochs=1, max_steps=3, warmup_steps=3))
+    assert not [r for r in caplog.records if "warm-up" in r.getMessage()]
+
+
 def test_under_torchrun_only_rank_0_logs_info():
     """Every rank runs the same code: without this, each line of the console came once per GPU."""
     code = (
