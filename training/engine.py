@@ -64,8 +64,10 @@ class Trainer:
         random.seed(config.seed)
         np.random.seed(config.seed)
         torch.manual_seed(config.seed + self.dist.rank)
-        self.corpus, self.val_corpus = batches.load_corpora(config, self.dist)
         resume_state = checkpoints.read_resume_state(self.out, resume=config.resume)
+        if resume_state is not None:  # before the data loads: a refused resume should cost nothing
+            checkpoints.check_resume_config(resume_state["training"]["config"], config)
+        self.corpus, self.val_corpus = batches.load_corpora(config, self.dist)
         if resume_state is not None:
             self.model = Captioner.from_state(resume_state, source=str(self.out / "last.pt"))
         elif config.init_from is not None:

@@ -329,6 +329,24 @@ def test_a_run_shorter_than_its_warm_up_says_so_once(shapes, cache_dir, tmp_path
     assert not [r for r in caplog.records if "warm-up" in r.getMessage()]
 
 
+def test_resume_with_another_subset_or_batch_size_is_refused_and_keeps_config_json(shapes, cache_dir, tmp_path, capsys):
+    """last.pt's counters count the run's own batches: another subset or batch size would continue elsewhere."""
+    out = tmp_path / "run"
+    train(_config(shapes, out, cache_dir, epochs=1, max_steps=1))
+    written = (out / "config.json").read_bytes()
+    argv = ["--data", str(shapes), "--output-dir", str(out), "--cache-dir", str(cache_dir), "--resume"]
+    argv += ["--encoder", "efficientnet_lite0", "--embed-dim", "32", "--hidden-dim", "32", "--attention-dim", "16"]
+    argv += ["--batch-size", "16", "--epochs", "1", "--max-steps", "2", *QUICK_FLAGS]  # the unfixed code trains
+    for flags, message in (
+        (["--batch-size", "8"], "--resume with --batch-size 8 (the run has 16): "),
+        (["--limit-images", "12"], "--resume with --limit-images 12 (the run has None): "),
+    ):
+        assert train_main([*argv, *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"captioner-train: error: {message}") and err.count("\n") == 1, err
+        assert (out / "config.json").read_bytes() == written
+
+
 def test_under_torchrun_only_rank_0_logs_info():
     """Every rank runs the same code: without this, each line of the console came once per GPU."""
     code = (
