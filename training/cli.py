@@ -108,10 +108,15 @@ def parse_train_config(argv: list[str] | None = None):
     return TrainConfig.from_dict(args)
 
 
+def _main_rank() -> bool:
+    """Whether this is torchrun's rank 0 (or no torchrun): the process with the validation scores."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _setup_logging() -> None:
     """INFO on the main process; under torchrun the other ranks log warnings and errors only, so the console
-    shows each line once, not once per GPU (rank 0 is the one with the validation scores)."""
-    level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING
+    shows each line once, not once per GPU."""
+    level = logging.INFO if _main_rank() else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
@@ -163,7 +168,7 @@ def train_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(_interrupted_message(output_dir), file=sys.stderr)
         return 130
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 has the validation scores
+    if _main_rank():
         log.info("finished: %s", json.dumps(summary))
     return 0
 
