@@ -182,15 +182,21 @@ def greedy(
 def sample(
     decoder: CaptionDecoder, grid: torch.Tensor, options: DecodingOptions, rules: RuleMasks | None = None
 ) -> list[list[Hypothesis]]:
-    generator = None
+    """``num_captions`` independent draws per image. With a seed, each image has a generator of its own, all
+    seeded alike: an image's samples are those it gets decoded alone (as the service decodes a seeded request),
+    whatever else shares its batch in ``captioner caption`` or ``captioner-eval``."""
+    n = options.num_captions
+    generators = None
     if options.seed is not None:
-        generator = torch.Generator(device=grid.device).manual_seed(options.seed)
+        generators = [torch.Generator(device=grid.device).manual_seed(options.seed) for _ in range(grid.shape[0])]
 
     def choose(logits: torch.Tensor) -> torch.Tensor:
-        probs = filter_logits(logits / options.temperature, options.top_k, options.top_p).softmax(-1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+        probs = filter_logits(logits / options.temperature, options.top_k, options.top_p).softmax(-1)  # (B*n, V)
+        if generators is None:
+            return torch.multinomial(probs, 1).squeeze(1)  # (B*n,)
+        per_image = zip(probs.split(n), generators, strict=True)  # each image's n rows, from its own generator
+        return torch.cat([torch.multinomial(rows, 1, generator=g) for rows, g in per_image]).squeeze(1)  # (B*n,)
 
-    n = options.num_captions
     hyps = _hypotheses(rollout(decoder, grid.repeat_interleave(n, dim=0), options.max_length, choose, rules))
     return [hyps[i * n : (i + 1) * n] for i in range(grid.shape[0])]
 
@@ -242,6 +248,9 @@ class Rollout:
     log_probs: torch.Tensor  # (R, T) each token's log-probability under the decoder; 0 after <end>
     mask: torch.Tensor  # (R, T) bool: a real token (a word or the <end>)
     attention: torch.Tensor | None  # (R, T, N) fp32 attention weights of each step; None without attention
+    # (R, T) bool: the <end> put in at max_length, which ``choose`` never picked (self-critical training
+    # leaves it out of its loss: it was not sampled)
+    forced: torch.Tensor
 
 
 def rollout(
@@ -267,7 +276,7 @@ def rollout(
     tokens = torch.full((rows,), Vocabulary.bos_id, dtype=torch.long, device=device)
     before: torch.Tensor | None = None
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    chosen, log_probs, masks, alphas = [], [], [], []
+    chosen, log_probs, masks, alphas, forced = [], [], [], [], []
     for t in range(max_length + 1):
         # At max_length the caption must end, whatever its last word: no rule then.
         logits, state, alpha = next_word_logits(decoder, tokens, state, rules if t < max_length else None, before)
@@ -280,6 +289,7 @@ def rollout(
         log_probs.append(step_logp.masked_fill(finished, 0.0))
         chosen.append(tokens)
         masks.append(~finished)
+        forced.append(~finished if t == max_length else torch.zeros_like(finished))
         if alpha is not None:
             alphas.append(alpha.float())
         # Not in place: autograd keeps this step's mask for the backward pass of masked_fill.
@@ -287,7 +297,13 @@ def rollout(
         if bool(finished.all()):
             break
     attention = torch.stack(alphas, dim=1) if alphas else None  # (R, T, N)
-    return Rollout(torch.stack(chosen, dim=1), torch.stack(log_probs, dim=1), torch.stack(masks, dim=1), attention)
+    return Rollout(
+        torch.stack(chosen, dim=1),
+        torch.stack(log_probs, dim=1),
+        torch.stack(masks, dim=1),
+        attention,
+        forced=torch.stack(forced, dim=1),
+    )
 
 
 def _hypotheses(rolled: Rollout) -> list[Hypothesis]:

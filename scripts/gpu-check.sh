@@ -2,7 +2,8 @@
 # One command for a GPU machine: install, train one epoch with mixed precision on a Flickr8k subset,
 # evaluate the checkpoint, serve it on the GPU and caption a photo through /caption, time the training
 # loop against bare PyTorch (bench/training_throughput.py); then one summary table. Exit status 0 when
-# every step passed.
+# every step passed. A throughput below one of the bench's goals shows as MISSED, never ok; on a GPU that
+# fails the check, on CPU (toy sizes, where fixed costs swamp the goals set for a GPU) it is reported only.
 #
 #   scripts/gpu-check.sh                  # CUDA, 2,000 training images: sized for under 10 minutes on one GPU
 #   scripts/gpu-check.sh --device cpu     # the same steps on CPU at toy sizes (the test suite runs this)
@@ -10,9 +11,11 @@
 # Options:
 #   --device DEVICE     cuda (default), cuda:N or cpu
 #   --data DIR          Flickr8k folder (images/, captions.txt, splits/); default ../shared/data/flickr8k.
-#                       Absent: says so and exits 0 without doing anything.
+#                       Absent: says so and exits 1 without doing anything.
 #   --out DIR           where the run, its feature cache, the evaluation and the logs go (default
 #                       runs/gpu-check; what an earlier check left there is replaced)
+#   --port PORT         the port the serve step's captioner-serve listens on, on 127.0.0.1 (default 0:
+#                       a free one)
 #   --no-setup          use the installed .venv as it is (default: scripts/setup.sh train,serve first)
 # VENV (default .venv) is the environment whose commands run.
 set -euo pipefail
@@ -21,12 +24,22 @@ cd "$(dirname "$0")/.."
 device=cuda
 data=../shared/data/flickr8k
 out=runs/gpu-check
+port=0
 setup=1
 while [ $# -gt 0 ]; do
+    case "$1" in
+        --device | --data | --out | --port)
+            if [ $# -lt 2 ]; then
+                echo "gpu-check: $1 needs a value (see --help)" >&2
+                exit 2
+            fi
+            ;;
+    esac
     case "$1" in
         --device) device="$2"; shift 2 ;;
         --data) data="$2"; shift 2 ;;
         --out) out="$2"; shift 2 ;;
+        --port) port="$2"; shift 2 ;;
         --no-setup) setup=0; shift ;;
         -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "gpu-check: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -37,11 +50,15 @@ case "$device" in
     cpu) ;;
     *) echo "gpu-check: --device must be cuda, cuda:N or cpu, got '$device'" >&2; exit 2 ;;
 esac
+if ! [[ "$port" =~ ^[0-9]{1,5}$ ]] || [ "$port" -gt 65535 ]; then
+    echo "gpu-check: --port must be a port number in [0, 65535] (0: a free one), got '$port'" >&2
+    exit 2
+fi
 say() { printf 'gpu-check: %s\n' "$*" >&2; }
 
 if [ ! -d "$data" ]; then
-    say "skipped: no Flickr8k at $data (pass --data DIR)"
-    exit 0
+    say "no Flickr8k at $data: nothing was checked (pass --data DIR)"
+    exit 1
 fi
 
 if [ "$device" = cpu ]; then
@@ -82,8 +99,10 @@ names=()
 statuses=()
 seconds=()
 failed=0
+missed=0
 
-# step NAME COMMAND...: run COMMAND with its output in $logs/NAME.log; record status and wall time
+# step NAME COMMAND...: run COMMAND with its output in $logs/NAME.log; record status and wall time. A step
+# whose output has a MISSED goal (the bench's verdict) ran but did not pass (on CPU: see the top).
 step() {
     local name="$1" start status
     shift
@@ -91,6 +110,12 @@ step() {
     start=$(date +%s)
     if "$@" >"$logs/$name.log" 2>&1; then
         status=ok
+        if grep -q 'MISSED' "$logs/$name.log"; then
+            status=MISSED
+            missed=1
+            [ "$device" = cpu ] || failed=1
+            say "$name missed $(grep -c 'MISSED' "$logs/$name.log") of its goals; see $logs/$name.log"
+        fi
     else
         status=FAILED
         failed=1
@@ -136,7 +161,7 @@ evaluate() {
 serve() {
     local photo url="" pid
     photo=$(find "$data" -name '*.jpg' | sort | head -n 1)
-    "$venv/bin/captioner-serve" --host 127.0.0.1 --port 0 --checkpoint "$out/train/best.pt" --device "$device" \
+    "$venv/bin/captioner-serve" --host 127.0.0.1 --port "$port" --checkpoint "$out/train/best.pt" --device "$device" \
         --backend torch --log-level info >"$logs/server.log" 2>&1 &
     pid=$!
     for _ in $(seq 1 600); do # 2 minutes: CUDA start-up and the model load
@@ -226,7 +251,7 @@ def detail(name: str) -> str:
             return f"{where}: \"{text}\" (model {answer['timing']['model_ms']:.0f} ms)"
         if name == "throughput":
             rows = [line.split("|") for line in log if line.startswith("| ") and "measure" not in line]
-            return "; ".join(f"{r[1].strip()} {r[3].strip()} ({r[4].strip()} of bare)" for r in rows)
+            return "; ".join(f"{r[1].strip()} {r[3].strip()} ({r[4].strip()} of bare, goal {r[5].strip()})" for r in rows)
     except (OSError, LookupError, ValueError) as exc:
         return f"(no result: {exc.__class__.__name__})"
     return ""
@@ -237,11 +262,14 @@ print(f"\ngpu-check on {device}\n")
 print(f"| {'step':<11} | {'status':<6} | {'s':>5} | result")
 print(f"|{'-' * 13}|{'-' * 8}|{'-' * 7}|{'-' * 60}")
 for name, status, seconds in rows:
-    print(f"| {name:<11} | {status:<6} | {seconds:>5} | {detail(name) if status == 'ok' else 'see ' + str(out / 'logs' / (name + '.log'))}")
+    measured = status in ("ok", "MISSED")  # MISSED: it ran, and measured less than a goal
+    print(f"| {name:<11} | {status:<6} | {seconds:>5} | {detail(name) if measured else 'see ' + str(out / 'logs' / (name + '.log'))}")
 EOF
-if [ "$failed" = 0 ]; then
+if [ "$failed" = 0 ] && [ "$missed" = 1 ]; then
+    echo "gpu-check: every step ran; throughput MISSED goals set for a GPU (not expected at --device cpu's toy sizes)"
+elif [ "$failed" = 0 ]; then
     echo "gpu-check: all steps passed"
 else
-    echo "gpu-check: FAILED (logs in $logs)"
+    echo "gpu-check: FAILED: not passed: $(awk -F '\t' '$2 != "ok" {printf "%s%s (%s)", sep, $1, $2; sep=", "}' "$logs/steps.tsv") (logs in $logs)"
 fi
 exit "$failed"

@@ -36,6 +36,30 @@ def read_resume_state(out: Path, *, resume: bool) -> dict[str, Any] | None:
     return state
 
 
+# What a resumed run must share with the run it continues: which images it trains on and how its epochs are cut
+# into steps. last.pt's counters (epoch, step within it) and schedule count those steps; with another subset or
+# batch size they would point into other batches.
+RESUME_MUST_MATCH = ("limit_images", "batch_size")
+
+
+def check_resume_config(saved: Mapping[str, Any], config: TrainConfig) -> None:
+    """Refuse (``ValueError``) a ``--resume`` whose ``config`` changes a :data:`RESUME_MUST_MATCH` setting of the
+    run it continues (``saved``: its last.pt's config). Other changes (more epochs, self-critical ones) are how
+    a run is extended, and pass."""
+    now = config.to_dict()
+    changed = {
+        name: (saved[name], now[name]) for name in RESUME_MUST_MATCH if name in saved and saved[name] != now[name]
+    }
+    if changed:
+        what = ", ".join(
+            f"--{name.replace('_', '-')} {now} (the run has {was})" for name, (was, now) in changed.items()
+        )
+        raise ValueError(
+            f"--resume with {what}: last.pt's steps count the run's own batches; resume with its settings "
+            f"(its config.json) or start a new run in another --output-dir"
+        )
+
+
 def load_initial_model(
     source: str, config: TrainConfig, corpus: CaptionCorpus, *, main: bool
 ) -> tuple[Captioner, TrainConfig]:

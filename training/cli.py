@@ -108,8 +108,16 @@ def parse_train_config(argv: list[str] | None = None):
     return TrainConfig.from_dict(args)
 
 
+def _main_rank() -> bool:
+    """Whether this is torchrun's rank 0 (or no torchrun): the process with the validation scores."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """INFO on the main process; under torchrun the other ranks log warnings and errors only, so the console
+    shows each line once, not once per GPU."""
+    level = logging.INFO if _main_rank() else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -133,10 +141,24 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else exc.__class__.__name__
 
 
+def _interrupted_message(output_dir: str | None) -> str:
+    """What Ctrl-C leaves to resume from: last.pt, or (before the first save) nothing."""
+    if output_dir is None:  # still reading the flags: nothing has started
+        return "captioner-train: interrupted"
+    if not (Path(output_dir) / "last.pt").is_file():
+        return (
+            f"captioner-train: interrupted before the first checkpoint: no last.pt in {output_dir} to resume from "
+            "(last.pt is saved at the end of each epoch and every --checkpoint-every steps)"
+        )
+    return "captioner-train: interrupted; resume with --resume (last.pt holds the last saved step)"
+
+
 def train_main(argv: list[str] | None = None) -> int:
     _setup_logging()
+    output_dir = None
     try:
         config = parse_train_config(argv)
+        output_dir = config.output_dir
         from training.engine import train
 
         summary = train(config)
@@ -144,9 +166,9 @@ def train_main(argv: list[str] | None = None) -> int:
         print(f"captioner-train: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("captioner-train: interrupted; resume with --resume (last.pt holds the last saved step)", file=sys.stderr)
+        print(_interrupted_message(output_dir), file=sys.stderr)
         return 130
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 has the validation scores
+    if _main_rank():
         log.info("finished: %s", json.dumps(summary))
     return 0
 

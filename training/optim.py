@@ -45,3 +45,18 @@ def lr_factor(step: int, *, config: TrainConfig, steps_per_epoch: int, total_ste
         return c.step_gamma ** (step // (c.step_epochs * steps_per_epoch))
     progress = (step - c.warmup_steps) / max(1, total_steps - c.warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def warmup_shortfall(config: TrainConfig, *, steps_per_epoch: int) -> str | None:
+    """A warning when the run's cross-entropy steps end before the warm-up does (a short trial run, say):
+    its learning rate never reaches ``lr``, which a user reading the loss should know; None otherwise."""
+    steps = steps_per_epoch * config.cross_entropy_epochs
+    if config.max_steps is not None:
+        steps = min(steps, config.max_steps)
+    if steps == 0 or steps >= config.warmup_steps:
+        return None
+    peak = lr_factor(steps - 1, config=config, steps_per_epoch=steps_per_epoch, total_steps=steps)
+    return (
+        f"the learning-rate warm-up ({config.warmup_steps} steps, --warmup-steps) is longer than this run's "
+        f"{steps} cross-entropy steps: the learning rate stops at {peak:.0%} of --lr {config.lr:g}"
+    )

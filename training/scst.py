@@ -34,11 +34,13 @@ def sample_captions(
     """Sample ``samples`` captions per image, feeding each sampled word back in, with gradients.
 
     Returns ``tokens (B*samples, T)`` (``<end>`` included, then ``<pad>``), the log-probability of
-    each chosen token ``(B*samples, T)`` and the mask of real tokens ``(B*samples, T)``. Rows are
+    each sampled token ``(B*samples, T)`` and the mask of sampled tokens ``(B*samples, T)``. Rows are
     image-major: the samples of image 0, then image 1, ... ``<pad>``, ``<start>`` and ``<unk>`` are
     never sampled (as in ``captioner.decoding``), nor what ``rules`` forbid (a caption may not stop
     where human captions never do: the reward cannot favour what decoding will not produce), and a
-    caption still going at ``max_length`` words ends there. Draws come from torch's global generator.
+    caption still going at ``max_length`` words ends there. That ``<end>`` was never sampled, so it is
+    out of the mask and its log-probability 0: REINFORCE must not push up (or down) a choice the sampler
+    did not make. Draws come from torch's global generator.
     """
 
     def draw(logits: torch.Tensor) -> torch.Tensor:
@@ -46,7 +48,7 @@ def sample_captions(
         return torch.multinomial(logits.detach().log_softmax(-1).exp(), 1).squeeze(1)  # (R,)
 
     rolled = rollout(decoder, grid, max_length, draw, rules, samples=samples)
-    return rolled.tokens, rolled.log_probs, rolled.mask
+    return rolled.tokens, rolled.log_probs.masked_fill(rolled.forced, 0.0), rolled.mask & ~rolled.forced
 
 
 def leave_one_out_advantage(rewards: torch.Tensor, samples: int) -> torch.Tensor:

@@ -83,6 +83,20 @@ def test_seeded_sampling_repeats_and_seeds_differ():
     assert all(len(per_image) == 4 for per_image in first)
 
 
+def test_a_seeded_sample_of_an_image_does_not_depend_on_its_batch():
+    """``captioner caption`` and ``captioner-eval`` decode in batches, the service a seeded request alone: image
+    i's samples with seed s must be the same in each, whatever else shares the batch and in whatever order."""
+    model = tiny_captioner(attention=True)  # attention: the images' samples differ (asserted last)
+    grid = _grid(4)
+    options = DecodingOptions(method="sample", num_captions=3, seed=5, max_length=10)
+    batched = [[h.tokens for h in hyps] for hyps in sample(model.decoder, grid, options)]
+    alone = [[h.tokens for h in sample(model.decoder, grid[i : i + 1], options)[0]] for i in range(4)]
+    reversed_batch = [[h.tokens for h in hyps] for hyps in sample(model.decoder, grid.flip(0), options)]
+    assert batched == alone
+    assert reversed_batch[::-1] == alone
+    assert len({tuple(map(tuple, captions)) for captions in alone}) > 1  # the images' samples differ
+
+
 def test_top_k_one_sampling_is_greedy():
     model = tiny_captioner()
     grid = _grid(3)

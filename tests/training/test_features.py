@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +78,21 @@ def test_building_the_cache_leaves_the_global_random_state_alone(images, tmp_pat
     before = torch.get_rng_state()
     build_feature_cache(encoder, images, tmp_path, batch_size=4, num_workers=0, progress=False)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_the_cache_is_computed_in_fp32_on_cuda_too():
+    """Serving encodes in fp32: a cache built under bf16 autocast on CUDA trained on features serving never sees."""
+    from training.features import encoding_dtype
+
+    for device in ("cuda", "cuda:1", "cpu"):
+        assert encoding_dtype(torch.device(device)) is torch.float32, device
+
+
+def test_the_fingerprint_covers_the_precision(images, tmp_path):
+    """A cache computed in another precision (an earlier version's bf16 one, say) is never reused."""
+    encoder = _encoder()
+    assert encoder_fingerprint(encoder, dtype=torch.float32) != encoder_fingerprint(encoder, dtype=torch.bfloat16)
+    store = build_feature_cache(encoder, images, tmp_path, batch_size=4, num_workers=0, progress=False)
+    meta = json.loads(store.path.with_suffix(".json").read_text())
+    assert meta["dtype"] == "torch.float32"
+    assert meta["fingerprint"] == encoder_fingerprint(encoder, dtype=torch.float32)

@@ -8,6 +8,7 @@ import pytest
 
 from tests.helpers import make_flickr_folder
 from tests.interrupt import WORKING, interrupt, script, stand_in_command
+from training.cli import _interrupted_message, train_main
 
 
 def test_ctrl_c_in_eval_is_one_line(tmp_path: Path) -> None:
@@ -15,6 +16,26 @@ def test_ctrl_c_in_eval_is_one_line(tmp_path: Path) -> None:
     run = interrupt(command, lambda output: WORKING + "\n" in output.stdout)
     assert run.returncode == 130, run.describe()
     assert run.before == [] and run.after == ["captioner-eval: interrupted\n"], run.describe()
+
+
+def test_ctrl_c_before_the_first_checkpoint_does_not_promise_a_last_pt(tmp_path: Path, monkeypatch, capsys) -> None:
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("training.engine.train", interrupted)
+    run = tmp_path / "run"
+    argv = ["--data", str(tmp_path), "--output-dir", str(run)]
+    assert train_main(argv) == 130
+    assert capsys.readouterr().err == (
+        f"captioner-train: interrupted before the first checkpoint: no last.pt in {run} to resume from "
+        "(last.pt is saved at the end of each epoch and every --checkpoint-every steps)\n"
+    )
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"")  # a step was saved
+    assert train_main(argv) == 130
+    assert capsys.readouterr().err == (
+        "captioner-train: interrupted; resume with --resume (last.pt holds the last saved step)\n"
+    )
 
 
 @pytest.mark.slow
@@ -30,4 +51,5 @@ def test_ctrl_c_in_training_is_one_line_and_says_how_to_resume(tmp_path: Path) -
 
     run = interrupt(command, training)
     assert run.returncode == 130, run.describe()
-    assert run.after == ["captioner-train: interrupted; resume with --resume (last.pt holds the last saved step)\n"]
+    # interrupted in the first epoch or after it: the line says what there is to resume from (the texts: above)
+    assert run.after == [_interrupted_message(str(tmp_path / "run")) + "\n"], run.describe()

@@ -131,16 +131,35 @@ def test_sampling_feeds_words_back_and_keeps_gradients(attention: bool) -> None:
     assert tokens.shape[0] == 12 and tokens.shape[1] <= 7
     banned = {Vocabulary.pad_id, Vocabulary.bos_id, Vocabulary.unk_id}
     for row, row_mask in zip(tokens.tolist(), mask.tolist(), strict=True):
-        length = sum(row_mask)
+        length = sum(t != Vocabulary.pad_id for t in row)
         assert row[length - 1] == Vocabulary.eos_id  # every caption ends with <end>, at max_length at the latest
         assert all(t not in banned for t in row[:length])
         assert all(t == Vocabulary.pad_id for t in row[length:])
-        assert row_mask == [True] * length + [False] * (len(row) - length)
+        sampled = length - 1 if length == 7 else length  # an <end> forced at max_length was not sampled
+        assert row_mask == [True] * sampled + [False] * (len(row) - sampled)
     assert torch.isfinite(log_probs).all()
     assert (log_probs[~mask] == 0).all() and (log_probs[mask] < 0).all()
     log_probs.sum().backward()
     assert decoder.head.weight.grad is not None and decoder.head.weight.grad.abs().sum() > 0
     assert decoder.init_state_proj.weight.grad.abs().sum() > 0  # through the image, too
+
+
+def test_an_end_forced_at_max_length_is_left_out_of_the_loss() -> None:
+    """A caption cut at ``max_length`` gets an ``<end>`` nobody sampled: REINFORCE must not count its
+    log-probability (here about -30: it would swamp the sampled words' gradient)."""
+    decoder = _decoder().eval()
+    with torch.no_grad():
+        decoder.head.bias[Vocabulary.eos_id] = -30.0  # the sampler (all but) never picks <end> itself
+    grid = torch.randn(2, 8, 2, 2)
+    torch.manual_seed(2)
+    tokens, log_probs, mask = sample_captions(decoder, grid, samples=3, max_length=4)
+    assert (tokens[:, 4] == Vocabulary.eos_id).all()  # every caption was cut at max_length
+    assert mask[:, :4].all() and not mask[:, 4].any()
+    assert (log_probs[:, 4] == 0).all()
+    advantage = torch.tensor([1.0, -1.0, 0.0, 0.5, 0.5, -1.0])
+    words = _teacher_forced(decoder, grid, tokens[:, :4])  # (6, 4) the sampled words' log-probabilities
+    expected = -(advantage.unsqueeze(1) * words).sum() / words.numel()
+    torch.testing.assert_close(scst_loss(log_probs, mask, advantage), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_seeded_samples_are_those_of_the_sampler_before_it_shared_the_decoding_rollout() -> None:
@@ -158,7 +177,7 @@ def test_seeded_samples_are_those_of_the_sampler_before_it_shared_the_decoding_r
         [9, 9, 10, 7, 7, 2],
         [5, 10, 9, 2, 0, 0],
     ]
-    assert mask.sum(1).tolist() == [6, 1, 6, 6, 6, 4]
+    assert mask.sum(1).tolist() == [5, 1, 5, 5, 5, 4]  # the <end> forced at max_length is not a sampled token
 
     model = tiny_captioner()
     rules = CaptionRules.derive([["a", "dog", "runs", "on", "the", "grass"]] * 50 + [["the", "dog", "runs"]] * 50)
@@ -174,7 +193,7 @@ def test_seeded_samples_are_those_of_the_sampler_before_it_shared_the_decoding_r
         [23, 15, 18, 11, 25, 7, 2],
         [5, 16, 28, 11, 16, 13, 2],
     ]
-    assert mask.sum(1).tolist() == [7, 3, 7, 7, 7, 7]
+    assert mask.sum(1).tolist() == [6, 3, 6, 6, 6, 6]
 
 
 def _teacher_forced(decoder: CaptionDecoder, grid: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
