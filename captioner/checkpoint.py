@@ -11,8 +11,12 @@ Layout (plain dicts, lists, strings, numbers and tensors only)::
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,18 +76,39 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with _ctrl_c_after_writing():  # a Ctrl-C meanwhile is raised once the file is in place
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(data, f)
+            # mkstemp makes the file owner-only; give it the permissions a plain open() would (the umask's),
+            # or a container running as another user cannot read a mounted checkpoint
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+@contextlib.contextmanager
+def _ctrl_c_after_writing() -> Iterator[None]:
+    """Hold a Ctrl-C that arrives while a checkpoint is written until the write is done, then raise it.
+
+    Interrupted inside ``torch.save``, the zip writer fails with a ``RuntimeError`` ("unexpected pos") that hides
+    the ``KeyboardInterrupt``: the user got a traceback instead of the one-line "interrupted" and lost the step.
+    Only the main thread can handle signals; elsewhere (and where SIGINT is ignored) nothing changes."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(data, f)
-        # mkstemp makes the file owner-only; give it the permissions a plain open() would (the umask's),
-        # or a container running as another user cannot read a mounted checkpoint
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:

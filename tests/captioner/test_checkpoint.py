@@ -148,3 +148,29 @@ def test_caption_accepts_paths_bytes_and_pil(tmp_path):
     assert len({r.captions[0].text for r in results}) == 1
     single = model.caption(image, method="greedy")
     assert single[0].captions[0].text == results[0].captions[0].text
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_waits_for_the_file(tmp_path, monkeypatch) -> None:
+    """A Ctrl-C inside torch.save once broke the zip writer (a RuntimeError traceback, the step lost): now the file
+    is finished and put in place first, then the KeyboardInterrupt is raised."""
+    import os
+    import signal
+
+    import torch
+
+    from captioner.checkpoint import load_checkpoint, save_checkpoint
+    from tests.helpers import tiny_captioner
+
+    real_save = torch.save
+
+    def save_interrupted(obj, f) -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C arrives in the middle of the write
+        real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", save_interrupted)
+    payload = tiny_captioner().state_payload()
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path / "m.pt", payload)
+    assert load_checkpoint(tmp_path / "m.pt")["vocab"] == payload["vocab"]  # complete and in place
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary file left
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works as before afterwards
