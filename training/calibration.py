@@ -104,7 +104,7 @@ def calibrate(
     if len(held_out) < 20:
         raise CalibrationError(f"calibration needs at least 20 held-out (val) photos, the data has {len(held_out)}")
     sample = random.Random(settings.seed).sample(train, min(settings.reference_photos, len(train)))
-    pooled, _ = _encode(model, sample, settings.batch_size, progress, "reference photos")
+    pooled = _pooled_features(model, sample, settings.batch_size, progress, "reference photos")
     reference = FeatureReference.fit(pooled, components=settings.components)
     scratch = ConfidenceModel(  # the signals' layout; its numbers are replaced by the fit
         signals=settings.signals,
@@ -174,20 +174,18 @@ def _held_out_captions(
     return HeldOutCaptions([r.image_id for r in records], texts, cider, np.concatenate(rows), np.array(residuals))
 
 
-def _encode(
+def _pooled_features(
     model: Captioner, records: Sequence[ImageRecord], batch_size: int, progress: bool, desc: str
-) -> tuple[np.ndarray, list[np.ndarray | None]]:
-    """Pooled features ``(N, C)`` and class probabilities of ``records``' photos."""
-    pooled, probabilities = [], []
+) -> np.ndarray:
+    """Pooled encoder features ``(N, C)`` of ``records``' photos (the reference needs no class head)."""
+    pooled = []
     bar = progress_bar(len(records), desc, progress)
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
-        grid, class_logits = model.encode_with_class_logits(model.preprocess([r.path for r in batch]))
-        pooled.append(grid.float().mean(dim=(2, 3)).cpu().numpy())
-        probabilities += class_probabilities(class_logits, len(batch))
+        pooled.append(model.encode(model.preprocess([r.path for r in batch])).float().mean(dim=(2, 3)).cpu().numpy())
         bar.update(len(batch))
     bar.close()
-    return np.concatenate(pooled), probabilities
+    return np.concatenate(pooled)
 
 
 def _regression(settings: CalibrationSettings) -> LogisticRegression:
