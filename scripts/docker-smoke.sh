@@ -103,11 +103,20 @@ fi
 
 say "docker build -t $IMAGE (progress below; the whole log: $BUILD_LOG)"
 started=$SECONDS
+# the image the tag names now: replaced by this build, it would stay behind untagged (6 GB a build)
+previous=$(docker image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 # every line as it comes (the first build installs PyTorch: minutes), indented, and kept in the log
 docker build --network host "${build_args[@]}" -t "$IMAGE" . 2>&1 | tee "$BUILD_LOG" | sed -u 's/^/    /'
 [[ ${PIPESTATUS[0]} -eq 0 ]] || die "docker build failed (log: $BUILD_LOG)"
 size=$(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB", $1/1e9}')
 echo "built in $((SECONDS - started)) s; image size $size"
+if [[ -n "$previous" && "$previous" != "$(docker image inspect -f '{{.Id}}' "$IMAGE")" ]]; then
+    # only when nothing else names or uses it (docker rmi refuses then)
+    if [[ -z "$(docker image inspect -f '{{join .RepoTags ""}}' "$previous" 2>/dev/null)" ]] \
+        && docker rmi "$previous" >/dev/null 2>&1; then
+        echo "removed the image $IMAGE named before this build (${previous:7:12})"
+    fi
+fi
 if [[ "${KEEP_IMAGE:-1}" == 0 ]]; then cleanup+=("docker rmi -f '$IMAGE' >/dev/null"); fi
 
 say "docker run (no arguments: the embedded default model)"

@@ -201,6 +201,7 @@ def test_the_image_builds_and_serves_a_caption() -> None:
         pytest.skip(f"no Docker daemon here: {daemon.stderr.strip()}")
     if not (ROOT.parent / "shared" / "data" / "flickr8k" / "images").is_dir():
         pytest.skip("docker-smoke's photo (../shared/data/flickr8k) is absent")
+    before = _image_id("captioner")
     smoke = subprocess.run(
         ["bash", str(ROOT / "scripts" / "docker-smoke.sh")],
         cwd=ROOT,
@@ -215,3 +216,15 @@ def test_the_image_builds_and_serves_a_caption() -> None:
     assert "image: captioner, " in smoke.stdout and " GB" in smoke.stdout, tail
     caption = next(line for line in smoke.stdout.splitlines() if line.startswith("caption of "))
     assert "dog" in caption, caption
+    # a rebuild leaves no 6 GB untagged copy of the image it replaced behind (it filled CI's disk)
+    after = _image_id("captioner")
+    if before and after != before:
+        assert _image_id(before) == "", f"the replaced image {before[:19]} is still there"
+
+
+def _image_id(reference: str) -> str:
+    """The image ID a tag or ID names, or "" when there is none."""
+    found = subprocess.run(
+        ["docker", "image", "inspect", "-f", "{{.Id}}", reference], capture_output=True, text=True, check=False
+    )
+    return found.stdout.strip() if found.returncode == 0 else ""
