@@ -26,8 +26,9 @@ method and in the self-critical sampler. A checkpoint without rules decodes as b
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +104,19 @@ class CaptionRules:
             float(data.get("max_rate", DEFAULT_MAX_RATE)),
         )
 
+    def with_words_like(self, sources: Mapping[str, str]) -> CaptionRules:
+        """These rules, where each new word (``new -> source``) follows its source word's rules, alone and in pairs
+        (a vocabulary extension: ``captioner.vocabulary_extension``)."""
+
+        def like(words: frozenset[str]) -> frozenset[str]:
+            return words | {new for new, source in sources.items() if source in words}
+
+        pairs = set(self.no_end_pairs)
+        for new, source in sources.items():
+            pairs |= {(new, b) for a, b in self.no_end_pairs if a == source}
+            pairs |= {(a, new) for a, b in self.no_end_pairs if b == source}
+        return CaptionRules(like(self.no_end), frozenset(pairs), like(self.no_start), self.max_rate)
+
     def dangling(self, words: Sequence[str]) -> bool:
         """The caption stops where a human caption would not (an empty caption counts too)."""
         if not words:
@@ -113,8 +127,11 @@ class CaptionRules:
         """The caption starts with a word that never starts a human caption (typically a verb)."""
         return bool(words) and words[0] in self.no_start
 
-    def compile(self, vocab: Vocabulary, device: torch.device | str = "cpu") -> RuleMasks:
-        """Masks over ``vocab``'s ids; words outside the vocabulary are dropped."""
+    def compile(
+        self, vocab: Vocabulary, device: torch.device | str = "cpu", locked: torch.Tensor | None = None
+    ) -> RuleMasks:
+        """Masks over ``vocab``'s ids; words outside the vocabulary are dropped. ``locked`` (V,) bool: the words
+        no decoding method may produce unless guidance unlocks them (:attr:`RuleMasks.locked`)."""
         size = len(vocab)
         no_end = torch.zeros(size, dtype=torch.bool)
         no_start = torch.zeros(size, dtype=torch.bool)
@@ -127,7 +144,17 @@ class CaptionRules:
         keys = sorted(
             vocab.token_id(a) * size + vocab.token_id(b) for a, b in self.no_end_pairs if a in vocab and b in vocab
         )
-        return RuleMasks(no_end.to(device), torch.tensor(keys, dtype=torch.long, device=device), no_start.to(device))
+        return RuleMasks(
+            no_end.to(device),
+            torch.tensor(keys, dtype=torch.long, device=device),
+            no_start.to(device),
+            locked.to(device) if locked is not None else None,
+        )
+
+    @classmethod
+    def none(cls) -> CaptionRules:
+        """No rule: for a model without caption rules that still needs masks (a vocabulary extension's words)."""
+        return cls(frozenset(), frozenset(), frozenset())
 
 
 @dataclass(frozen=True)
@@ -137,9 +164,27 @@ class RuleMasks:
     no_end: torch.Tensor  # (V,) bool: <end> may not follow this word
     no_end_pairs: torch.Tensor  # (P,) long, sorted: previous * V + last, pairs <end> may not follow
     no_start: torch.Tensor  # (V,) bool: may not be the first word
+    # (V,) or (R, V) bool: words never produced (a vocabulary extension's new words), or None; (R, V) per row
+    # when tag-guided decoding unlocks some of them for some images (:meth:`unlocking`)
+    locked: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> RuleMasks:
-        return RuleMasks(self.no_end.to(device), self.no_end_pairs.to(device), self.no_start.to(device))
+        locked = self.locked.to(device) if self.locked is not None else None
+        return RuleMasks(self.no_end.to(device), self.no_end_pairs.to(device), self.no_start.to(device), locked)
+
+    def locked_only(self) -> RuleMasks | None:
+        """What still holds when a caption runs out of room at ``max_length`` (it must end there, wherever it is):
+        the locked words stay unsaid; None when there are none."""
+        if self.locked is None:
+            return None
+        no_end = torch.zeros_like(self.no_end)
+        return RuleMasks(no_end, self.no_end_pairs[:0], no_end, self.locked)
+
+    def unlocking(self, words: torch.Tensor) -> RuleMasks:
+        """These masks with the words ``(R, V)`` bool unlocked, row by row (``R`` rows of a decoding batch)."""
+        if self.locked is None:
+            return self
+        return dataclasses.replace(self, locked=self.locked & ~words.to(self.locked.device))
 
     def constrain(self, logits: torch.Tensor, last: torch.Tensor, before_last: torch.Tensor | None) -> torch.Tensor:
         """Forbid (-inf) what may not come next: after ``<start>``, ``<end>`` and the words that may not start
@@ -152,6 +197,8 @@ class RuleMasks:
         banned = (~self.allows_end(last, before_last, vocab)).unsqueeze(1) & end_column  # (B, V)
         at_start = (last == Vocabulary.bos_id).unsqueeze(1)  # (B, 1): nor an empty caption
         banned = banned | (at_start & (self.no_start | end_column))
+        if self.locked is not None:
+            banned = banned | self.locked
         return logits.masked_fill(banned, float("-inf"))
 
     def allows_end(self, last: torch.Tensor, before_last: torch.Tensor | None, vocab: int) -> torch.Tensor:

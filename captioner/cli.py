@@ -126,6 +126,23 @@ def get_args_parser() -> argparse.ArgumentParser:
         help=f"a word is ruled out when (k + 1) / (n + 2) is below this, for k endings (or starts) in n sightings "
         f"(default: {DEFAULT_MAX_RATE})",
     )
+    extend = sub.add_parser(
+        "extend-vocabulary",
+        help="add words the model never learned (zebra, sink, broccoli...) for tag-guided captions, into a copy",
+        description="Add each new word of --words to SOURCE's vocabulary with the weights of a known word used alike "
+        "(captioner.vocabulary_extension: zebra <- sheep, sink <- toilet) and write the result to TARGET. Only "
+        "tag-guided decoding (guided_by_tags) says a new word, for a photo whose tag names it; every other caption "
+        "stays as SOURCE gives it. The bundled default model is extended already.",
+    )
+    extend.add_argument("source", help="checkpoint to read, or 'default'")
+    extend.add_argument("target", help="checkpoint file to write (may be SOURCE itself)")
+    extend.add_argument(
+        "--words",
+        type=Path,
+        default=None,
+        help="a word-transfer table as scripts/make_word_transfers.py writes it (default: the bundled one, "
+        "captioner/assets/word_transfers.json)",
+    )
     calibrate = sub.add_parser(
         "calibrate",
         help="fit caption confidence on a data set's held-out photos, into a checkpoint copy",
@@ -276,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
             return _rules(args)
         if args.command == "calibrate":
             return _calibrate(args)
+        if args.command == "extend-vocabulary":
+            return _extend_vocabulary(args)
         if args.command == "merge":
             from captioner.bulk import merge_parts
 
@@ -561,6 +580,8 @@ def _describe(model) -> dict:
         "confidence_model": None
         if confidence is None
         else {"target": confidence.target, "signals": confidence.described_signals, "fitted_on": confidence.fitted_on},
+        # words only tag-guided decoding says (captioner.vocabulary_extension), each with its source word
+        "vocabulary_extension": dict(model.vocabulary_extension.sources) if model.vocabulary_extension else None,
         "metadata": model.metadata,
     }
 
@@ -590,6 +611,39 @@ def _rules(args: argparse.Namespace) -> int:
         f"{args.target}: captions may not end on {len(rules.no_end)} words or {len(rules.no_end_pairs)} word pairs, "
         f"nor start with {len(rules.no_start)} words (learned from {len(captions):,} training captions)"
     )
+    return 0
+
+
+def _extend_vocabulary(args: argparse.Namespace) -> int:
+    """``captioner extend-vocabulary``: the checkpoint with new words (decoder weights kept in their dtype)."""
+    import torch
+
+    from captioner.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
+    from captioner.model import Captioner, default_checkpoint
+    from captioner.vocabulary_extension import WORD_TRANSFERS_FILE, extend_vocabulary, load_word_transfers
+
+    source = checkpoint_arg(args.source)
+    data = load_checkpoint(default_checkpoint() if source is None else source)
+    model = Captioner.from_state(data, source=str(args.source))
+    transfers = load_word_transfers(args.words or WORD_TRANSFERS_FILE)
+    added = extend_vocabulary(model, transfers)
+    half = next(iter(data["decoder_state"].values())).dtype == torch.float16
+    payload = model.state_payload(half=half)
+    for key in ("config", "vocab", "decoder_state", "caption_rules", "vocabulary_extension"):
+        data[key] = payload[key]
+    data["decoder_state"] = clean_state_dict(model.decoder.state_dict(), half=half)
+    # the optimizer state is shaped for the old vocabulary: the copy is a model to serve or fine-tune, not to resume
+    resumable = data.pop("training", None) is not None
+    save_checkpoint(args.target, data)
+    total = len(model.vocabulary_extension or ())
+    print(f"{args.target}: {len(added)} words added ({total} in all, {len(model.vocab)} in the vocabulary)")
+    if added:
+        print("  " + ", ".join(f"{word} <- {transfers[word]}" for word in added))
+    if resumable and added:
+        print(
+            "  (its training state was left out: the optimizer's was shaped for the old vocabulary; --resume the "
+            "source instead)"
+        )
     return 0
 
 

@@ -278,8 +278,9 @@ def rollout(
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     chosen, log_probs, masks, alphas, forced = [], [], [], [], []
     for t in range(max_length + 1):
-        # At max_length the caption must end, whatever its last word: no rule then.
-        logits, state, alpha = next_word_logits(decoder, tokens, state, rules if t < max_length else None, before)
+        # At max_length the caption must end, whatever its last word: no rule then (locked words stay unsaid).
+        step_rules = rules if t < max_length else (rules.locked_only() if rules is not None else None)
+        logits, state, alpha = next_word_logits(decoder, tokens, state, step_rules, before)
         before = tokens
         # Out of room at max_length: the caption ends there.
         tokens = torch.full_like(tokens, Vocabulary.eos_id) if t == max_length else choose(logits)
@@ -339,7 +340,8 @@ def _beam_step(
     end now (the rules no longer apply: a caption out of room ends where it is); with the new state and attention."""
     eos = Vocabulary.eos_id
     before = history[:, -2] if history.shape[1] >= 2 else None
-    logits, state, alpha = next_word_logits(decoder, tokens, state, None if last else rules, before)
+    at_end = rules.locked_only() if last and rules is not None else None
+    logits, state, alpha = next_word_logits(decoder, tokens, state, at_end if last else rules, before)
     logp = logits.log_softmax(-1)  # (rows, V)
     if last:
         eos_only = torch.full_like(logp, float("-inf"))
@@ -452,6 +454,8 @@ def constrained_beam_search(
     required = required.to(device=device, dtype=torch.bool).clone()
     required[:, [*NEVER_PRODUCED, eos]] = False  # only words can satisfy the constraint
     rows_per_image = 2 * k  # state 0 (not yet) beams, then state 1 (satisfied) beams
+    if rules is not None:  # a locked word (a vocabulary extension's) may come where it is required
+        rules = rules.unlocking(required.repeat_interleave(rows_per_image, dim=0))  # rows stay with their image
     state = decoder.init_state(grid).repeat_interleave(rows_per_image)
     tokens = torch.full((batch * rows_per_image,), Vocabulary.bos_id, dtype=torch.long, device=device)
     scores = torch.full((batch, 2, k), float("-inf"), device=device)

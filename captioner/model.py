@@ -25,6 +25,7 @@ from captioner.guidance import DEFAULT_POLICY, GuidancePolicy, required_words
 from captioner.tags import Tag, tags_from_probabilities
 from captioner.transforms import DEFAULT_MAX_PIXELS, ImageSource, Preprocess, preprocess_images, to_tensor
 from captioner.vocab import Vocabulary
+from captioner.vocabulary_extension import VocabularyExtension, VocabularyExtensionError
 
 BACKENDS = ("torch", "onnxruntime")
 BACKEND_CHOICES = ("auto", *BACKENDS)
@@ -121,6 +122,7 @@ class Captioner(nn.Module):
         metadata: dict[str, Any] | None = None,
         caption_rules: CaptionRules | None = None,
         confidence_model: ConfidenceModel | None = None,
+        vocabulary_extension: VocabularyExtension | None = None,
     ) -> None:
         super().__init__()
         if decoder.config.vocab_size != len(vocab):
@@ -137,6 +139,9 @@ class Captioner(nn.Module):
         # Turns each caption's signals into a calibrated confidence (captioner.confidence); None: captions
         # answer confidence None and min_confidence is refused. Fitted by ``captioner calibrate``.
         self.confidence_model = confidence_model
+        # Words added after training, each with a known word's weights, that only tag guidance may produce
+        # (captioner.vocabulary_extension); None: every word is the model's own.
+        self.vocabulary_extension = vocabulary_extension
         # Images per encoder pass; None: encoders.default_chunk_size (a few at a time on CPU, all on GPU).
         self.encoder_chunk_size: int | None = None
         self.backend = "torch"  # or "onnxruntime": see from_checkpoint and captioner.onnx_backend
@@ -245,6 +250,7 @@ class Captioner(nn.Module):
             metadata=data.get("metadata") or {},
             caption_rules=CaptionRules.from_dict(rules) if rules else None,
             confidence_model=confidence_model_from(data, source, encoder.feature_dim),
+            vocabulary_extension=vocabulary_extension_from(data, source, vocab),
         )
 
     def optimize_for_inference(self) -> Captioner:
@@ -273,6 +279,7 @@ class Captioner(nn.Module):
             "metadata": {**self.metadata, **(metadata or {})},
             "caption_rules": self.caption_rules.to_dict() if self.caption_rules is not None else None,
             "confidence_model": self.confidence_model.to_dict() if self.confidence_model is not None else None,
+            "vocabulary_extension": self.vocabulary_extension.to_dict() if self.vocabulary_extension else None,
         }
 
     def save(self, path: str | os.PathLike, *, half: bool = False, metadata: dict[str, Any] | None = None) -> None:
@@ -386,12 +393,15 @@ class Captioner(nn.Module):
         ]
 
     def rule_masks(self) -> RuleMasks | None:
-        """:attr:`caption_rules` compiled for this vocabulary on this device (cached), or None."""
-        if self.caption_rules is None:
+        """:attr:`caption_rules` and the locked words of :attr:`vocabulary_extension` compiled for this vocabulary on
+        this device (cached), or None when there are neither."""
+        if self.caption_rules is None and not self.vocabulary_extension:
             return None
-        key = (self.caption_rules, str(self.device))
+        key = (self.caption_rules, self.vocabulary_extension, len(self.vocab), str(self.device))
         if getattr(self, "_rule_masks_key", None) != key:
-            self._rule_masks = self.caption_rules.compile(self.vocab, self.device)
+            rules = self.caption_rules if self.caption_rules is not None else CaptionRules.none()
+            locked = self.vocabulary_extension.locked_mask(self.vocab) if self.vocabulary_extension else None
+            self._rule_masks = rules.compile(self.vocab, self.device, locked)
             self._rule_masks_key = key
         return self._rule_masks
 
@@ -434,3 +444,19 @@ def confidence_model_from(described: dict[str, Any], source: str, feature_dim: i
             f"the encoder gives {feature_dim}"
         )
     return confidence
+
+
+def vocabulary_extension_from(described: dict[str, Any], source: str, vocab: Vocabulary) -> VocabularyExtension | None:
+    """The vocabulary extension a checkpoint (or an export's metadata) carries, checked against its vocabulary;
+    None when it has none."""
+    stored = described.get("vocabulary_extension")
+    if not stored:
+        return None
+    try:
+        extension = VocabularyExtension.from_dict(stored)
+    except VocabularyExtensionError as error:
+        raise CheckpointError(f"{source}: {error}") from error
+    strays = [word for word in (*extension.sources, *extension.sources.values()) if word not in vocab]
+    if strays:
+        raise CheckpointError(f"{source}: the vocabulary extension names words the vocabulary lacks: {strays[:5]}")
+    return extension

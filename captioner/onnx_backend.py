@@ -342,7 +342,7 @@ def load_onnx_captioner(path: str | os.PathLike | None, *, threads: int | None =
     """
     from captioner.caption_rules import CaptionRules
     from captioner.checkpoint import load_checkpoint
-    from captioner.model import Captioner, confidence_model_from, default_checkpoint
+    from captioner.model import Captioner, confidence_model_from, default_checkpoint, vocabulary_extension_from
     from captioner.vocab import Vocabulary
 
     require_onnxruntime()
@@ -372,6 +372,7 @@ def load_onnx_captioner(path: str | os.PathLike | None, *, threads: int | None =
             metadata=described.get("metadata") or {},
             caption_rules=rules,
             confidence_model=confidence,
+            vocabulary_extension=vocabulary_extension_from(dict(described), source, vocab),
         )
     except (KeyError, TypeError, ValueError) as exc:
         source = f"{path}'s {METADATA_FILE}" if path.is_dir() else str(path)

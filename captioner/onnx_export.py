@@ -312,6 +312,7 @@ def _write_export(
         "metadata": to_jsonable(model.metadata),
         "caption_rules": model.caption_rules.to_dict() if model.caption_rules is not None else None,
         "confidence_model": model.confidence_model.to_dict() if model.confidence_model is not None else None,
+        "vocabulary_extension": model.vocabulary_extension.to_dict() if model.vocabulary_extension else None,
         "source": {"checkpoint": source, "sha256": source_sha256},
         "opset": OPSET,
         "quantization": quantization,

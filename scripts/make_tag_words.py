@@ -8,8 +8,9 @@ reviewed. For each display name of ``captioner/assets/imagenet_tags.json``, in t
 1. a reviewed override (:data:`OVERRIDES`) when the rules below would pick a wrong or missing word: a class whose
    everyday word differs from its name ("notebook computer" -> laptop, computer; "airliner" -> airplane, plane,
    jet; "cheeseburger" -> burger, sandwich, food), a name whose head is another thing alone ("hot dog", "computer
-   mouse"; the ImageNet "kite" is the bird), and kitchen and bathroom appliances, which captions name by the room
-   as often as by the object ("microwave oven" -> microwave, kitchen);
+   mouse"; the ImageNet "kite" is the bird), and kitchen and bathroom appliances, named by the object ("microwave
+   oven" -> microwave, oven), by the room only when the vocabulary has no word for the object ("dishwasher" ->
+   kitchen: offered beside the object, the room is the word the decoder already likes, as parents below are);
 2. else the name's own words: the whole name when it is one word of the vocabulary ("pizza", "t-shirt"), and its
    head (last) word when the vocabulary has it and it is not in :data:`AMBIGUOUS_HEADS`, heads that name
    something else alone ("trash can" -> can, "cassette player" -> player, "block plane" -> plane);
@@ -92,16 +93,16 @@ OVERRIDES = {
     "convertible": ["car"],
     "moped": ["scooter", "motorcycle"],
     "motor scooter": ["scooter", "motorcycle"],
-    "microwave oven": ["microwave", "kitchen"],
+    "microwave oven": ["microwave", "oven"],
     "dishwasher": ["kitchen"],
     "toaster": ["kitchen"],
-    "stove": ["stove", "kitchen"],
+    "stove": ["stove", "oven"],
     "Dutch oven": ["kitchen"],
-    "refrigerator": ["refrigerator", "fridge", "kitchen"],
-    "sink": ["sink", "bathroom", "kitchen"],
-    "toilet seat": ["toilet", "bathroom"],
-    "toilet paper": ["toilet", "bathroom"],
-    "bathtub": ["bathtub", "tub", "bathroom"],
+    "refrigerator": ["refrigerator", "fridge"],
+    "sink": ["sink"],
+    "toilet seat": ["toilet"],
+    "toilet paper": ["toilet", "paper"],
+    "bathtub": ["bathtub", "tub"],
     "shower curtain": ["shower", "bathroom"],
     "teddy bear": ["teddy", "bear"],
     "traffic light": ["traffic"],
@@ -149,7 +150,7 @@ OVERRIDES = {
     "barbershop": ["shop"],
     "bakery": ["bakery", "shop"],
     "movie theater": ["theater"],
-    "medicine cabinet": ["bathroom", "mirror"],
+    "medicine cabinet": ["cabinet", "mirror"],
     "palace": ["palace", "building"],
     "monastery": ["building"],
     "mosque": ["building"],
@@ -163,6 +164,16 @@ OVERRIDES = {
 
 def tag_words(display: str, parents: tuple[str, ...], vocab: Vocabulary) -> list[str]:
     """The caption words for one tag, by the rules of the module docstring."""
+    kept: list[str] = []
+    for word in candidate_words(display, parents, vocab):
+        if word in vocab and word not in kept:
+            kept.append(word)
+    return kept
+
+
+def candidate_words(display: str, parents: tuple[str, ...], vocab: Vocabulary) -> list[str]:
+    """A tag's words by rules 1-3, before those the vocabulary lacks are dropped (``make_word_transfers.py`` adds
+    the frequent ones to the vocabulary): its own words, then, when ``vocab`` has none, its parent's."""
     if display in OVERRIDES:
         candidates = list(OVERRIDES[display])
     else:
@@ -173,14 +184,10 @@ def tag_words(display: str, parents: tuple[str, ...], vocab: Vocabulary) -> list
         head = words[-1].split("-")[-1] if words else ""
         if head and head not in AMBIGUOUS_HEADS:
             candidates.append(head)
-        if not any(word in vocab for word in candidates):
+        if not any(word in vocab for word in candidates):  # the parents' words follow, for tag_words to fall back
             parent = next((p for p in parents if any(w in vocab for w in PARENT_WORDS.get(p, []))), None)
-            candidates = list(PARENT_WORDS[parent]) if parent is not None else []
-    kept: list[str] = []
-    for word in candidates:
-        if word in vocab and word not in kept:
-            kept.append(word)
-    return kept
+            candidates += PARENT_WORDS[parent] if parent is not None else []
+    return candidates
 
 
 def build_table(vocab: Vocabulary) -> dict[str, object]:

@@ -273,6 +273,11 @@ class ModelInfo(BaseModel):
     tags: TagSettings | None = Field(
         description="how responses pick their tags; null: the encoder has no ImageNet head and responses have none"
     )
+    added_words: dict[str, str] | None = Field(
+        None,
+        description="words added after training (vocabulary extension), each with the known word whose weights it "
+        "took; only guided_by_tags says them, for a photo whose tag names them; null: none",
+    )
     parameters: int
     training_data: Any | None = Field(None, description="what the checkpoint says it was trained on")
     metrics: dict[str, Any] | None = Field(None, description="evaluation metrics stored in the checkpoint")

@@ -53,6 +53,7 @@ async def model_info(loaded: LoadedDep) -> ModelInfo:
         tags=TagSettings(count=DEFAULT_TAG_COUNT, min_confidence=DEFAULT_MIN_TAG_CONFIDENCE)
         if model.encoder.has_class_head
         else None,
+        added_words=dict(model.vocabulary_extension.sources) if model.vocabulary_extension else None,
         parameters=model.parameter_count(),
         training_data=training_data,
         metrics=metrics if isinstance(metrics, dict) else None,
