@@ -702,10 +702,26 @@ def self_critical_process(work: Workspace) -> None:
     images = batches.image_batches(trainer.train_split, trainer.config, epoch=0, dist=trainer.dist)
     steps = max(1, round(len(images) * work.settings["scst_fraction"]))
     trainer.module.train()
+    scoring = timed(trainer.cider, "scores")
     with work.stage("self-critical slice") as extra:
         for rows in images[:steps]:
             trainer.scst_step(rows)
-        extra["steps"] = steps
+        extra.update(steps=steps, reward_seconds=scoring[0])
+
+
+def timed(owner: Any, method: str) -> list[float]:
+    """Wrap ``owner.method`` so that the seconds spent in it add up in the returned one-item list."""
+    spent, original = [0.0], getattr(owner, method)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - started
+
+    setattr(owner, method, wrapper)
+    return spent
 
 
 def checkpoint_process(work: Workspace) -> None:
@@ -728,7 +744,7 @@ def real_encoder_process(work: Workspace) -> None:
     cross-entropy data path at the real grid's size: batches of cached grids read and moved to the device."""
     from captioner import EncoderConfig
     from captioner.encoders import build_encoder
-    from training.features import build_feature_cache
+    from training.features import ImageFiles, build_feature_cache
 
     s = work.settings
     data = Path(s["data"])
@@ -743,13 +759,17 @@ def real_encoder_process(work: Workspace) -> None:
     if coco:
         with work.stage("real encoder, COCO photos") as extra:
             extra["photos"] = len(encode(coco, num_workers=s["num_workers"]))
+        with work.stage("COCO photo decoding") as extra:  # what each data-loader worker does, on one core
+            files = ImageFiles(coco, encoder.preprocess)
+            extra["photos"] = sum(files[i][1] for i in range(len(files)))
     with work.stage("real grid reads") as extra:
         extra.update(read_real_grids(store, work))
 
 
 def read_real_grids(store, work: Workspace, *, batch: int = 128, steps: int = 40) -> dict[str, Any]:
-    """Time the cross-entropy input path (``batches.load_caption_batches`` and the move to the device, as
-    ``Trainer.train_step`` does it) over ``store``'s grids: captions of 12 words on random rows."""
+    """Time the cross-entropy input path over ``store``'s grids (captions of 12 words on random rows): what the
+    host does for a step (``batches.load_caption_batches``), and on a GPU the move there and to fp32 as
+    ``Trainer.train_step`` does it (on CPU that conversion is the step's own work, left out)."""
     import torch
 
     from training import batches
@@ -760,8 +780,9 @@ def read_real_grids(store, work: Workspace, *, batch: int = 128, steps: int = 40
     order = [list(range(i, i + batch)) for i in range(0, len(rows), batch)]
     config = work.train_config()
     for grids, captions, _ in batches.load_caption_batches(split, order, config, pixels_from=None, device=work.device):
-        grids.to(work.device, non_blocking=True).float()
-        captions.to(work.device, non_blocking=True)
+        if work.device.type == "cuda":
+            grids.to(work.device, non_blocking=True).float()
+            captions.to(work.device, non_blocking=True)
     return {"captions": len(rows), "batch": batch}
 
 
@@ -914,6 +935,7 @@ class Report:
         s, last = self.settings, self.runs[-1]
         words = last.stages["vocabulary"].extra.get("words", 0)
         scst = last.stages["self-critical slice"].extra.get("steps", 0)
+        reward = last.stages["self-critical slice"].extra.get("reward_seconds", 0.0)
         lines = [""]
         for run in self.runs:
             d = run.dataset
@@ -927,7 +949,8 @@ class Report:
             f"units, no attention, the {s['decoder_vocab']:,} most frequent of the vocabulary's {words:,} words; "
             f"{s['batch_size']} captions a step",
             f"self-critical slice: the first {s['scst_fraction']:.0%} of the epoch's steps ({scst:,} steps of 32 "
-            f"images x 5 samples at {self.sizes[-1]:,} photos)",
+            f"images x 5 samples at {self.sizes[-1]:,} photos; the CIDEr-D reward's scoring "
+            f"{1000 * reward / max(scst, 1):.1f} ms a step)",
         ]
         if self.real_encoder is not None:
             lines += self.real_encoder_notes()
@@ -954,16 +977,35 @@ class Report:
         ]
         coco = self.real_encoder.get("real encoder, COCO photos")
         if coco is not None:
+            decoding = self.real_encoder["COCO photo decoding"]
             lines.append(
                 f"  on coco-mini's {coco.extra['photos']} COCO photos (their own size): "
-                f"{coco.seconds / coco.extra['photos'] * 1000:.1f} ms a photo"
+                f"{coco.seconds / coco.extra['photos'] * 1000:.1f} ms a photo; decoding and preprocessing one "
+                f"alone, on one core: {decoding.seconds / decoding.extra['photos'] * 1000:.1f} ms"
             )
         reads = self.real_encoder["real grid reads"]
+        moved = f", moved to {s['device']} and made fp32" if s["device"] != "cpu" else ""
         lines.append(
-            f"cross-entropy input path at that grid size (cached grids of batches of {reads.extra['batch']} captions "
-            f"read and moved to {s['device']}): {reads.extra['captions'] / reads.seconds:,.0f} captions/s"
+            f"cross-entropy input path at that grid size (batches of {reads.extra['batch']} captions' cached grids "
+            f"read{moved}): {reads.extra['captions'] / reads.seconds:,.0f} captions/s"
         )
         return lines
+
+    def summary(self) -> dict[str, Any]:
+        """The judged exponent's largest value (among stages long enough to judge), the largest peak, what missed."""
+        judged = {
+            stage: k
+            for stage in STAGES
+            if (k := self.judged_exponent(stage)) is not None and self.series(stage, "seconds")[-1] >= JUDGED_SECONDS
+        }
+        steepest = max(judged, key=lambda stage: judged[stage]) if judged else None
+        largest = max(STAGES, key=lambda stage: max(self.series(stage, "peak_rss_mb")))
+        return {
+            "exponent_of": self.judged_time,
+            "largest_exponent": None if steepest is None else {"stage": steepest, "k": judged[steepest]},
+            "largest_peak": {"stage": largest, "mb": max(self.series(largest, "peak_rss_mb"))},
+            "missed": [stage for stage in STAGES if self.verdict(stage).startswith("MISSED")],
+        }
 
     def to_json(self) -> dict[str, Any]:
         stages = {}
@@ -985,6 +1027,7 @@ class Report:
         return {
             "sizes": self.sizes,
             "stages": stages,
+            "summary": self.summary(),
             "data_sets": [asdict(run.dataset) for run in self.runs],
             "real_encoder": real,
             "settings": self.settings,
