@@ -176,6 +176,16 @@ class NgramTable:
         return [lengths[end - count : end] for end, count in zip(bounds, self.refs_per_image.tolist(), strict=True)]
 
 
+def distinct(keys: np.ndarray) -> np.ndarray:
+    """The distinct values of the integer array ``keys``, sorted: ``np.unique(keys)``, by sorting.
+
+    NumPy 2.3 and later answer a plain ``np.unique`` from a hash table, which on the reward's 22 million
+    (image, n-gram) keys at COCO scale took 42 s against 1.7 s for a sort, and grew faster than the keys (6 s
+    for 5 million): superlinear where sorting adds only its log factor."""
+    ordered = np.sort(keys)
+    return ordered[np.diff(ordered, prepend=ordered[:1] - 1) != 0]
+
+
 def gather(values: np.ndarray, sorted_keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
     """``values[j]`` where ``sorted_keys[j] == query``, else 0, for each query."""
     out = np.zeros(len(queries), dtype=np.float64)

@@ -6,7 +6,9 @@ import random
 import tracemalloc
 from collections import Counter
 
-from training.ngrams import NgramCounts, NgramIndex
+import numpy as np
+
+from training.ngrams import NgramCounts, NgramIndex, distinct
 
 
 def _grams(sentence: list[str], n: int = 4) -> Counter:
@@ -65,3 +67,9 @@ def test_counting_a_few_sentences_costs_nothing_in_proportion_to_the_index() -> 
     assert peak < 256 * 1024, f"counting 2 captions allocated {peak / 1024:.0f} KB against an index of 60,000 words"
     # and it still counts: every n-gram occurrence of each caption
     assert [sum(_rows(counts, s).values()) for s in (0, 1)] == [sum(_grams(s).values()) for s in sampled]
+
+
+def test_distinct_is_numpys_unique_by_sorting() -> None:
+    rng = np.random.default_rng(0)
+    for keys in (np.zeros(0, dtype=np.int64), np.array([7]), rng.integers(-5, 40, 500), rng.integers(0, 10**12, 99)):
+        assert np.array_equal(distinct(keys), np.unique(keys))
