@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: install, train one epoch with mixed precision on a Flickr8k subset,
 # evaluate the checkpoint, serve it on the GPU and caption a photo through /caption, time the training
-# loop against bare PyTorch (bench/training_throughput.py); then one summary table. Exit status 0 when
-# every step passed. A throughput below one of the bench's goals shows as MISSED, never ok; on a GPU that
-# fails the check, on CPU (toy sizes, where fixed costs swamp the goals set for a GPU) it is reported only.
+# loop against bare PyTorch (bench/training_throughput.py), and with --scale N simulate COCO scale
+# (bench/scale.py at N/4 and N photos: every stage of the pipeline on the device, how its time grows and
+# its peak memory); then one summary table. Exit status 0 when every step passed. A result below one of the
+# benches' goals shows as MISSED, never ok; on a GPU that fails the check, on CPU (toy sizes, where fixed
+# costs swamp the goals set for a GPU) it is reported only.
 #
 #   scripts/gpu-check.sh                  # CUDA, 2,000 training images: sized for under 10 minutes on one GPU
 #   scripts/gpu-check.sh --device cpu     # the same steps on CPU at toy sizes (the test suite runs this)
+#   scripts/gpu-check.sh --scale 128000   # and the COCO-scale step at 32,000 and 128,000 photos
 #
 # Options:
 #   --device DEVICE     cuda (default), cuda:N or cpu
@@ -16,6 +19,10 @@
 #                       runs/gpu-check; what an earlier check left there is replaced)
 #   --port PORT         the port the serve step's captioner-serve listens on, on 127.0.0.1 (default 0:
 #                       a free one)
+#   --scale N           also run bench/scale.py at N/4 and N photos on the device (N >= 400; its log, table
+#                       and JSON in --out): a stage whose time grows faster than N^1.15 or whose memory
+#                       passes 6 GB shows as MISSED. The data set's photos are --data's, its captions
+#                       those and ../coco-caption-text's beside it.
 #   --no-setup          use the installed .venv as it is (default: scripts/setup.sh train,serve first)
 # VENV (default .venv) is the environment whose commands run.
 set -euo pipefail
@@ -25,10 +32,11 @@ device=cuda
 data=../shared/data/flickr8k
 out=runs/gpu-check
 port=0
+scale=""
 setup=1
 while [ $# -gt 0 ]; do
     case "$1" in
-        --device | --data | --out | --port)
+        --device | --data | --out | --port | --scale)
             if [ $# -lt 2 ]; then
                 echo "gpu-check: $1 needs a value (see --help)" >&2
                 exit 2
@@ -40,6 +48,7 @@ while [ $# -gt 0 ]; do
         --data) data="$2"; shift 2 ;;
         --out) out="$2"; shift 2 ;;
         --port) port="$2"; shift 2 ;;
+        --scale) scale="$2"; shift 2 ;;
         --no-setup) setup=0; shift ;;
         -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "gpu-check: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -52,6 +61,10 @@ case "$device" in
 esac
 if ! [[ "$port" =~ ^[0-9]{1,5}$ ]] || [ "$port" -gt 65535 ]; then
     echo "gpu-check: --port must be a port number in [0, 65535] (0: a free one), got '$port'" >&2
+    exit 2
+fi
+if [ -n "$scale" ] && { ! [[ "$scale" =~ ^[0-9]{1,7}$ ]] || [ "$scale" -lt 400 ]; }; then
+    echo "gpu-check: --scale must be a photo count of at least 400, got '$scale'" >&2
     exit 2
 fi
 say() { printf 'gpu-check: %s\n' "$*" >&2; }
@@ -69,6 +82,7 @@ if [ "$device" = cpu ]; then
         --min-word-count 1 --val-max-images 8 --num-workers 0)
     eval_images=8
     bench_flags=(--images 4 --encoder-batch 4 --train-images 16 --batch-size 16 --hidden 32 --num-workers 0)
+    scale_flags=(--encoder-photos 8)
 else
     # the default model's architecture (EfficientNet-Lite2, 512-unit LSTM with attention) on a subset
     limit=2000
@@ -77,6 +91,7 @@ else
         --val-max-images 500 --num-workers 8)
     eval_images=500
     bench_flags=(--images 512 --train-images 1000 --num-workers 8)
+    scale_flags=(--num-workers 8)
 fi
 
 venv="${VENV:-.venv}"
@@ -92,7 +107,7 @@ for tool in python captioner-train captioner-eval captioner-serve; do
     fi
 done
 
-rm -rf "$out/train" "$out/eval" "$out/logs" "$out/cache" "$out/caption.json"
+rm -rf "$out/train" "$out/eval" "$out/logs" "$out/cache" "$out/caption.json" "$out/scale.json"
 mkdir -p "$out/logs"
 logs="$out/logs"
 names=()
@@ -207,12 +222,20 @@ throughput() {
     "$py" bench/training_throughput.py --data "$data" --device "$device" --encoder "$encoder" "${bench_flags[@]}"
 }
 
+scale_bench() {
+    "$py" bench/scale.py --images "$((scale / 4)),$scale" --device "$device" --data "$data" --json "$out/scale.json" \
+        "${scale_flags[@]}"
+}
+
 if step environment environment; then
     if step train train; then
         step eval evaluate || true
         step serve serve || true
     fi
     step throughput throughput || true
+    if [ -n "$scale" ]; then
+        step scale scale_bench || true
+    fi
 fi
 
 # the summary: one row per step, with what it measured
@@ -252,6 +275,14 @@ def detail(name: str) -> str:
         if name == "throughput":
             rows = [line.split("|") for line in log if line.startswith("| ") and "measure" not in line]
             return "; ".join(f"{r[1].strip()} {r[3].strip()} ({r[4].strip()} of bare, goal {r[5].strip()})" for r in rows)
+        if name == "scale":
+            report = json.loads((out / "scale.json").read_text())
+            summary, sizes = report["summary"], " and ".join(f"{n:,}" for n in report["sizes"])
+            steepest, peak = summary["largest_exponent"], summary["largest_peak"]
+            kind = "CPU" if summary["exponent_of"] == "cpu_seconds" else "wall"
+            grows = f"{kind} time ~ N^{steepest['k']:.2f} at most ({steepest['stage']})" if steepest else "no stage of 1 s"
+            missed = f"; MISSED: {', '.join(summary['missed'])}" if summary["missed"] else ""
+            return f"{sizes} photos: {grows}, peak {peak['mb']:,.0f} MB ({peak['stage']}){missed}"
     except (OSError, LookupError, ValueError) as exc:
         return f"(no result: {exc.__class__.__name__})"
     return ""
@@ -266,7 +297,8 @@ for name, status, seconds in rows:
     print(f"| {name:<11} | {status:<6} | {seconds:>5} | {detail(name) if measured else 'see ' + str(out / 'logs' / (name + '.log'))}")
 EOF
 if [ "$failed" = 0 ] && [ "$missed" = 1 ]; then
-    echo "gpu-check: every step ran; throughput MISSED goals set for a GPU (not expected at --device cpu's toy sizes)"
+    missed_steps=$(awk -F '\t' '$2 == "MISSED" {printf "%s%s", sep, $1; sep=" and "}' "$logs/steps.tsv")
+    echo "gpu-check: every step ran; $missed_steps MISSED goals set for a GPU (not expected at --device cpu's toy sizes)"
 elif [ "$failed" = 0 ]; then
     echo "gpu-check: all steps passed"
 else

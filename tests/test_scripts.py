@@ -6,6 +6,7 @@ import contextlib
 import functools
 import http.server
 import io
+import json
 import os
 import re
 import shutil
@@ -210,6 +211,9 @@ def test_gpu_check_without_data_says_so_and_fails(tmp_path: Path) -> None:
         (["--port", "http"], "--port must be a port number in [0, 65535] (0: a free one), got 'http'"),
         (["--port", "70000"], "--port must be a port number in [0, 65535] (0: a free one), got '70000'"),
         (["--port"], "--port needs a value (see --help)"),
+        (["--scale", "300"], "--scale must be a photo count of at least 400, got '300'"),
+        (["--scale", "lots"], "--scale must be a photo count of at least 400, got 'lots'"),
+        (["--scale"], "--scale needs a value (see --help)"),
     ],
 )
 def test_gpu_check_refuses_bad_options_in_one_line(tmp_path: Path, args: list[str], message: str) -> None:
@@ -225,16 +229,38 @@ _BENCH_TABLE = """
 """
 
 
-def _stand_in_venv(tmp_path: Path) -> Path:
+def _scale_report(missed: list[str]) -> dict:
+    """What bench/scale.py writes with --json, cut down to what gpu-check's summary reads."""
+    return {
+        "sizes": [500, 2000],
+        "summary": {
+            "exponent_of": "seconds",
+            "largest_exponent": {"stage": "feature cache", "k": 1.31 if missed else 0.93},
+            "largest_peak": {"stage": "cross-entropy epoch", "mb": 812.4},
+            "missed": missed,
+        },
+    }
+
+
+def _stand_in_venv(tmp_path: Path, scale_missed: tuple[str, ...] = ()) -> Path:
     """A VENV whose commands stand in for the real ones at once (train, eval and serve write what the summary
-    reads; serve answers /caption over HTTP), whose python shows _BENCH_TABLE for the throughput bench, and
-    claims a CUDA device for the environment step: gpu-check's own logic, in seconds, on any machine."""
+    reads; serve answers /caption over HTTP), whose python shows _BENCH_TABLE for the throughput bench and, for
+    the scale bench, writes its JSON with ``scale_missed`` as the stages that missed a goal (its arguments go to
+    scale-args.txt), and claims a CUDA device for the environment step: gpu-check's own logic, in seconds, on
+    any machine."""
     bin_dir = tmp_path / "venv" / "bin"
     bin_dir.mkdir(parents=True)
     (tmp_path / "bench.txt").write_text(_BENCH_TABLE)
+    (tmp_path / "scale.json").write_text(json.dumps(_scale_report(list(scale_missed))))
+    (tmp_path / "scale.txt").write_text("".join(f"| {stage} | ... | MISSED (k) |\n" for stage in scale_missed))
     scripts = {
         "python": f"""#!/bin/sh
 if [ "$1" = bench/training_throughput.py ]; then cat {tmp_path / "bench.txt"}; exit 0; fi
+if [ "$1" = bench/scale.py ]; then
+    echo "$@" >{tmp_path / "scale-args.txt"}
+    while [ $# -gt 0 ]; do case "$1" in --json) cp {tmp_path / "scale.json"} "$2"; shift 2 ;; *) shift ;; esac; done
+    cat {tmp_path / "scale.txt"}; exit 0
+fi
 if [ "$1" = - ] && [ $# = 2 ] && [ "$2" != cpu ]; then cat >/dev/null; echo "torch stand-in"; exit 0; fi
 exec {sys.executable} "$@"
 """,
@@ -316,16 +342,63 @@ def test_gpu_check_never_shows_ok_for_missed_goals_and_serves_on_the_port_asked(
         assert last == f"gpu-check: FAILED: not passed: throughput (MISSED) (logs in {tmp_path / 'out' / 'logs'})"
 
 
+@pytest.mark.parametrize(
+    ("device", "missed"), [("cuda", ()), ("cuda", ("feature cache",)), ("cpu", ("feature cache",))]
+)
+def test_gpu_check_scale_step_runs_the_scale_bench_on_the_device(
+    tmp_path: Path, device: str, missed: tuple[str, ...]
+) -> None:
+    """``--scale N`` runs bench/scale.py at N/4 and N photos on the device and shows how the pipeline grows; a
+    stage that missed a goal makes the row MISSED, which fails the check on a GPU and is reported on CPU."""
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (8, 8)).save(data / "photo.jpg")
+    venv = _stand_in_venv(tmp_path, scale_missed=missed)
+    result = subprocess.run(
+        ["bash", str(SCRIPTS / "gpu-check.sh"), "--device", device, "--no-setup", "--data", str(data)]
+        + ["--out", str(tmp_path / "out"), "--scale", "2000"],
+        env={**os.environ, "VENV": str(venv)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    rows = {
+        cells[0]: cells
+        for line in result.stdout.splitlines()
+        if line.startswith("| ") and (cells := [cell.strip() for cell in line.split("|")[1:]])[0] != "step"
+    }
+    args = (tmp_path / "scale-args.txt").read_text().split()
+    assert args[:5] == ["bench/scale.py", "--images", "500,2000", "--device", device], args
+    assert args[args.index("--json") + 1] == str(tmp_path / "out" / "scale.json")
+    k = "1.31" if missed else "0.93"
+    expected = f"500 and 2,000 photos: wall time ~ N^{k} at most (feature cache), peak 812 MB (cross-entropy epoch)"
+    assert rows["scale"][1:] == [
+        "MISSED" if missed else "ok",
+        rows["scale"][2],
+        expected + ("; MISSED: feature cache" if missed else ""),
+    ], result.stdout + result.stderr
+    last, logs = result.stdout.splitlines()[-1], tmp_path / "out" / "logs"
+    if device == "cuda":  # the stand-in throughput bench misses a goal too
+        assert result.returncode == 1
+        not_passed = "throughput (MISSED), scale (MISSED)" if missed else "throughput (MISSED)"
+        assert last == f"gpu-check: FAILED: not passed: {not_passed} (logs in {logs})"
+    else:
+        assert result.returncode == 0
+        assert last.startswith("gpu-check: every step ran; throughput and scale MISSED goals set for a GPU")
+
+
 @pytest.mark.slow
 def test_gpu_check_runs_every_step_on_cpu(tmp_path: Path) -> None:
-    """The GPU check's CPU mode: the same steps at toy sizes, ending in a table with a row per step."""
+    """The GPU check's CPU mode: the same steps at toy sizes, the COCO-scale step at 500 and 2,000 photos
+    (``--scale 2000``), ending in a table with a row per step."""
     data = require_data("flickr8k")
     if not (Path(sys.executable).parent / "captioner-serve").exists():
         pytest.skip(f"no captioner-serve beside {sys.executable} (pip install -e '.[train,serve]')")
     out = tmp_path / "check"
     port = free_port()
     args = ("--device", "cpu", "--no-setup", "--data", str(data), "--out", str(out), "--port", str(port))
-    result = _gpu_check(*args, timeout=900)
+    result = _gpu_check(*args, "--scale", "2000", timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     rows = [
         [cell.strip() for cell in line.split("|")[1:]] for line in result.stdout.splitlines() if line.startswith("| ")
@@ -339,6 +412,7 @@ def test_gpu_check_runs_every_step_on_cpu(tmp_path: Path) -> None:
         ["eval", "ok"],
         ["serve", "ok"],
         ["throughput", throughput],
+        ["scale", "ok"],
     ], result.stdout
     assert f"Uvicorn running on http://127.0.0.1:{port}" in (out / "logs" / "server.log").read_text()
     assert "AMP off" in results["environment"]
@@ -346,6 +420,11 @@ def test_gpu_check_runs_every_step_on_cpu(tmp_path: Path) -> None:
     assert results["eval"].startswith("8 test images, beam 3: BLEU-4 ")
     assert results["serve"].startswith('cpu with torch: "')  # a caption came back through /caption
     assert "encoder images/s" in results["throughput"] and "LSTM train captions/s" in results["throughput"]
+    assert re.fullmatch(
+        r"500 and 2,000 photos: CPU time ~ N\^[0-9.]+ at most \(.+\), peak [0-9,]+ MB \(.+\)", results["scale"]
+    )
+    scale = json.loads((out / "scale.json").read_text())
+    assert scale["sizes"] == [500, 2000] and set(scale["stages"]) >= {"feature cache", "cross-entropy epoch"}
     assert (out / "train" / "best.pt").is_file() and (out / "eval" / "metrics.json").is_file()
     assert "captioner-serve exited with status 0 after SIGTERM" in (out / "logs" / "serve.log").read_text()
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from training.ngrams import NgramCounts, NgramIndex, NgramTable, Tokens, gather
+from training.ngrams import NgramCounts, NgramIndex, NgramTable, Tokens, distinct, gather
 
 __all__ = ["CiderD", "corpus_cider_d"]
 
@@ -90,7 +90,7 @@ class _References:
         self.first_ref = np.cumsum(refs_per_image) - refs_per_image
         ref_image = np.repeat(np.arange(n_images), refs_per_image)
         # Document frequency: the number of images whose references contain the n-gram.
-        image_grams = np.unique(ref_image[counts.sentence] * counts.n_ids + counts.gram)
+        image_grams = distinct(ref_image[counts.sentence] * counts.n_ids + counts.gram)
         df = np.bincount(image_grams % counts.n_ids, minlength=counts.n_ids)
         self.idf = np.log(float(n_images)) - np.log(np.maximum(1.0, df))
         self.unseen_idf = np.log(float(n_images)) - np.log(1.0)  # of an n-gram no reference has

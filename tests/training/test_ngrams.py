@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import random
+import tracemalloc
 from collections import Counter
 
-from training.ngrams import NgramCounts, NgramIndex
+import numpy as np
+
+from training.ngrams import NgramCounts, NgramIndex, distinct
 
 
 def _grams(sentence: list[str], n: int = 4) -> Counter:
@@ -45,3 +48,28 @@ def test_sentences_counted_in_an_index_share_its_ids_and_new_ngrams_get_new_ones
             expected = {(gram_id[g], len(g) - 1): c for g, c in _grams(sentence).items()}
             assert _rows(counts, s) == Counter(expected), sentence
     assert list(counted.sentence) == sorted(counted.sentence)
+
+
+def test_counting_a_few_sentences_costs_nothing_in_proportion_to_the_index() -> None:
+    """Each self-critical step counts ~160 sampled captions in the reward's index, whose words are the training
+    corpus's (tens of thousands at COCO scale): counting them must not copy the index's word table (it once
+    merged it with the new words on every call), so what one call allocates stays small however big the index."""
+    big = [[f"word{i}", f"word{i + 1}", "a"] for i in range(0, 60_000, 2)]
+    index, _ = NgramIndex.build(big, n=4)
+    sampled = [["a", "word2", "word3", "zebra"], ["word4", "a", "new", "word"]]
+    index.count(sampled)  # warm-up: whatever numpy allocates once
+    tracemalloc.start()
+    try:
+        counts = index.count(sampled)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 256 * 1024, f"counting 2 captions allocated {peak / 1024:.0f} KB against an index of 60,000 words"
+    # and it still counts: every n-gram occurrence of each caption
+    assert [sum(_rows(counts, s).values()) for s in (0, 1)] == [sum(_grams(s).values()) for s in sampled]
+
+
+def test_distinct_is_numpys_unique_by_sorting() -> None:
+    rng = np.random.default_rng(0)
+    for keys in (np.zeros(0, dtype=np.int64), np.array([7]), rng.integers(-5, 40, 500), rng.integers(0, 10**12, 99)):
+        assert np.array_equal(distinct(keys), np.unique(keys))
