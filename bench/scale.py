@@ -995,7 +995,7 @@ class Report:
         lines = [
             f"real encoder: {s['real_encoder']} on {s['device']}: {per_photo * 1000:.1f} ms a photo ({photos} Flickr8k "
             f"photos, decoding and preprocessing included); {n:,} photos: {n * per_photo / 60:.0f} min and a cache "
-            f"of {n * grid_kb / 1024 / 1024:.1f} GB ({'x'.join(map(str, grid))} fp16, {grid_kb:.0f} KB a photo)"
+            f"of {n * grid_kb / 1024 / 1024:.1f} GiB ({'x'.join(map(str, grid))} fp16, {grid_kb:.0f} KiB a photo)"
         ]
         coco = self.real_encoder.get("real encoder, COCO photos")
         if coco is not None:
