@@ -179,9 +179,10 @@ class NgramTable:
 def distinct(keys: np.ndarray) -> np.ndarray:
     """The distinct values of the integer array ``keys``, sorted: ``np.unique(keys)``, by sorting.
 
-    NumPy 2.3 and later answer a plain ``np.unique`` from a hash table, which on the reward's 22 million
-    (image, n-gram) keys at COCO scale took 42 s against 1.7 s for a sort, and grew faster than the keys (6 s
-    for 5 million): superlinear where sorting adds only its log factor."""
+    NumPy 2.3 and later answer a plain ``np.unique`` from a hash table: on the reward's 21.9 million (image,
+    n-gram) keys at COCO scale its document frequencies took 36 s that way and take 2.3 s sorted, and on random
+    keys the hash table grew faster than their number (6 s for 5 million, 42 s for 22 million; a sort 0.4 and
+    1.7 s)."""
     ordered = np.sort(keys)
     return ordered[np.diff(ordered, prepend=ordered[:1] - 1) != 0]
 
