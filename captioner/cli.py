@@ -618,7 +618,7 @@ def _extend_vocabulary(args: argparse.Namespace) -> int:
     """``captioner extend-vocabulary``: the checkpoint with new words (decoder weights kept in their dtype)."""
     import torch
 
-    from captioner.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
+    from captioner.checkpoint import load_checkpoint, save_checkpoint
     from captioner.model import Captioner, default_checkpoint
     from captioner.vocabulary_extension import WORD_TRANSFERS_FILE, extend_vocabulary, load_word_transfers
 
@@ -631,7 +631,6 @@ def _extend_vocabulary(args: argparse.Namespace) -> int:
     payload = model.state_payload(half=half)
     for key in ("config", "vocab", "decoder_state", "caption_rules", "vocabulary_extension"):
         data[key] = payload[key]
-    data["decoder_state"] = clean_state_dict(model.decoder.state_dict(), half=half)
     # the optimizer state is shaped for the old vocabulary: the copy is a model to serve or fine-tune, not to resume
     resumable = data.pop("training", None) is not None
     save_checkpoint(args.target, data)

@@ -240,6 +240,14 @@ def next_word_logits(
     return logits, state, alpha
 
 
+def _step_rules(rules: RuleMasks | None, last: bool) -> RuleMasks | None:
+    """The rules of one decoding step: all of them, or at ``max_length`` (``last``), where every caption ends
+    whatever its last word, only the locked words (they stay unsaid)."""
+    if not last or rules is None:
+        return rules
+    return rules.locked_only()
+
+
 @dataclass(frozen=True)
 class Rollout:
     """Captions made word by word, one row each (see :func:`rollout`); T is the longest caption + 1."""
@@ -278,9 +286,8 @@ def rollout(
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     chosen, log_probs, masks, alphas, forced = [], [], [], [], []
     for t in range(max_length + 1):
-        # At max_length the caption must end, whatever its last word: no rule then (locked words stay unsaid).
-        step_rules = rules if t < max_length else (rules.locked_only() if rules is not None else None)
-        logits, state, alpha = next_word_logits(decoder, tokens, state, step_rules, before)
+        # At max_length the caption must end, whatever its last word.
+        logits, state, alpha = next_word_logits(decoder, tokens, state, _step_rules(rules, t == max_length), before)
         before = tokens
         # Out of room at max_length: the caption ends there.
         tokens = torch.full_like(tokens, Vocabulary.eos_id) if t == max_length else choose(logits)
@@ -340,8 +347,7 @@ def _beam_step(
     end now (the rules no longer apply: a caption out of room ends where it is); with the new state and attention."""
     eos = Vocabulary.eos_id
     before = history[:, -2] if history.shape[1] >= 2 else None
-    at_end = rules.locked_only() if last and rules is not None else None
-    logits, state, alpha = next_word_logits(decoder, tokens, state, at_end if last else rules, before)
+    logits, state, alpha = next_word_logits(decoder, tokens, state, _step_rules(rules, last), before)
     logp = logits.log_softmax(-1)  # (rows, V)
     if last:
         eos_only = torch.full_like(logp, float("-inf"))

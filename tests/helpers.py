@@ -15,6 +15,7 @@ from captioner.confidence import ConfidenceModel, FeatureReference
 from captioner.config import DecoderConfig
 from captioner.decoder import CaptionDecoder
 from captioner.encoders import IMAGENET_CLASSES, build_encoder
+from captioner.tags import load_tag_table
 from captioner.transforms import Preprocess
 
 CAPTIONS = [
@@ -115,6 +116,23 @@ def fake_class_head(feature_dim: int) -> torch.nn.Linear:
     features get a peaked softmax (top classes well above 1/1000), so comparisons within 1e-3 mean something."""
     head = torch.nn.Linear(feature_dim, IMAGENET_CLASSES)
     torch.nn.init.normal_(head.weight, std=0.1)
+    return head
+
+
+def class_logits_for(display: str, strength: float = 20.0) -> torch.Tensor:
+    """ImageNet-1k logits ``(1, 1000)`` where the tag ``display`` (a merged display name) has probability ~1."""
+    table = load_tag_table()
+    logits = torch.zeros(1, IMAGENET_CLASSES)
+    logits[0, int(np.flatnonzero(table.slot_of_class == table.display_names.index(display))[0])] = strength
+    return logits
+
+
+def class_head_seeing(feature_dim: int, display: str) -> torch.nn.Linear:
+    """An ImageNet head that tags every photo ``display`` with probability ~1, whatever its features."""
+    head = torch.nn.Linear(feature_dim, IMAGENET_CLASSES)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(class_logits_for(display)[0])
     return head
 
 

@@ -184,8 +184,9 @@ def test_docker_smoke_names_the_package_for_a_missing_dockerd(tmp_path: Path) ->
     assert "dockerd is not installed (Debian/Ubuntu: apt-get install -y docker.io)" in result.stderr
 
 
-def _gpu_check(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    venv = Path(sys.executable).parent.parent  # the environment running these tests, whatever its name
+def _gpu_check(*args: str, timeout: float = 30, venv: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """gpu-check.sh with ``args``, on ``venv`` (default: the environment running these tests, whatever its name)."""
+    venv = venv or Path(sys.executable).parent.parent
     return subprocess.run(
         ["bash", str(SCRIPTS / "gpu-check.sh"), *args],
         env={**os.environ, "VENV": str(venv), "PYTHONUNBUFFERED": "1"},
@@ -194,6 +195,15 @@ def _gpu_check(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[s
         timeout=timeout,
         check=False,
     )
+
+
+def _summary_rows(stdout: str) -> dict[str, list[str]]:
+    """gpu-check's summary table: step -> its cells (step, status, seconds, result), in the table's order."""
+    return {
+        cells[0]: cells
+        for line in stdout.splitlines()
+        if line.startswith("| ") and (cells := [cell.strip() for cell in line.split("|")[1:]])[0] != "step"
+    }
 
 
 def test_gpu_check_without_data_says_so_and_fails(tmp_path: Path) -> None:
@@ -308,21 +318,12 @@ def test_gpu_check_never_shows_ok_for_missed_goals_and_serves_on_the_port_asked(
     data.mkdir()
     Image.new("RGB", (8, 8)).save(data / "photo.jpg")
     port = free_port()
-    venv = _stand_in_venv(tmp_path)
-    result = subprocess.run(
-        ["bash", str(SCRIPTS / "gpu-check.sh"), "--device", device, "--no-setup", "--data", str(data)]
-        + ["--out", str(tmp_path / "out"), "--port", str(port)],
-        env={**os.environ, "VENV": str(venv)},
-        capture_output=True,
-        text=True,
+    result = _gpu_check(
+        *("--device", device, "--no-setup", "--data", str(data), "--out", str(tmp_path / "out"), "--port", str(port)),
         timeout=120,
-        check=False,
+        venv=_stand_in_venv(tmp_path),
     )
-    rows = {
-        cells[0]: cells
-        for line in result.stdout.splitlines()
-        if line.startswith("| ") and (cells := [cell.strip() for cell in line.split("|")[1:]])[0] != "step"
-    }
+    rows = _summary_rows(result.stdout)
     assert {name: row[1] for name, row in rows.items()} == {
         "environment": "ok",
         "train": "ok",
@@ -353,21 +354,12 @@ def test_gpu_check_scale_step_runs_the_scale_bench_on_the_device(
     data = tmp_path / "data"
     data.mkdir()
     Image.new("RGB", (8, 8)).save(data / "photo.jpg")
-    venv = _stand_in_venv(tmp_path, scale_missed=missed)
-    result = subprocess.run(
-        ["bash", str(SCRIPTS / "gpu-check.sh"), "--device", device, "--no-setup", "--data", str(data)]
-        + ["--out", str(tmp_path / "out"), "--scale", "2000"],
-        env={**os.environ, "VENV": str(venv)},
-        capture_output=True,
-        text=True,
+    result = _gpu_check(
+        *("--device", device, "--no-setup", "--data", str(data), "--out", str(tmp_path / "out"), "--scale", "2000"),
         timeout=120,
-        check=False,
+        venv=_stand_in_venv(tmp_path, scale_missed=missed),
     )
-    rows = {
-        cells[0]: cells
-        for line in result.stdout.splitlines()
-        if line.startswith("| ") and (cells := [cell.strip() for cell in line.split("|")[1:]])[0] != "step"
-    }
+    rows = _summary_rows(result.stdout)
     args = (tmp_path / "scale-args.txt").read_text().split()
     assert args[:5] == ["bench/scale.py", "--images", "500,2000", "--device", device], args
     assert args[args.index("--json") + 1] == str(tmp_path / "out" / "scale.json")
@@ -400,16 +392,14 @@ def test_gpu_check_runs_every_step_on_cpu(tmp_path: Path) -> None:
     args = ("--device", "cpu", "--no-setup", "--data", str(data), "--out", str(out), "--port", str(port))
     result = _gpu_check(*args, "--scale", "2000", timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    rows = [
-        [cell.strip() for cell in line.split("|")[1:]] for line in result.stdout.splitlines() if line.startswith("| ")
-    ]
-    results = {row[0]: row[3] for row in rows[1:]}
+    rows = _summary_rows(result.stdout)
+    results = {name: row[3] for name, row in rows.items()}
     # at toy sizes on CPU the bench's GPU goals may be missed: then the row says so, never ok
     throughput = "MISSED" if "MISSED" in results["throughput"] else "ok"
     # the same for the scale step: at 500 and 2,000 photos on a shared CPU, fixed costs and other jobs can push a
     # stage's measured exponent past 1.15 (seen once in the suite under load); the row must then say so
     scale_status = "MISSED" if "MISSED" in results["scale"] else "ok"
-    assert [row[:2] for row in rows[1:]] == [
+    assert [row[:2] for row in rows.values()] == [
         ["environment", "ok"],
         ["train", "ok"],
         ["eval", "ok"],

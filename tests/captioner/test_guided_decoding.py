@@ -17,7 +17,7 @@ from captioner.guidance import GuidancePolicy, required_words
 from captioner.model import TagsUnavailableError
 from captioner.tag_words import load_tag_words, words_for_tags
 from captioner.tags import Tag, load_tag_table
-from tests.helpers import tiny_captioner
+from tests.helpers import class_head_seeing, class_logits_for, tiny_captioner
 
 BEAM = DecodingOptions(method="beam", beam_size=3, max_length=6)
 
@@ -177,13 +177,6 @@ def test_no_word_is_required_when_no_tag_passes_the_threshold_or_the_caption_is_
         GuidancePolicy(min_tag_confidence=0.0)
 
 
-def _logits_for(display: str, strength: float = 20.0) -> torch.Tensor:
-    table = load_tag_table()
-    logits = torch.zeros(1, 1000)
-    logits[0, int(np.flatnonzero(table.slot_of_class == table.display_names.index(display))[0])] = strength
-    return logits
-
-
 def test_captioner_guides_only_images_with_a_confident_tag() -> None:
     model = tiny_captioner()
     bike = model.vocab.token_id("bike")
@@ -195,8 +188,8 @@ def test_captioner_guides_only_images_with_a_confident_tag() -> None:
     dog_classes = table.slot_of_class == table.display_names.index("dog")
     weak = torch.full((1000,), -30.0)
     weak[torch.from_numpy(~dog_classes)] = 0.0
-    weak[_logits_for("mountain bike")[0] > 0] = math.log(0.05 * int((~dog_classes).sum()) / 0.95)
-    logits = torch.cat([_logits_for("mountain bike"), weak.unsqueeze(0)])
+    weak[class_logits_for("mountain bike")[0] > 0] = math.log(0.05 * int((~dog_classes).sum()) / 0.95)
+    logits = torch.cat([class_logits_for("mountain bike"), weak.unsqueeze(0)])
     guided = model.caption_features(grid, DecodingOptions(guided_by_tags=True), class_logits=logits)
     plain = model.caption_features(grid, DecodingOptions(), class_logits=logits)
     assert guided[0].captions[0].tokens == ["bike"] and plain[0].captions[0].tokens == []
@@ -221,11 +214,7 @@ def test_the_onnx_backend_guides_as_torch_does(tmp_path: Path) -> None:
     from captioner.onnx_export import export_onnx
 
     model = tiny_captioner()  # no confidence model: guided on the tags alone
-    head = torch.nn.Linear(model.encoder.feature_dim, 1000)
-    with torch.no_grad():  # every photo: "mountain bike" with probability ~1
-        head.weight.zero_()
-        head.bias.copy_(_logits_for("mountain bike")[0])
-    model.encoder.set_classifier(head)
+    model.encoder.set_classifier(class_head_seeing(model.encoder.feature_dim, "mountain bike"))
     model.save(tmp_path / "m.pt")
     export_onnx(
         Captioner.from_checkpoint(tmp_path / "m.pt"), tmp_path / "export", source="m.pt", source_sha256="0" * 64

@@ -14,13 +14,12 @@ from captioner import Captioner, DecodingOptions
 from captioner.caption_rules import CaptionRules
 from captioner.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from captioner.cli import main as captioner_main
-from captioner.tags import load_tag_table
 from captioner.vocabulary_extension import (
     VocabularyExtensionError,
     extend_vocabulary,
     load_word_transfers,
 )
-from tests.helpers import tiny_captioner
+from tests.helpers import class_head_seeing, class_logits_for, tiny_captioner
 
 OPTIONS = (
     DecodingOptions(method="greedy", max_length=8),
@@ -32,14 +31,6 @@ OPTIONS = (
 def _grid(model: Captioner, batch: int = 3) -> torch.Tensor:
     torch.manual_seed(1)
     return torch.randn(batch, model.encoder.feature_dim, 2, 2)
-
-
-def _logits_for(display: str) -> torch.Tensor:
-    """ImageNet logits (1, 1000) where the tag ``display`` has probability ~1."""
-    table = load_tag_table()
-    logits = torch.zeros(1, 1000)
-    logits[0, int(np.flatnonzero(table.slot_of_class == table.display_names.index(display))[0])] = 20.0
-    return logits
 
 
 def test_new_words_copy_their_source_and_old_ids_keep_their_meaning() -> None:
@@ -98,7 +89,7 @@ def test_tag_guidance_unlocks_the_new_word_of_a_confident_tag() -> None:
         model.decoder.head.bias[[dog, zebra]] = 4.0
         model.decoder.head.bias[2] = 3.0
     grid = _grid(model, 2)
-    logits = torch.cat([_logits_for("zebra"), _logits_for("mountain bike")])
+    logits = torch.cat([class_logits_for("zebra"), class_logits_for("mountain bike")])
     guided = model.caption_features(grid, DecodingOptions(guided_by_tags=True, max_length=4), class_logits=logits)
     plain = model.caption_features(grid, DecodingOptions(max_length=4), class_logits=logits)
     assert "zebra" in guided[0].captions[0].tokens
@@ -177,11 +168,7 @@ def test_the_onnx_export_carries_the_extension_and_guides_as_torch_does(tmp_path
 
     model = tiny_captioner()
     extend_vocabulary(model, {"zebra": "dog"})
-    head = torch.nn.Linear(model.encoder.feature_dim, 1000)
-    with torch.no_grad():  # every photo: "zebra" with probability ~1
-        head.weight.zero_()
-        head.bias.copy_(_logits_for("zebra")[0])
-    model.encoder.set_classifier(head)
+    model.encoder.set_classifier(class_head_seeing(model.encoder.feature_dim, "zebra"))
     model.save(tmp_path / "m.pt")
     export_onnx(
         Captioner.from_checkpoint(tmp_path / "m.pt"), tmp_path / "export", source="m.pt", source_sha256="0" * 64
@@ -205,11 +192,7 @@ def test_the_service_names_the_added_words_and_guides_to_them(tmp_path: Path) ->
 
     model = tiny_captioner(size=None)
     extend_vocabulary(model, {"zebra": "dog"})
-    head = torch.nn.Linear(model.encoder.feature_dim, 1000)
-    with torch.no_grad():  # every photo: "zebra" with probability ~1
-        head.weight.zero_()
-        head.bias.copy_(_logits_for("zebra")[0])
-    model.encoder.set_classifier(head)
+    model.encoder.set_classifier(class_head_seeing(model.encoder.feature_dim, "zebra"))
     model.save(tmp_path / "m.pt")
     photo = tmp_path / "p.png"
     Image.fromarray(np.full((64, 64, 3), 90, dtype=np.uint8)).save(photo)
