@@ -27,13 +27,15 @@ method and in the self-critical sampler. A checkpoint without rules decodes as b
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+import numpy as np
 
+from captioner.arrays import Array, array_namespace, convert_like, device
 from captioner.text import tokenize
 from captioner.vocab import Vocabulary
 
@@ -127,14 +129,13 @@ class CaptionRules:
         """The caption starts with a word that never starts a human caption (typically a verb)."""
         return bool(words) and words[0] in self.no_start
 
-    def compile(
-        self, vocab: Vocabulary, device: torch.device | str = "cpu", locked: torch.Tensor | None = None
-    ) -> RuleMasks:
-        """Masks over ``vocab``'s ids; words outside the vocabulary are dropped. ``locked`` (V,) bool: the words
-        no decoding method may produce unless guidance unlocks them (:attr:`RuleMasks.locked`)."""
+    def compile(self, vocab: Vocabulary, locked: np.ndarray | None = None) -> RuleMasks:
+        """Masks over ``vocab``'s ids (numpy; decoding moves them to its arrays' kind and device, see
+        :meth:`RuleMasks.like`); words outside the vocabulary are dropped. ``locked`` (V,) bool: the words no
+        decoding method may produce unless guidance unlocks them (:attr:`RuleMasks.locked`)."""
         size = len(vocab)
-        no_end = torch.zeros(size, dtype=torch.bool)
-        no_start = torch.zeros(size, dtype=torch.bool)
+        no_end = np.zeros(size, dtype=bool)
+        no_start = np.zeros(size, dtype=bool)
         for word in self.no_end:
             if word in vocab:
                 no_end[vocab.token_id(word)] = True
@@ -144,12 +145,8 @@ class CaptionRules:
         keys = sorted(
             vocab.token_id(a) * size + vocab.token_id(b) for a, b in self.no_end_pairs if a in vocab and b in vocab
         )
-        return RuleMasks(
-            no_end.to(device),
-            torch.tensor(keys, dtype=torch.long, device=device),
-            no_start.to(device),
-            locked.to(device) if locked is not None else None,
-        )
+        locked = np.asarray(locked, dtype=bool) if locked is not None else None
+        return RuleMasks(no_end, np.asarray(keys, dtype=np.int64), no_start, locked)
 
     @classmethod
     def none(cls) -> CaptionRules:
@@ -159,51 +156,61 @@ class CaptionRules:
 
 @dataclass(frozen=True)
 class RuleMasks:
-    """:class:`CaptionRules` over one vocabulary, as tensors a decoding step can index."""
+    """:class:`CaptionRules` over one vocabulary, as arrays a decoding step can index: numpy arrays or torch
+    tensors, all of one kind and on one device (:meth:`like` converts them)."""
 
-    no_end: torch.Tensor  # (V,) bool: <end> may not follow this word
-    no_end_pairs: torch.Tensor  # (P,) long, sorted: previous * V + last, pairs <end> may not follow
-    no_start: torch.Tensor  # (V,) bool: may not be the first word
+    no_end: Array  # (V,) bool: <end> may not follow this word
+    no_end_pairs: Array  # (P,) int64, sorted: previous * V + last, pairs <end> may not follow
+    no_start: Array  # (V,) bool: may not be the first word
     # (V,) or (R, V) bool: words never produced (a vocabulary extension's new words), or None; (R, V) per row
     # when tag-guided decoding unlocks some of them for some images (:meth:`unlocking`)
-    locked: torch.Tensor | None = None
+    locked: Array | None = None
 
-    def to(self, device: torch.device | str) -> RuleMasks:
-        locked = self.locked.to(device) if self.locked is not None else None
-        return RuleMasks(self.no_end.to(device), self.no_end_pairs.to(device), self.no_start.to(device), locked)
+    def like(self, reference: Array) -> RuleMasks:
+        """These masks as arrays of ``reference``'s kind on its device (themselves when they already are)."""
+        locked = convert_like(self.locked, reference) if self.locked is not None else None
+        converted = RuleMasks(
+            convert_like(self.no_end, reference),
+            convert_like(self.no_end_pairs, reference),
+            convert_like(self.no_start, reference),
+            locked,
+        )
+        same = converted.no_end is self.no_end and converted.no_start is self.no_start
+        return self if same and converted.no_end_pairs is self.no_end_pairs and locked is self.locked else converted
 
     def locked_only(self) -> RuleMasks | None:
         """What still holds when a caption runs out of room at ``max_length`` (it must end there, wherever it is):
         the locked words stay unsaid; None when there are none."""
         if self.locked is None:
             return None
-        no_end = torch.zeros_like(self.no_end)
+        no_end = self.no_end & ~self.no_end  # all False, of the same kind and device
         return RuleMasks(no_end, self.no_end_pairs[:0], no_end, self.locked)
 
-    def unlocking(self, words: torch.Tensor) -> RuleMasks:
+    def unlocking(self, words: Array) -> RuleMasks:
         """These masks with the words ``(R, V)`` bool unlocked, row by row (``R`` rows of a decoding batch)."""
         if self.locked is None:
             return self
-        return dataclasses.replace(self, locked=self.locked & ~words.to(self.locked.device))
+        return dataclasses.replace(self, locked=self.locked & ~convert_like(words, self.locked))
 
-    def constrain(self, logits: torch.Tensor, last: torch.Tensor, before_last: torch.Tensor | None) -> torch.Tensor:
+    def constrain(self, logits: Array, last: Array, before_last: Array | None) -> Array:
         """Forbid (-inf) what may not come next: after ``<start>``, ``<end>`` and the words that may not start
         a caption; ``<end>`` after a word (or ``before_last, last`` pair) that may not end one. ``logits (B, V)``,
         ``last (B,)`` the words just fed in, ``before_last (B,)`` the words before them (None at the first
         two steps). Out of place, so gradients flow (the self-critical sampler)."""
+        xp = array_namespace(logits)
         vocab = logits.shape[-1]
-        end_column = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
-        end_column[Vocabulary.eos_id] = True
-        banned = (~self.allows_end(last, before_last, vocab)).unsqueeze(1) & end_column  # (B, V)
-        at_start = (last == Vocabulary.bos_id).unsqueeze(1)  # (B, 1): nor an empty caption
+        end_column = xp.arange(vocab, device=device(logits)) == Vocabulary.eos_id  # (V,)
+        banned = xp.logical_not(self.allows_end(last, before_last, vocab))[:, None] & end_column  # (B, V)
+        at_start = (last == Vocabulary.bos_id)[:, None]  # (B, 1): nor an empty caption
         banned = banned | (at_start & (self.no_start | end_column))
         if self.locked is not None:
             banned = banned | self.locked
-        return logits.masked_fill(banned, float("-inf"))
+        return xp.where(banned, -math.inf, logits)
 
-    def allows_end(self, last: torch.Tensor, before_last: torch.Tensor | None, vocab: int) -> torch.Tensor:
+    def allows_end(self, last: Array, before_last: Array | None, vocab: int) -> Array:
         """(B,) bool: ``<end>`` may follow ``last`` (preceded by ``before_last``, when given)."""
-        no_end = self.no_end[last]
-        if before_last is not None and self.no_end_pairs.numel():
-            no_end = no_end | torch.isin(before_last * vocab + last, self.no_end_pairs)
-        return ~no_end
+        xp = array_namespace(last)
+        no_end = xp.take(self.no_end, last, axis=0)
+        if before_last is not None and self.no_end_pairs.shape[0]:
+            no_end = no_end | xp.isin(before_last * vocab + last, self.no_end_pairs)
+        return xp.logical_not(no_end)

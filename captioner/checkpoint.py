@@ -18,9 +18,10 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "captioner-checkpoint"
 FORMAT_VERSION = 1
@@ -44,7 +45,7 @@ def checkpoint_arg(value: str | os.PathLike | None) -> str | os.PathLike | None:
 
 def clean_state_dict(state: dict[str, torch.Tensor], *, half: bool = False) -> dict[str, torch.Tensor]:
     """Strip ``torch.compile``/DDP prefixes and optionally store floating tensors as fp16."""
-    out = {}
+    out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         key = key.replace("_orig_mod.", "").removeprefix("module.")
         value = value.detach().cpu()
@@ -78,6 +79,8 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with _ctrl_c_after_writing():  # a Ctrl-C meanwhile is raised once the file is in place
         try:
+            import torch  # reading and writing checkpoints needs torch; CheckpointError and the rest do not
+
             with os.fdopen(fd, "wb") as f:
                 torch.save(data, f)
             # mkstemp makes the file owner-only; give it the permissions a plain open() would (the umask's),
@@ -116,6 +119,8 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    import torch  # as in save_checkpoint
+
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # on arbitrary bytes torch's unpickler raises almost anything (KeyError, ...)

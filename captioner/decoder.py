@@ -3,39 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from captioner.config import DecoderConfig
+from captioner.decoder_state import DecoderState
+
+__all__ = ["CaptionDecoder", "DecoderState"]
 
 _CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
-
-
-@dataclass(frozen=True)
-class DecoderState:
-    """Recurrent state for a batch of rows, batch-first everywhere.
-
-    ``hidden`` changes every step; ``memory``/``keys`` (the attention grid and its projection) are fixed
-    per image. ``reorder`` therefore only gathers ``hidden``: beam search only ever permutes rows
-    among the beams of the same image, whose memories are identical.
-    """
-
-    hidden: tuple[torch.Tensor, ...]  # (B, L, H) each: (h,) or (h, c) for the LSTM
-    memory: torch.Tensor | None = None  # (B, N, C) attention values
-    keys: torch.Tensor | None = None  # (B, N, A) projected attention keys
-
-    def reorder(self, index: torch.Tensor) -> DecoderState:
-        return replace(self, hidden=tuple(h.index_select(0, index) for h in self.hidden))
-
-    def repeat_interleave(self, n: int) -> DecoderState:
-        def rep(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.repeat_interleave(n, dim=0)
-
-        hidden = tuple(h.repeat_interleave(n, dim=0) for h in self.hidden)
-        return DecoderState(hidden, rep(self.memory), rep(self.keys))
 
 
 class CaptionDecoder(nn.Module):

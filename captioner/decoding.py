@@ -1,18 +1,36 @@
-"""Greedy, sampling and beam-search decoding, batched over images, on CPU or CUDA.
+"""Greedy, sampling and beam-search decoding, batched over images, on CPU or CUDA, for either backend.
 
-Every method calls ``CaptionDecoder.init_state`` once and ``CaptionDecoder.step`` once per word,
-feeding each chosen word back in. Each image's result is a list of :class:`Hypothesis`.
+Every method calls the decoder's ``init_state`` once and ``step`` once per word (:class:`StepDecoder`),
+feeding each chosen word back in. Each image's result is a list of :class:`Hypothesis`. The algorithms are
+written once against the array API standard (:mod:`captioner.arrays`): on torch tensors for the torch decoder
+(training, self-critical sampling, CUDA), on numpy arrays for ONNX Runtime's, which needs no torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Protocol
 
-import torch
+import numpy as np
 
+from captioner.arrays import (
+    Array,
+    array_namespace,
+    convert_like,
+    device,
+    draw,
+    log_softmax,
+    make_generator,
+    softmax,
+    to_numpy,
+    topk,
+    without_autograd,
+)
 from captioner.caption_rules import RuleMasks
-from captioner.decoder import CaptionDecoder, DecoderState
+from captioner.config import DecoderConfig
+from captioner.decoder_state import DecoderState
 from captioner.vocab import Vocabulary
 
 METHODS = ("greedy", "sample", "beam")
@@ -152,17 +170,34 @@ class Hypothesis:
     tokens: list[int]  # word ids, without <start>/<end>
     log_prob: float  # sum of the model's log-probabilities of the words and the end token
     score: float  # what the ranking used (log_prob, length-normalised for beam search)
-    attention: torch.Tensor | None = None  # (len(tokens), N) attention weights per word
+    attention: np.ndarray | None = None  # (len(tokens), N) float32 attention weights per word
 
 
-@torch.inference_mode()
+class StepDecoder(Protocol):
+    """What decoding needs of a decoder: both backends' decoders are one (``CaptionDecoder``, a torch module, and
+    ``OnnxDecoder``, ONNX Runtime over numpy arrays). Arrays in and out are of the decoder's own kind."""
+
+    @property
+    def config(self) -> DecoderConfig: ...
+
+    def init_state(self, grid: Array) -> DecoderState:
+        """The state before the first word, for feature grids ``(B, C, h, w)``."""
+        ...
+
+    def step(self, tokens: Array, state: DecoderState) -> tuple[Array, DecoderState, Array | None]:
+        """Feed words ``(B,)``: next-word logits ``(B, V)``, the new state, attention weights ``(B, N)`` or None."""
+        ...
+
+
+@without_autograd
 def decode(
-    decoder: CaptionDecoder, grid: torch.Tensor, options: DecodingOptions, rules: RuleMasks | None = None
+    decoder: StepDecoder, grid: Array, options: DecodingOptions, rules: RuleMasks | None = None
 ) -> list[list[Hypothesis]]:
     """Decode a batch of feature grids ``(B, C, h, w)``; returns one list of hypotheses per image.
 
     ``rules`` (:mod:`captioner.caption_rules`): words that may not start a caption, and words and pairs
-    after which ``<end>`` may not come; a caption only breaks them when it runs out of ``max_length``."""
+    after which ``<end>`` may not come; a caption only breaks them when it runs out of ``max_length``.
+    Torch callers decode under ``torch.inference_mode()`` (no autograd graph)."""
     if options.method == "beam":
         return beam_search(decoder, grid, options, rules)
     if options.method == "sample":
@@ -170,48 +205,52 @@ def decode(
     return greedy(decoder, grid, options, rules)
 
 
-@torch.inference_mode()
+@without_autograd
 def greedy(
-    decoder: CaptionDecoder, grid: torch.Tensor, options: DecodingOptions, rules: RuleMasks | None = None
+    decoder: StepDecoder, grid: Array, options: DecodingOptions, rules: RuleMasks | None = None
 ) -> list[list[Hypothesis]]:
-    rolled = rollout(decoder, grid, options.max_length, lambda logits: logits.argmax(-1), rules)
+    xp = array_namespace(grid)
+    rolled = rollout(decoder, grid, options.max_length, lambda logits: xp.argmax(logits, axis=-1), rules)
     return [[h] for h in _hypotheses(rolled)]
 
 
-@torch.inference_mode()
+@without_autograd
 def sample(
-    decoder: CaptionDecoder, grid: torch.Tensor, options: DecodingOptions, rules: RuleMasks | None = None
+    decoder: StepDecoder, grid: Array, options: DecodingOptions, rules: RuleMasks | None = None
 ) -> list[list[Hypothesis]]:
     """``num_captions`` independent draws per image. With a seed, each image has a generator of its own, all
     seeded alike: an image's samples are those it gets decoded alone (as the service decodes a seeded request),
-    whatever else shares its batch in ``captioner caption`` or ``captioner-eval``."""
-    n = options.num_captions
+    whatever else shares its batch in ``captioner caption`` or ``captioner-eval``, and on either backend (a seed's
+    generator is numpy's on both: :func:`captioner.arrays.make_generator`)."""
+    xp = array_namespace(grid)
+    n, batch = options.num_captions, grid.shape[0]
     generators = None
     if options.seed is not None:
-        generators = [torch.Generator(device=grid.device).manual_seed(options.seed) for _ in range(grid.shape[0])]
+        generators = [make_generator(options.seed) for _ in range(batch)]
 
-    def choose(logits: torch.Tensor) -> torch.Tensor:
-        probs = filter_logits(logits / options.temperature, options.top_k, options.top_p).softmax(-1)  # (B*n, V)
+    def choose(logits: Array) -> Array:
+        probs = softmax(filter_logits(logits / options.temperature, options.top_k, options.top_p))  # (B*n, V)
         if generators is None:
-            return torch.multinomial(probs, 1).squeeze(1)  # (B*n,)
-        per_image = zip(probs.split(n), generators, strict=True)  # each image's n rows, from its own generator
-        return torch.cat([torch.multinomial(rows, 1, generator=g) for rows, g in per_image]).squeeze(1)  # (B*n,)
+            return draw(probs)  # (B*n,)
+        # each image's n rows, from its own generator
+        return xp.concat([draw(probs[i * n : (i + 1) * n], g) for i, g in enumerate(generators)])  # (B*n,)
 
-    hyps = _hypotheses(rollout(decoder, grid.repeat_interleave(n, dim=0), options.max_length, choose, rules))
-    return [hyps[i * n : (i + 1) * n] for i in range(grid.shape[0])]
+    hyps = _hypotheses(rollout(decoder, xp.repeat(grid, n, axis=0), options.max_length, choose, rules))
+    return [hyps[i * n : (i + 1) * n] for i in range(batch)]
 
 
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+def filter_logits(logits: Array, top_k: int, top_p: float) -> Array:
     """Mask (to -inf) all but the top-k words and the smallest nucleus holding ``top_p`` probability."""
+    xp = array_namespace(logits)
     if top_k > 0 and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        kth = topk(logits, top_k)[0][..., -1:]  # (B, 1)
+        logits = xp.where(logits < kth, -math.inf, logits)
     if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # keep up to and including the word crossing top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        order = xp.argsort(logits, axis=-1, descending=True, stable=True)
+        probs = softmax(xp.take_along_axis(logits, order, axis=-1))  # in falling order
+        drop_sorted = xp.cumulative_sum(probs, axis=-1) - probs >= top_p  # keep up to and including the crossing word
+        drop = xp.take_along_axis(drop_sorted, xp.argsort(order, axis=-1), axis=-1)  # back to word order
+        logits = xp.where(drop, -math.inf, logits)
     return logits
 
 
@@ -219,12 +258,12 @@ NEVER_PRODUCED = (Vocabulary.pad_id, Vocabulary.bos_id, Vocabulary.unk_id)
 
 
 def next_word_logits(
-    decoder: CaptionDecoder,
-    tokens: torch.Tensor,
-    state,
+    decoder: StepDecoder,
+    tokens: Array,
+    state: DecoderState,
     rules: RuleMasks | None = None,
-    before: torch.Tensor | None = None,
-):
+    before: Array | None = None,
+) -> tuple[Array, DecoderState, Array | None]:
     """One decoder step in fp32; ``<pad>``, ``<start>`` and ``<unk>`` can never be produced, nor what
     ``rules`` forbid after ``tokens`` (the words just fed in) preceded by ``before``.
 
@@ -233,8 +272,10 @@ def next_word_logits(
     through it (self-critical training samples with it).
     """
     logits, state, alpha = decoder.step(tokens, state)
-    banned = torch.tensor(NEVER_PRODUCED, device=logits.device)
-    logits = logits.float().index_fill(-1, banned, float("-inf"))  # (B, V)
+    xp = array_namespace(logits)
+    words = xp.arange(logits.shape[-1], device=device(logits))
+    banned = (words == NEVER_PRODUCED[0]) | (words == NEVER_PRODUCED[1]) | (words == NEVER_PRODUCED[2])
+    logits = xp.where(banned, -math.inf, xp.astype(logits, xp.float32))  # (B, V)
     if rules is not None:
         logits = rules.constrain(logits, tokens, before)
     return logits, state, alpha
@@ -252,20 +293,20 @@ def _step_rules(rules: RuleMasks | None, last: bool) -> RuleMasks | None:
 class Rollout:
     """Captions made word by word, one row each (see :func:`rollout`); T is the longest caption + 1."""
 
-    tokens: torch.Tensor  # (R, T) the chosen words, then <end>, then <pad>
-    log_probs: torch.Tensor  # (R, T) each token's log-probability under the decoder; 0 after <end>
-    mask: torch.Tensor  # (R, T) bool: a real token (a word or the <end>)
-    attention: torch.Tensor | None  # (R, T, N) fp32 attention weights of each step; None without attention
+    tokens: Array  # (R, T) the chosen words, then <end>, then <pad>
+    log_probs: Array  # (R, T) each token's log-probability under the decoder; 0 after <end>
+    mask: Array  # (R, T) bool: a real token (a word or the <end>)
+    attention: Array | None  # (R, T, N) fp32 attention weights of each step; None without attention
     # (R, T) bool: the <end> put in at max_length, which ``choose`` never picked (self-critical training
     # leaves it out of its loss: it was not sampled)
-    forced: torch.Tensor
+    forced: Array
 
 
 def rollout(
-    decoder: CaptionDecoder,
-    grid: torch.Tensor,
+    decoder: StepDecoder,
+    grid: Array,
     max_length: int,
-    choose,
+    choose: Callable[[Array], Array],
     rules: RuleMasks | None = None,
     *,
     samples: int = 1,
@@ -274,52 +315,55 @@ def rollout(
 
     ``choose`` maps next-word logits ``(R, V)`` to word ids ``(R,)``: argmax for greedy, a draw for
     sampling. ``samples`` rows per image of ``grid (B, C, h, w)``, image-major, share the image's
-    initial state. Not under ``inference_mode``: :func:`greedy` and :func:`sample` call it there, the
-    self-critical sampler (``training.scst.sample_captions``) with gradients, through ``log_probs``.
+    initial state. With gradients when the caller has them on: the self-critical sampler
+    (``training.scst.sample_captions``) trains through ``log_probs``.
     """
+    xp, on = array_namespace(grid), device(grid)
+    rules = rules.like(grid) if rules is not None else None
     state = decoder.init_state(grid)
     if samples > 1:
         state = state.repeat_interleave(samples)
-    rows, device = grid.shape[0] * samples, grid.device
-    tokens = torch.full((rows,), Vocabulary.bos_id, dtype=torch.long, device=device)
-    before: torch.Tensor | None = None
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    rows = grid.shape[0] * samples
+    tokens = xp.full((rows,), Vocabulary.bos_id, dtype=xp.int64, device=on)
+    before: Array | None = None
+    finished = xp.zeros((rows,), dtype=xp.bool, device=on)
     chosen, log_probs, masks, alphas, forced = [], [], [], [], []
     for t in range(max_length + 1):
         # At max_length the caption must end, whatever its last word.
         logits, state, alpha = next_word_logits(decoder, tokens, state, _step_rules(rules, t == max_length), before)
         before = tokens
         # Out of room at max_length: the caption ends there.
-        tokens = torch.full_like(tokens, Vocabulary.eos_id) if t == max_length else choose(logits)
-        tokens = tokens.masked_fill(finished, Vocabulary.pad_id)  # (R,)
-        step_logp = logits.log_softmax(-1).gather(1, tokens.unsqueeze(1)).squeeze(1)  # (R,)
+        tokens = xp.full_like(tokens, Vocabulary.eos_id) if t == max_length else choose(logits)
+        tokens = xp.where(finished, Vocabulary.pad_id, tokens)  # (R,)
+        step_logp = xp.take_along_axis(log_softmax(logits), tokens[:, None], axis=1)[:, 0]  # (R,)
         # A finished row's <pad> has log-probability -inf: zero it, do not multiply it by 0 (NaN).
-        log_probs.append(step_logp.masked_fill(finished, 0.0))
+        log_probs.append(xp.where(finished, 0.0, step_logp))
         chosen.append(tokens)
-        masks.append(~finished)
-        forced.append(~finished if t == max_length else torch.zeros_like(finished))
+        masks.append(xp.logical_not(finished))
+        forced.append(xp.logical_not(finished) if t == max_length else xp.zeros_like(finished))
         if alpha is not None:
-            alphas.append(alpha.float())
-        # Not in place: autograd keeps this step's mask for the backward pass of masked_fill.
+            alphas.append(xp.astype(alpha, xp.float32))
+        # Not in place: autograd keeps this step's mask for the backward pass of where.
         finished = finished | (tokens == Vocabulary.eos_id)
-        if bool(finished.all()):
+        if bool(xp.all(finished)):
             break
-    attention = torch.stack(alphas, dim=1) if alphas else None  # (R, T, N)
+    attention = xp.stack(alphas, axis=1) if alphas else None  # (R, T, N)
     return Rollout(
-        torch.stack(chosen, dim=1),
-        torch.stack(log_probs, dim=1),
-        torch.stack(masks, dim=1),
+        xp.stack(chosen, axis=1),
+        xp.stack(log_probs, axis=1),
+        xp.stack(masks, axis=1),
         attention,
-        forced=torch.stack(forced, dim=1),
+        forced=xp.stack(forced, axis=1),
     )
 
 
 def _hypotheses(rolled: Rollout) -> list[Hypothesis]:
-    log_prob = torch.zeros(rolled.log_probs.shape[0], device=rolled.log_probs.device)
-    for step_logp in rolled.log_probs.unbind(1):  # added up step by step, as beam search adds its scores
-        log_prob += step_logp
-    tokens, log_prob = rolled.tokens.cpu(), log_prob.cpu()  # (R, T), (R,)
-    attention = rolled.attention.cpu() if rolled.attention is not None else None  # (R, T, N)
+    xp = array_namespace(rolled.log_probs)
+    log_prob = xp.zeros_like(rolled.log_probs[:, 0])
+    for t in range(rolled.log_probs.shape[1]):  # added up step by step, as beam search adds its scores
+        log_prob = log_prob + rolled.log_probs[:, t]
+    tokens, log_prob = to_numpy(rolled.tokens), to_numpy(log_prob)  # (R, T), (R,)
+    attention = to_numpy(rolled.attention) if rolled.attention is not None else None  # (R, T, N)
     out = []
     for i in range(tokens.shape[0]):
         seq = _until_eos(tokens[i].tolist())
@@ -334,33 +378,62 @@ def _until_eos(ids: list[int]) -> list[int]:
 
 
 def _beam_step(
-    decoder: CaptionDecoder,
-    tokens: torch.Tensor,
+    decoder: StepDecoder,
+    tokens: Array,
     state: DecoderState,
     rules: RuleMasks | None,
-    history: torch.Tensor,
-    finished: torch.Tensor,
+    history: Array,
+    finished: Array,
     last: bool,
-) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
+) -> tuple[Array, DecoderState, Array | None]:
     """One step of every beam: word log-probabilities ``(rows, V)`` under the caption rules, where a finished beam
     can only repeat ``<end>`` (at no cost) and, at the ``last`` step (``max_length`` reached), every live beam must
     end now (the rules no longer apply: a caption out of room ends where it is); with the new state and attention."""
     eos = Vocabulary.eos_id
     before = history[:, -2] if history.shape[1] >= 2 else None
     logits, state, alpha = next_word_logits(decoder, tokens, state, _step_rules(rules, last), before)
-    logp = logits.log_softmax(-1)  # (rows, V)
+    xp = array_namespace(logits)
+    logp = log_softmax(logits)  # (rows, V)
+    is_eos = xp.arange(logp.shape[-1], device=device(logp)) == eos  # (V,)
     if last:
-        eos_only = torch.full_like(logp, float("-inf"))
-        eos_only[:, eos] = logp[:, eos]
-        logp = eos_only
-    done_row = torch.full((logp.shape[-1],), float("-inf"), device=logp.device)
+        logp = xp.where(is_eos, logp, -math.inf)
+    done_row = xp.full_like(logp[0], -math.inf)  # a finished beam: <end> again, at no cost
     done_row[eos] = 0.0
-    return torch.where(finished.unsqueeze(1), done_row, logp), state, alpha
+    return xp.where(finished[:, None], done_row, logp), state, alpha
 
 
-@torch.inference_mode()
+class _Beams:
+    """The beams of a search, ``rows`` of them, and what they have said so far."""
+
+    def __init__(self, xp: Any, on: Any, rows: int) -> None:
+        self.xp = xp
+        self.finished = xp.zeros((rows,), dtype=xp.bool, device=on)
+        self.lengths = xp.zeros((rows,), dtype=xp.int64, device=on)
+        self.history = xp.zeros((rows, 0), dtype=xp.int64, device=on)
+        self.attention: Array | None = None
+
+    def extend(self, source: Array, tokens: Array, alpha: Array | None) -> None:
+        """Each new beam continues row ``source`` of the old ones with word ``tokens``, seeing ``alpha``."""
+        xp = self.xp
+        was_finished = xp.take(self.finished, source, axis=0)
+        self.lengths = xp.take(self.lengths, source, axis=0) + xp.astype(xp.logical_not(was_finished), xp.int64)
+        self.history = xp.concat([xp.take(self.history, source, axis=0), tokens[:, None]], axis=1)  # (rows, t+1)
+        if alpha is not None:
+            step_att = xp.take(xp.astype(alpha, xp.float32), source, axis=0)[:, None, :]  # (rows, 1, N)
+            old = self.attention
+            self.attention = step_att if old is None else xp.concat([xp.take(old, source, axis=0), step_att], axis=1)
+        self.finished = was_finished | (tokens == Vocabulary.eos_id)
+
+    def select(self, rows: Array) -> None:
+        """Keep only ``rows``."""
+        xp = self.xp
+        self.lengths, self.history = xp.take(self.lengths, rows, axis=0), xp.take(self.history, rows, axis=0)
+        self.attention = xp.take(self.attention, rows, axis=0) if self.attention is not None else None
+
+
+@without_autograd
 def beam_search(
-    decoder: CaptionDecoder, grid: torch.Tensor, options: DecodingOptions, rules: RuleMasks | None = None
+    decoder: StepDecoder, grid: Array, options: DecodingOptions, rules: RuleMasks | None = None
 ) -> list[list[Hypothesis]]:
     """Beam search over all images x beams at once, in one ``(B * K, ...)`` batch.
 
@@ -369,54 +442,49 @@ def beam_search(
     divides by ``(words + 1) ** length_penalty``, and puts a caption that ``rules`` call incomplete (it
     was cut off at ``max_length``) after every complete one. With ``beam_size=1`` this is exactly greedy.
     """
-    batch, device = grid.shape[0], grid.device
-    k, eos = options.beam_size, Vocabulary.eos_id
+    xp, on = array_namespace(grid), device(grid)
+    rules = rules.like(grid) if rules is not None else None
+    batch, k = grid.shape[0], options.beam_size
     state = decoder.init_state(grid).repeat_interleave(k)
-    tokens = torch.full((batch * k,), Vocabulary.bos_id, dtype=torch.long, device=device)
-    scores = torch.full((batch, k), float("-inf"), device=device)
+    tokens = xp.full((batch * k,), Vocabulary.bos_id, dtype=xp.int64, device=on)
+    scores = xp.full((batch, k), -math.inf, dtype=xp.float32, device=on)
     scores[:, 0] = 0.0  # all beams start identical: expand only the first
-    finished = torch.zeros(batch * k, dtype=torch.bool, device=device)
-    lengths = torch.zeros(batch * k, dtype=torch.long, device=device)
-    history = torch.empty(batch * k, 0, dtype=torch.long, device=device)
-    att_history = None
-    offsets = (torch.arange(batch, device=device) * k).unsqueeze(1)  # (B, 1)
+    beams = _Beams(xp, on, batch * k)
+    offsets = (xp.arange(batch, device=on) * k)[:, None]  # (B, 1)
     for t in range(options.max_length + 1):
-        logp, state, alpha = _beam_step(decoder, tokens, state, rules, history, finished, t == options.max_length)
+        logp, state, alpha = _beam_step(
+            decoder, tokens, state, rules, beams.history, beams.finished, t == options.max_length
+        )
         vocab = logp.shape[-1]  # logp: (B*K, V)
-        candidates = (scores.view(-1, 1) + logp).view(batch, k * vocab)  # (B, K*V)
-        scores, flat = candidates.topk(k, dim=1)  # (B, K)
-        source = (offsets + flat // vocab).view(-1)  # (B*K,) row each new beam extends
-        tokens = (flat % vocab).view(-1)  # (B*K,)
+        candidates = xp.reshape(xp.reshape(scores, (-1, 1)) + logp, (batch, k * vocab))  # (B, K*V)
+        scores, flat = topk(candidates, k)  # (B, K)
+        source = xp.reshape(offsets + flat // vocab, (-1,))  # (B*K,) row each new beam extends
+        tokens = xp.reshape(flat % vocab, (-1,))  # (B*K,)
         state = state.reorder(source)
-        was_finished = finished.index_select(0, source)
-        lengths = lengths.index_select(0, source) + (~was_finished).long()
-        history = torch.cat([history.index_select(0, source), tokens.unsqueeze(1)], dim=1)  # (B*K, t+1)
-        if alpha is not None:
-            step_att = alpha.float().index_select(0, source).unsqueeze(1)  # (B*K, 1, N)
-            att_history = (
-                step_att if att_history is None else torch.cat([att_history.index_select(0, source), step_att], dim=1)
-            )
-        finished = was_finished | (tokens == eos)
-        if bool(finished.all()):
+        beams.extend(source, tokens, alpha)
+        if bool(xp.all(beams.finished)):
             break
-    return _rank_beams(batch, k, scores, lengths, history, att_history, options, rules)
+    return _rank_beams(batch, k, scores, beams, options, rules)
 
 
-def _complete(history: torch.Tensor, lengths: torch.Tensor, rules: RuleMasks | None) -> torch.Tensor:
+def _complete(history: Array, lengths: Array, rules: RuleMasks | None) -> Array:
     """(R,) bool: ``<end>`` may follow each row's last word(s) under ``rules`` (always, without rules)."""
+    xp = array_namespace(history)
     if rules is None:
-        return torch.ones_like(lengths, dtype=torch.bool)
+        return xp.ones_like(lengths, dtype=xp.bool)
     words = lengths - 1  # every beam has ended: its length counts the <end> token
-    last = history.gather(1, (words - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
-    before = history.gather(1, (words - 2).clamp(min=0).unsqueeze(1)).squeeze(1)
-    before = torch.where(words >= 2, before, torch.full_like(before, Vocabulary.bos_id))
-    return rules.allows_end(last, before, rules.no_end.numel()) & (words > 0)
+    last = xp.take_along_axis(history, xp.clip(words - 1, min=0)[:, None], axis=1)[:, 0]
+    before = xp.take_along_axis(history, xp.clip(words - 2, min=0)[:, None], axis=1)[:, 0]
+    before = xp.where(words >= 2, before, Vocabulary.bos_id)
+    return rules.allows_end(last, before, rules.no_end.shape[0]) & (words > 0)
 
 
-def _rank_beams(batch, k, scores, lengths, history, att_history, options, rules) -> list[list[Hypothesis]]:
-    complete = _complete(history, lengths, rules).cpu()
-    scores, lengths, history = scores.view(-1).cpu(), lengths.cpu(), history.cpu()
-    att_history = att_history.cpu() if att_history is not None else None
+def _rank_beams(
+    batch: int, k: int, scores: Array, beams: _Beams, options: DecodingOptions, rules: RuleMasks | None
+) -> list[list[Hypothesis]]:
+    complete = to_numpy(_complete(beams.history, beams.lengths, rules))
+    scores, lengths, history = to_numpy(scores).reshape(-1), to_numpy(beams.lengths), to_numpy(beams.history)
+    att_history = to_numpy(beams.attention) if beams.attention is not None else None
     out = []
     for i in range(batch):
         hyps = []
@@ -433,12 +501,12 @@ def _rank_beams(batch, k, scores, lengths, history, att_history, options, rules)
     return out
 
 
-@torch.inference_mode()
+@without_autograd
 def constrained_beam_search(
-    decoder: CaptionDecoder,
-    grid: torch.Tensor,
+    decoder: StepDecoder,
+    grid: Array,
     options: DecodingOptions,
-    required: torch.Tensor,
+    required: Array,
     rules: RuleMasks | None = None,
 ) -> list[list[Hypothesis] | None]:
     """Beam search whose captions must contain at least one word of each image's set ``required (B, V)`` bool.
@@ -452,58 +520,56 @@ def constrained_beam_search(
     when none of them is a complete caption (no required word, or it could only be named in a caption cut off at
     ``max_length``): the caller falls back to the plain beam search then.
     """
-    batch, device = grid.shape[0], grid.device
-    if required.shape != (batch, decoder.config.vocab_size):
+    xp, on = array_namespace(grid), device(grid)
+    batch = grid.shape[0]
+    if tuple(required.shape) != (batch, decoder.config.vocab_size):
         expected = (batch, decoder.config.vocab_size)
         raise ValueError(f"required must have shape {expected}, got {tuple(required.shape)}")
     k, eos = options.beam_size, Vocabulary.eos_id
-    required = required.to(device=device, dtype=torch.bool).clone()
-    required[:, [*NEVER_PRODUCED, eos]] = False  # only words can satisfy the constraint
+    words = xp.arange(decoder.config.vocab_size, device=on)
+    only_words = xp.ones_like(words, dtype=xp.bool)
+    for special in (*NEVER_PRODUCED, eos):  # only words can satisfy the constraint
+        only_words = only_words & (words != special)
+    required = xp.astype(convert_like(required, grid), xp.bool) & only_words  # (B, V)
     rows_per_image = 2 * k  # state 0 (not yet) beams, then state 1 (satisfied) beams
+    rules = rules.like(grid) if rules is not None else None
     if rules is not None:  # a locked word (a vocabulary extension's) may come where it is required
-        rules = rules.unlocking(required.repeat_interleave(rows_per_image, dim=0))  # rows stay with their image
+        rules = rules.unlocking(xp.repeat(required, rows_per_image, axis=0))  # rows stay with their image
     state = decoder.init_state(grid).repeat_interleave(rows_per_image)
-    tokens = torch.full((batch * rows_per_image,), Vocabulary.bos_id, dtype=torch.long, device=device)
-    scores = torch.full((batch, 2, k), float("-inf"), device=device)
+    tokens = xp.full((batch * rows_per_image,), Vocabulary.bos_id, dtype=xp.int64, device=on)
+    scores = xp.full((batch, 2, k), -math.inf, dtype=xp.float32, device=on)
     scores[:, 0, 0] = 0.0  # one live beam: not yet, empty
-    finished = torch.zeros(batch * rows_per_image, dtype=torch.bool, device=device)
-    lengths = torch.zeros(batch * rows_per_image, dtype=torch.long, device=device)
-    history = torch.empty(batch * rows_per_image, 0, dtype=torch.long, device=device)
-    att_history = None
-    image_rows = (torch.arange(batch, device=device) * rows_per_image).view(batch, 1)  # (B, 1)
-    not_yet_mask = required.unsqueeze(1)  # (B, 1, V): these words leave state 0
+    beams = _Beams(xp, on, batch * rows_per_image)
+    image_rows = xp.reshape(xp.arange(batch, device=on) * rows_per_image, (batch, 1))  # (B, 1)
+    not_yet_mask = required[:, None, :]  # (B, 1, V): these words leave state 0
     for t in range(options.max_length + 1):
-        logp, state, alpha = _beam_step(decoder, tokens, state, rules, history, finished, t == options.max_length)
+        logp, state, alpha = _beam_step(
+            decoder, tokens, state, rules, beams.history, beams.finished, t == options.max_length
+        )
         vocab = logp.shape[-1]  # logp: (B*2K, V)
-        candidates = scores.unsqueeze(-1) + logp.view(batch, 2, k, vocab)  # (B, 2, K, V)
-        stay = candidates[:, 0].masked_fill(not_yet_mask, float("-inf"))  # (B, K, V): still not yet
-        enter = candidates[:, 0].masked_fill(~not_yet_mask, float("-inf"))  # (B, K, V): names a required word now
-        satisfied = torch.cat([candidates[:, 1], enter], dim=1)  # (B, 2K, V): beam i < K from state 1, else state 0
-        scores0, flat0 = stay.reshape(batch, k * vocab).topk(k, dim=1)  # (B, K)
-        scores1, flat1 = satisfied.reshape(batch, 2 * k * vocab).topk(k, dim=1)  # (B, K)
+        candidates = scores[..., None] + xp.reshape(logp, (batch, 2, k, vocab))  # (B, 2, K, V)
+        stay = xp.where(not_yet_mask, -math.inf, candidates[:, 0])  # (B, K, V): still not yet
+        enter = xp.where(not_yet_mask, candidates[:, 0], -math.inf)  # (B, K, V): names a required word now
+        satisfied = xp.concat([candidates[:, 1], enter], axis=1)  # (B, 2K, V): beam i < K from state 1, else state 0
+        scores0, flat0 = topk(xp.reshape(stay, (batch, k * vocab)), k)  # (B, K)
+        scores1, flat1 = topk(xp.reshape(satisfied, (batch, 2 * k * vocab)), k)  # (B, K)
         beam1 = flat1 // vocab  # (B, K) in [0, 2K)
-        source1 = torch.where(beam1 < k, beam1 + k, beam1 - k)  # the row within the image's 2K rows
-        source = (image_rows + torch.cat([flat0 // vocab, source1], dim=1)).view(-1)  # (B*2K,)
-        tokens = torch.cat([flat0 % vocab, flat1 % vocab], dim=1).view(-1)  # (B*2K,)
-        scores = torch.stack([scores0, scores1], dim=1)  # (B, 2, K)
+        source1 = xp.where(beam1 < k, beam1 + k, beam1 - k)  # the row within the image's 2K rows
+        source = xp.reshape(image_rows + xp.concat([flat0 // vocab, source1], axis=1), (-1,))  # (B*2K,)
+        tokens = xp.reshape(xp.concat([flat0 % vocab, flat1 % vocab], axis=1), (-1,))  # (B*2K,)
+        scores = xp.stack([scores0, scores1], axis=1)  # (B, 2, K)
         state = state.reorder(source)
-        was_finished = finished.index_select(0, source)
-        lengths = lengths.index_select(0, source) + (~was_finished).long()
-        history = torch.cat([history.index_select(0, source), tokens.unsqueeze(1)], dim=1)  # (B*2K, t+1)
-        if alpha is not None:
-            step_att = alpha.float().index_select(0, source).unsqueeze(1)  # (B*2K, 1, N)
-            att_history = (
-                step_att if att_history is None else torch.cat([att_history.index_select(0, source), step_att], dim=1)
-            )
-        finished = was_finished | (tokens == eos)
+        beams.extend(source, tokens, alpha)
         # Beams at -inf (no candidate yet, e.g. state 1 before any required word) never finish: stop when every
         # beam that can still become a caption has.
-        alive = scores.view(-1) > float("-inf")
-        if bool((finished | ~alive).all()):
+        alive = xp.reshape(scores, (-1,)) > -math.inf
+        if bool(xp.all(beams.finished | xp.logical_not(alive))):
             break
-    rows = (image_rows + torch.arange(k, 2 * k, device=device)).view(-1)  # (B*K,) the satisfied beams
-    lengths, history = lengths.index_select(0, rows), history.index_select(0, rows)
-    att_history = att_history.index_select(0, rows) if att_history is not None else None
-    met = (_complete(history, lengths, rules) & (scores[:, 1].reshape(-1) > float("-inf"))).view(batch, k)
-    ranked = _rank_beams(batch, k, scores[:, 1].contiguous(), lengths, history, att_history, options, rules)
-    return [hyps if bool(ok.any()) else None for hyps, ok in zip(ranked, met.cpu(), strict=True)]
+    rows = xp.reshape(image_rows + xp.arange(k, 2 * k, device=on), (-1,))  # (B*K,) the satisfied beams
+    beams.select(rows)
+    satisfied_scores = scores[:, 1]  # (B, K)
+    met = xp.reshape(
+        _complete(beams.history, beams.lengths, rules) & (xp.reshape(satisfied_scores, (-1,)) > -math.inf), (batch, k)
+    )
+    ranked = _rank_beams(batch, k, satisfied_scores, beams, options, rules)
+    return [hyps if bool(ok.any()) else None for hyps, ok in zip(ranked, to_numpy(met), strict=True)]

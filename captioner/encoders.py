@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 
 from captioner.config import EncoderConfig
+from captioner.digests import file_sha256
 from captioner.transforms import Preprocess
 
 log = logging.getLogger(__name__)
@@ -204,14 +204,6 @@ class ImageEncoder(nn.Module):
     def identity(self) -> dict:
         """What a checkpoint records to re-create (and verify) this encoder."""
         return {"name": self.name, "weights": self.weights, "weights_sha256": self.weights_sha256}
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _classifier_from(state: dict[str, torch.Tensor], prefix: str, feature_dim: int) -> nn.Linear | None:

@@ -1,7 +1,7 @@
 """What an ONNX export's files must pass before ONNX Runtime loads them, and the threat model behind it.
 
 The ``onnxruntime`` backend serves a ``.pt`` checkpoint through an export it made on first use and keeps in
-a cache (:func:`captioner.onnx_backend.ensure_exported`). That cache is a folder on disk, and folders are
+a cache (:func:`captioner.export_cache.ensure_exported`). That cache is a folder on disk, and folders are
 shared: a group-writable home, a volume several containers or users mount, a copy restored from elsewhere.
 
 Threat model. Protected against: anyone who can write to the cache folder (or hand this process a copy of
@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from captioner.checkpoint import CheckpointError
-from captioner.onnx_export import (
+from captioner.export_format import (
     DIGESTED_FILES,
     EXPORT_FORMAT,
     EXPORT_VERSION,

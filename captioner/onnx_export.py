@@ -38,12 +38,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from captioner.checkpoint import to_jsonable
 from captioner.decoder import CaptionDecoder, DecoderState
-from captioner.encoders import file_sha256
+from captioner.digests import file_sha256
+from captioner.export_format import (
+    DIGESTED_FILES,
+    EXPORT_FORMAT,
+    EXPORT_VERSION,
+    GRAPH_FILES,
+    MANIFEST_FILE,
+    METADATA_FILE,
+    NOT_WRITABLE_BY_OTHERS,
+    encoder_output_names,
+    init_output_names,
+    state_names,
+    step_input_names,
+    step_output_names,
+)
 from captioner.transforms import normalize_crops
 
 if TYPE_CHECKING:
@@ -51,15 +66,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMAT = "captioner-onnx"
-# 2: manifest.json; loaders refuse an export without one. 3: the encoder graph's class_logits output; a cached
-# version-2 export of a model with a class head would answer without class probabilities, so it is exported again.
-EXPORT_VERSION = 3
-METADATA_FILE = "captioner.json"
-GRAPH_FILES = {"encoder": "encoder.onnx", "decoder_init": "decoder_init.onnx", "decoder_step": "decoder_step.onnx"}
-MANIFEST_FILE = "manifest.json"
-DIGESTED_FILES = (METADATA_FILE, *GRAPH_FILES.values())  # what the manifest lists: every other file of an export
-NOT_WRITABLE_BY_OTHERS = ~(stat.S_IWGRP | stat.S_IWOTH)  # mask for an export's modes: only its owner writes
 OPSET = 18  # the dynamo exporter's lowest; ONNX Runtime 1.16+ runs it
 QUANTIZE_CHOICES = ("int8",)
 
@@ -79,27 +85,6 @@ EXPORTER_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx", "torch.export")
 
 class ExportError(RuntimeError):
     """The export failed or its self-check found the graphs disagreeing with PyTorch."""
-
-
-def state_names(config) -> tuple[str, ...]:
-    """Names of the recurrent state tensors: ``h`` and, for the LSTM, ``c``."""
-    return ("h", "c") if config.cell == "lstm" else ("h",)
-
-
-def encoder_output_names(has_class_head: bool) -> list[str]:
-    return ["grid", *(("class_logits",) if has_class_head else ())]
-
-
-def init_output_names(config) -> list[str]:
-    return [*state_names(config), *(("memory", "keys") if config.attention else ())]
-
-
-def step_input_names(config) -> list[str]:
-    return ["tokens", *init_output_names(config)]
-
-
-def step_output_names(config) -> list[str]:
-    return ["logits", *(f"next_{n}" for n in state_names(config)), *(("alpha",) if config.attention else ())]
 
 
 class _EncoderGraph(nn.Module):
@@ -357,13 +342,13 @@ def _versions(onnx_version: str) -> dict[str, str]:
 def check_images_for(model: Captioner, paths: list[str] | None, count: int = 4) -> torch.Tensor:
     """Pixels for the check: the given images, else ``count`` fixed smooth random pictures."""
     if paths:
-        return model.preprocess(paths)
+        return torch.as_tensor(model.preprocess(paths))
     generator = torch.Generator().manual_seed(0)
     crop = model.preprocess_config.crop
     coarse = torch.rand(count, 3, 8, 8, generator=generator)  # smooth blobs of colour, like a photo's layout
     images = nn.functional.interpolate(coarse, size=(crop, crop), mode="bicubic", align_corners=False)
     crops = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (B, S, S, 3)
-    return normalize_crops(crops, model.preprocess_config)
+    return torch.from_numpy(normalize_crops(crops, model.preprocess_config))
 
 
 @torch.inference_mode()
@@ -380,13 +365,14 @@ def check_export(model: Captioner, folder: Path, image_paths: list[str] | None =
     3. End to end (reported, not enforced): beam-3 captions of both backends on the check images.
     """
     from captioner.decoding import DecodingOptions, decode, next_word_logits
-    from captioner.onnx_backend import load_onnx_captioner
+    from captioner.onnx_model import load_export
 
-    onnx_model = load_onnx_captioner(folder)
+    onnx_model = load_export(folder)
     quantized = onnx_model.encoder.quantized
     pixels = check_images_for(model, image_paths)
     reference, reference_logits = model.encoder.forward_features_and_logits(pixels)
-    features, onnx_logits = onnx_model.encoder.forward_features_and_logits(pixels)
+    onnx_grid, onnx_class_logits = onnx_model.encoder.forward_features_and_logits(pixels.numpy())
+    features, onnx_logits = torch.from_numpy(onnx_grid), _tensor(onnx_class_logits)
     feature_diff = float((features - reference).abs().max())
     feature_rel = float((features - reference).norm() / reference.norm().clamp_min(1e-12))
     if quantized:
@@ -406,11 +392,12 @@ def check_export(model: Captioner, folder: Path, image_paths: list[str] | None =
     for row, hyps in enumerate(greedy):
         words = [model.vocab.bos_id, *hyps[0].tokens]
         torch_state = model.decoder.init_state(reference[row : row + 1])
-        onnx_state = onnx_model.decoder.init_state(reference[row : row + 1])
+        onnx_state = onnx_model.decoder.init_state(reference[row : row + 1].numpy())
         for t, word in enumerate(words):
             token = torch.tensor([word])
             torch_logits, torch_state, _ = next_word_logits(model.decoder, token, torch_state)
-            onnx_logits, onnx_state, _ = next_word_logits(onnx_model.decoder, token, onnx_state)
+            onnx_step, onnx_state, _ = next_word_logits(onnx_model.decoder, token.numpy(), onnx_state)
+            onnx_logits = torch.from_numpy(onnx_step)
             finite = torch.isfinite(torch_logits)
             diff = float((torch_logits[finite] - onnx_logits[finite]).abs().max())
             logit_diff, steps = max(logit_diff, diff), steps + 1
@@ -425,7 +412,7 @@ def check_export(model: Captioner, folder: Path, image_paths: list[str] | None =
 
     beam = DecodingOptions(method="beam", beam_size=3)
     torch_texts = [r.captions[0].text for r in model.caption_features(reference, beam)]
-    onnx_texts = [r.captions[0].text for r in onnx_model.caption_features(features, beam)]
+    onnx_texts = [r.captions[0].text for r in onnx_model.caption_features(features.numpy(), beam)]
     same = sum(a == b for a, b in zip(torch_texts, onnx_texts, strict=True))
     report = {
         "images": int(pixels.shape[0]),
@@ -445,6 +432,10 @@ def check_export(model: Captioner, folder: Path, image_paths: list[str] | None =
     }
     log.debug("ONNX export check passed: %s", report)
     return report
+
+
+def _tensor(array: np.ndarray | None) -> torch.Tensor | None:
+    return torch.from_numpy(array) if array is not None else None
 
 
 def _check_class_head(reference: torch.Tensor | None, exported: torch.Tensor | None, *, enforce: bool) -> float | None:

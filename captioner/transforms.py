@@ -13,11 +13,13 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 ImageSource = Image.Image | bytes | bytearray | memoryview | str | os.PathLike
 
@@ -259,17 +261,30 @@ def resize_crop(image: Image.Image, preprocess: Preprocess) -> Image.Image:
     return out
 
 
-def to_tensor(images: Sequence[Image.Image], preprocess: Preprocess) -> torch.Tensor:
-    """Cropped RGB images (all ``crop`` x ``crop``) -> normalised float batch ``(B, 3, crop, crop)``."""
+def crops_to_array(images: Sequence[Image.Image], preprocess: Preprocess) -> np.ndarray:
+    """Cropped RGB images (all ``crop`` x ``crop``) -> normalised float32 batch ``(B, 3, crop, crop)`` (numpy)."""
     return normalize_crops(np.stack([np.asarray(im, dtype=np.uint8) for im in images]), preprocess)
 
 
-def normalize_crops(crops: np.ndarray, preprocess: Preprocess) -> torch.Tensor:
-    """uint8 crops ``(B, crop, crop, 3)`` -> normalised float batch ``(B, 3, crop, crop)``."""
-    pixels = torch.from_numpy(crops).permute(0, 3, 1, 2).float()
-    mean = torch.tensor(preprocess.mean).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(preprocess.std).view(1, 3, 1, 1) * 255.0
-    return pixels.sub_(mean).div_(std)
+def normalize_crops(crops: np.ndarray, preprocess: Preprocess) -> np.ndarray:
+    """uint8 crops ``(B, crop, crop, 3)`` -> normalised float32 batch ``(B, 3, crop, crop)``, channels-last in
+    memory (a view; the ONNX backend makes it contiguous on its own thread).
+
+    In float32 as torch computed it before (``(x - mean * 255) / (std * 255)``), so both backends and every
+    feature cache see the same pixels to the bit."""
+    pixels = crops.transpose(0, 3, 1, 2).astype(np.float32)
+    mean = np.asarray(preprocess.mean, dtype=np.float32).reshape(1, 3, 1, 1) * np.float32(255.0)
+    std = np.asarray(preprocess.std, dtype=np.float32).reshape(1, 3, 1, 1) * np.float32(255.0)
+    pixels -= mean
+    pixels /= std
+    return pixels
+
+
+def to_tensor(images: Sequence[Image.Image], preprocess: Preprocess) -> torch.Tensor:
+    """:func:`crops_to_array` as a torch tensor (training's data loaders)."""
+    import torch  # training only: the rest of this module serves the torch-free runtime too
+
+    return torch.from_numpy(crops_to_array(images, preprocess))
 
 
 def build_transform(preprocess: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
@@ -294,6 +309,6 @@ def load_crop(
 
 def preprocess_images(
     sources: Sequence[ImageSource], preprocess: Preprocess, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
-) -> torch.Tensor:
-    """Load and preprocess several images into one batch ``(B, 3, crop, crop)``."""
-    return to_tensor([load_crop(s, preprocess, max_pixels=max_pixels) for s in sources], preprocess)
+) -> np.ndarray:
+    """Load and preprocess several images into one float32 batch ``(B, 3, crop, crop)`` (numpy)."""
+    return crops_to_array([load_crop(s, preprocess, max_pixels=max_pixels) for s in sources], preprocess)

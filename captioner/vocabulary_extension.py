@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from captioner.vocab import SPECIALS, Vocabulary
 
@@ -66,9 +66,9 @@ class VocabularyExtension:
             raise VocabularyExtensionError("vocabulary_extension.sources must map new words to known words")
         return cls(dict(pairs))
 
-    def locked_mask(self, vocab: Vocabulary) -> torch.Tensor:
+    def locked_mask(self, vocab: Vocabulary) -> np.ndarray:
         """(V,) bool: the ids of the new words (the words no decoding method produces unguided)."""
-        mask = torch.zeros(len(vocab), dtype=torch.bool)
+        mask = np.zeros(len(vocab), dtype=bool)
         for word in self.sources:
             if word in vocab:
                 mask[vocab.token_id(word)] = True
@@ -98,6 +98,8 @@ def extend_vocabulary(model: Captioner, transfers: Mapping[str, str]) -> list[st
         return []
     if model.backend != "torch":
         raise VocabularyExtensionError("extend the PyTorch checkpoint, not an ONNX export")
+    import torch  # the weights are torch's; the rest of this module serves the torch-free runtime too
+
     decoder = model.decoder
     old_size = len(vocab)
     sources = torch.tensor([vocab.token_id(source) for source in added.values()])

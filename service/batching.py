@@ -49,6 +49,7 @@ from typing import Any, TypeVar
 import torch
 from PIL import Image
 
+from captioner.arrays import take_rows
 from captioner.decoding import DecodingOptions
 from captioner.model import Captioner, CaptionResult
 
@@ -340,9 +341,8 @@ class MicroBatcher:
         grid, class_logits = self.model.encode_with_class_logits(pixels)  # (B, C, h, w), (B, 1000) or None
         results: list[CaptionResult | None] = [None] * len(batch)
         for rows, options in _group_by_options(batch):
-            index = torch.tensor(rows, device=grid.device)
-            logits = class_logits.index_select(0, index.to(class_logits.device)) if class_logits is not None else None
-            group = self.model.caption_features(grid.index_select(0, index), options, class_logits=logits)
+            logits = take_rows(class_logits, rows) if class_logits is not None else None
+            group = self.model.caption_features(take_rows(grid, rows), options, class_logits=logits)
             for row, result in zip(rows, group, strict=True):
                 results[row] = result
         assert all(r is not None for r in results)

@@ -34,6 +34,7 @@ from captioner.checkpoint import load_checkpoint, save_checkpoint
 from captioner.confidence import ConfidenceModel, FeatureReference, image_statistics
 from captioner.decoding import DecodingOptions
 from captioner.model import Captioner, class_probabilities, default_checkpoint
+from captioner.pipeline import CaptionPipeline, pooled_features
 from captioner.progress import progress_bar
 from captioner.text import tokenize
 from training.corpus import CaptionCorpus, ImageRecord
@@ -85,7 +86,7 @@ class HeldOutCaptions:
 
 
 def calibrate(
-    model: Captioner,
+    model: CaptionPipeline,
     corpus: CaptionCorpus,
     settings: CalibrationSettings | None = None,
     *,
@@ -148,7 +149,7 @@ def calibrate(
 
 
 def _held_out_captions(
-    model: Captioner,
+    model: CaptionPipeline,
     records: Sequence[ImageRecord],
     layout: ConfidenceModel,
     settings: CalibrationSettings,
@@ -163,7 +164,7 @@ def _held_out_captions(
         batch = records[start : start + settings.batch_size]
         grid, class_logits = model.encode_with_class_logits(model.preprocess([r.path for r in batch]))
         probabilities = class_probabilities(class_logits, len(batch))
-        images = image_statistics(layout.reference, grid.float().mean(dim=(2, 3)).cpu().numpy(), probabilities)
+        images = image_statistics(layout.reference, pooled_features(grid), probabilities)
         best = [result.captions[0] for result in model.caption_features(grid, options, class_logits=class_logits)]
         texts += [c.text for c in best]
         rows.append(layout.signal_matrix([(c.log_prob, len(c.tokens)) for c in best], images))
@@ -175,14 +176,14 @@ def _held_out_captions(
 
 
 def _pooled_features(
-    model: Captioner, records: Sequence[ImageRecord], batch_size: int, progress: bool, desc: str
+    model: CaptionPipeline, records: Sequence[ImageRecord], batch_size: int, progress: bool, desc: str
 ) -> np.ndarray:
     """Pooled encoder features ``(N, C)`` of ``records``' photos (the reference needs no class head)."""
     pooled = []
     bar = progress_bar(len(records), desc, progress)
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
-        pooled.append(model.encode(model.preprocess([r.path for r in batch])).float().mean(dim=(2, 3)).cpu().numpy())
+        pooled.append(pooled_features(model.encode(model.preprocess([r.path for r in batch]))))
         bar.update(len(batch))
     bar.close()
     return np.concatenate(pooled)

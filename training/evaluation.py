@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from captioner import Captioner, DecodingOptions
+from captioner.arrays import array_namespace
 from captioner.decoding import decode
 from training.batches import Split, pad
 from training.config import TrainConfig
@@ -35,7 +36,9 @@ def predict_captions(
     with ``keep``, only for the rows in it (the rest of a batch is decoded all the same)."""
     predictions: dict[str, str] = {}
     for rows, grid in batches:
-        grid = grid.to(model.device).float()
+        grid = model.on_backend(grid)  # a torch tensor, or numpy for the onnxruntime backend
+        xp = array_namespace(grid)
+        grid = xp.astype(grid, xp.float32)
         for row, hyps in zip(rows, decode(model.decoder, grid, options, model.rule_masks()), strict=True):
             if keep is None or row in keep:
                 predictions[records[row].image_id] = model.vocab.decode(hyps[0].tokens)

@@ -150,6 +150,7 @@ def build_feature_cache(
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=amp):
             for pixels, ok, errors in loader:
                 grid = encoder.forward_features(pixels.to(device, non_blocking=True), chunk_size=chunk_size)
+                grid = torch.as_tensor(grid)  # ONNX Runtime's encoder gives numpy
                 array[row : row + len(pixels)] = grid.float().cpu().numpy().astype(np.float16)
                 for i in torch.nonzero(~ok).flatten().tolist():
                     failed[files[row + i]] = errors[i]

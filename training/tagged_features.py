@@ -42,8 +42,8 @@ def encode_with_logits(
         grid, class_logits = model.encode_with_class_logits(model.preprocess(list(paths[start : start + batch])))
         if class_logits is None:
             raise ValueError("this model's encoder has no ImageNet head: nothing to guide by")
-        grids.append(grid.half().cpu())  # (b, C, h, w)
-        logits.append(class_logits.float().cpu())  # (b, 1000)
+        grids.append(torch.as_tensor(grid).half().cpu())  # (b, C, h, w); numpy from the onnxruntime backend
+        logits.append(torch.as_tensor(class_logits).float().cpu())  # (b, 1000)
     features = TaggedFeatures(list(image_ids), torch.cat(grids), torch.cat(logits))
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"image_ids": features.image_ids, "grids": features.grids, "logits": features.logits}, cache)

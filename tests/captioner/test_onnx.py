@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import shutil
+import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,7 +21,8 @@ from captioner import Captioner, DecodingOptions
 from captioner.caption_rules import CaptionRules
 from captioner.checkpoint import CheckpointError
 from captioner.cli import main
-from captioner.onnx_backend import BackendUnavailable, cached_export_dir
+from captioner.export_cache import cached_export_dir
+from captioner.onnx_backend import BackendUnavailable
 from captioner.onnx_export import (
     GRAPH_FILES,
     MANIFEST_FILE,
@@ -159,9 +161,10 @@ def test_the_encoder_graph_takes_any_batch_size(exported) -> None:
     pixels = reference.preprocess(photos)
     for batch in (1, 3):
         got = onnx_model.encode(pixels[:batch])
-        torch.testing.assert_close(got, reference.encode(pixels[:batch]), atol=1e-3, rtol=1e-3)
+        assert isinstance(got, np.ndarray)  # ONNX Runtime's model is numpy throughout
+        np.testing.assert_allclose(got, reference.encode(pixels[:batch]).numpy(), atol=1e-3, rtol=1e-3)
     # chunked runs give the same features as one run
-    torch.testing.assert_close(onnx_model.encoder.forward_features(pixels, chunk_size=2), onnx_model.encode(pixels))
+    np.testing.assert_array_equal(onnx_model.encoder.forward_features(pixels, chunk_size=2), onnx_model.encode(pixels))
 
 
 def test_the_export_folder_holds_the_graphs_and_what_describes_them(exported) -> None:
@@ -289,10 +292,10 @@ def test_an_unwritable_cache_is_a_one_line_error_naming_the_setting(tmp_path, mo
 
         return export
 
-    monkeypatch.setattr("captioner.onnx_backend._export_into_cache", failing_with(code))
+    monkeypatch.setattr("captioner.export_cache._export_into_cache", failing_with(code))
     with pytest.raises(CheckpointError, match="set CAPTIONER_CACHE_DIR to a writable folder"):
         Captioner.from_checkpoint(checkpoint, backend="onnxruntime")
-    monkeypatch.setattr("captioner.onnx_backend._export_into_cache", failing_with(errno.ENOSPC))
+    monkeypatch.setattr("captioner.export_cache._export_into_cache", failing_with(errno.ENOSPC))
     with pytest.raises(CheckpointError, match="No space left") as raised:  # one line too, but not about permissions
         Captioner.from_checkpoint(checkpoint, backend="onnxruntime")
     assert "set CAPTIONER_CACHE_DIR" not in str(raised.value) and "\n" not in str(raised.value)
@@ -452,3 +455,85 @@ def test_eval_on_both_backends_scores_the_same(attention_export, tmp_path) -> No
     assert predictions["onnxruntime"] == predictions["torch"]
     # each backend's features are cached apart (the ONNX encoder's are keyed by its graph)
     assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+# Prepended to a child's script: `import torch` fails there as in an install without it (ModuleNotFoundError).
+NO_TORCH = """
+import importlib.abc, sys
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError("No module named 'torch'")
+sys.meta_path.insert(0, NoTorch())
+"""
+
+TORCH_BLOCKED = (
+    NO_TORCH
+    + """
+import json
+from captioner.loading import load_captioner
+model = load_captioner(sys.argv[1])
+photos = sys.argv[2:]
+out = {}
+for name, options in {"beam": {"beam_size": 3, "num_captions": 2}, "greedy": {"method": "greedy"},
+                      "sample": {"method": "sample", "seed": 5, "num_captions": 2}}.items():
+    results = model.caption(photos, **options)
+    out[name] = [[c.tokens for c in r.captions] for r in results]
+    out[name + "_tags"] = [[t.name for t in r.tags] for r in results]
+out["type"] = type(model).__name__
+out["torch_loaded"] = any(m == "torch" or m.startswith("torch.") for m in sys.modules)
+print(json.dumps(out))
+"""
+)
+
+
+def test_an_export_captions_without_torch_as_torch_does(head_export) -> None:
+    """The runtime path imports no torch at all (it is blocked in the child), and every decoding method gives the
+    torch model's captions and tags."""
+    run = subprocess.run(
+        [sys.executable, "-c", TORCH_BLOCKED, str(head_export.folder), *head_export.photos],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout)
+    assert got["type"] == "OnnxCaptioner" and got["torch_loaded"] is False
+    reference = head_export.reference
+    for name, options in {
+        "beam": DecodingOptions(beam_size=3, num_captions=2),
+        "greedy": DecodingOptions(method="greedy"),
+        "sample": DecodingOptions(method="sample", seed=5, num_captions=2),
+    }.items():
+        results = reference.caption(head_export.photos, options)
+        assert got[name] == [[c.tokens for c in r.captions] for r in results], name
+        assert got[name + "_tags"] == [[t.name for t in r.tags] for r in results], name
+
+
+def test_without_torch_a_checkpoint_is_a_one_line_error_naming_what_runs(tmp_path) -> None:
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"not read")
+    script = NO_TORCH + (
+        "from captioner.loading import load_captioner\n"
+        "from captioner.checkpoint import CheckpointError\n"
+        "from captioner.onnx_backend import BackendUnavailable\n"
+        "for backend in ('auto', 'onnxruntime', 'torch'):\n"
+        "    try:\n"
+        "        load_captioner(sys.argv[1], backend=backend)\n"
+        "    except (CheckpointError, BackendUnavailable) as exc:\n"
+        "        print(type(exc).__name__, '|', exc)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(checkpoint)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 3
+    for line in lines[:2]:  # auto resolves to onnxruntime without torch
+        assert line.startswith("CheckpointError | ") and "needs torch" in line and "--format onnx" in line
+    assert lines[2].startswith("BackendUnavailable | ") and "captioner[torch]" in lines[2]

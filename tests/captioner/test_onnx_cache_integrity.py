@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner import Captioner, DecodingOptions, onnx_backend
+from captioner import Captioner, DecodingOptions, export_cache
+from captioner import model as model_module
 from captioner.checkpoint import CheckpointError
 from captioner.cli import main
 from captioner.onnx_export import GRAPH_FILES, MANIFEST_FILE, METADATA_FILE, write_manifest
@@ -93,7 +94,7 @@ def exports(pristine: Pristine, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
         shutil.copytree(pristine.entry, folder)
         made.append(folder)
 
-    monkeypatch.setattr(onnx_backend, "_export_into_cache", export)
+    monkeypatch.setattr(model_module, "export_checkpoint", export)
     return made
 
 
@@ -316,7 +317,7 @@ def test_a_refused_entry_in_a_cache_that_cannot_be_written_is_one_line(pristine,
     def read_only(folder: Path) -> None:
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(folder))
 
-    monkeypatch.setattr(onnx_backend, "_set_aside", read_only)
+    monkeypatch.setattr(export_cache, "_set_aside", read_only)
     os.chmod(entry, 0o777)
     with pytest.raises(CheckpointError) as raised:
         _load(pristine)

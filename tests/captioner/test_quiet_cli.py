@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from captioner import onnx_backend
+from captioner import export_cache
 from captioner.bulk import RecordFile, read_records
 from captioner.checkpoint import CheckpointError
+from captioner.model import export_checkpoint
 from captioner.onnx_export import EXPORTER_LOGGERS, quiet_exporter
 from tests.helpers import tiny_captioner
 from tests.interrupt import ROOT, WORKING, interrupt, script, stand_in_command
@@ -144,7 +145,7 @@ def test_a_new_export_clears_the_folders_of_exports_that_never_finished(tmp_path
     monkeypatch.setenv("CAPTIONER_CACHE_DIR", str(tmp_path / "cache"))
     checkpoint = tmp_path / "model.pt"
     checkpoint.write_bytes(b"weights")
-    folder = onnx_backend.cached_export_dir(checkpoint)
+    folder = export_cache.cached_export_dir(checkpoint)
     folder.parent.mkdir(parents=True)
     abandoned = folder.parent / f".{folder.name}.k3j2x.tmp"  # as export_onnx names its temporary folder
     (abandoned / "encoder.onnx").parent.mkdir()
@@ -156,9 +157,9 @@ def test_a_new_export_clears_the_folders_of_exports_that_never_finished(tmp_path
     link = folder.parent / f".{folder.name}.link.tmp"
     link.symlink_to(outside, target_is_directory=True)
     exported = []
-    monkeypatch.setattr(onnx_backend, "_export_into_cache", lambda *args: exported.append(args))
+    monkeypatch.setattr(export_cache, "_export_into_cache", lambda *args: exported.append(args))
     with pytest.raises(CheckpointError, match="not exported yet"):  # the stand-in export wrote nothing to check
-        onnx_backend.ensure_exported(checkpoint)
+        export_cache.ensure_exported(checkpoint, export_checkpoint)
     assert len(exported) == 1
     assert not abandoned.exists() and other.is_dir() and outside.is_dir()
 
@@ -185,8 +186,8 @@ def test_a_first_use_export_is_two_lines_and_verbose_shows_the_exporter(checkpoi
     assert quiet.returncode == 0, quiet.stderr
     lines = quiet.stderr.splitlines()
     assert len(lines) == 2, quiet.stderr
-    assert lines[0].startswith("captioner.onnx_backend: exporting model.pt to ONNX for onnxruntime (first use only")
-    assert re.fullmatch(r"captioner.onnx_backend: exported in \d+ s; later runs load it from the cache", lines[1])
+    assert lines[0].startswith("captioner.export_cache: exporting model.pt to ONNX for onnxruntime (first use only")
+    assert re.fullmatch(r"captioner.export_cache: exported in \d+ s; later runs load it from the cache", lines[1])
     assert quiet.stdout.startswith(str(photo))
     again = _first_use(checkpoint, photo, tmp_path / "cache")  # the cache: silent
     assert again.returncode == 0 and again.stderr == "" and again.stdout == quiet.stdout

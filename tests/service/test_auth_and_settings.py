@@ -187,10 +187,10 @@ def test_corrupt_checkpoint_fails_startup(tmp_path: Path) -> None:
 def test_the_backend_setting_picks_what_runs_the_model(
     tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, backend: str, onnxruntime_installed: bool, served_by: str
 ) -> None:
-    import captioner.onnx_backend
+    import captioner.backends
 
     monkeypatch.setenv("CAPTIONER_BACKEND", backend)
-    monkeypatch.setattr(captioner.onnx_backend, "onnxruntime_available", lambda: onnxruntime_installed)
+    monkeypatch.setattr(captioner.backends, "onnxruntime_available", lambda: onnxruntime_installed)
     with TestClient(create_app(Settings(checkpoint=tiny_checkpoint))) as client:
         assert client.get("/model").json()["backend"] == served_by
         assert client.app.state.loaded.model.backend == served_by

@@ -44,7 +44,7 @@ def test_a_first_start_exports_quietly_in_a_handful_of_lines(tiny_checkpoint: Pa
     assert run.returncode == 130, run.describe()
     assert _exporter_lines(run.before) == [] and "Traceback" not in "".join(run.before), run.describe()
     assert len(run.before) <= 8, run.describe()  # uvicorn's start, the export's two lines, "serving ..."
-    progress = [line for line in run.before if "captioner.onnx_backend" in line]
+    progress = [line for line in run.before if "captioner.export_cache" in line]
     assert len(progress) == 2 and "exporting tiny.pt to ONNX" in progress[0] and "exported in" in progress[1]
     assert run.after == [INTERRUPTED], run.describe()
 
