@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -22,7 +21,10 @@ from captioner.decoder import CaptionDecoder
 from captioner.decoding import DecodingOptions, Hypothesis, check_options_apply, constrained_beam_search, decode
 from captioner.encoders import ImageEncoder, build_encoder, default_chunk_size, file_sha256
 from captioner.guidance import DEFAULT_POLICY, GuidancePolicy, required_words
-from captioner.tags import Tag, tags_from_probabilities
+from captioner.results import Caption as Caption
+from captioner.results import CaptionResult as CaptionResult
+from captioner.results import Tag
+from captioner.tags import tags_from_probabilities
 from captioner.transforms import DEFAULT_MAX_PIXELS, ImageSource, Preprocess, preprocess_images, to_tensor
 from captioner.vocab import Vocabulary
 from captioner.vocabulary_extension import VocabularyExtension, VocabularyExtensionError
@@ -30,30 +32,6 @@ from captioner.vocabulary_extension import VocabularyExtension, VocabularyExtens
 BACKENDS = ("torch", "onnxruntime")
 BACKEND_CHOICES = ("auto", *BACKENDS)
 DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "default.pt"
-
-
-@dataclass
-class Caption:
-    text: str  # the caption as a sentence of lower-case words
-    tokens: list[str]  # its words
-    log_prob: float  # model log-probability of the words and the end token
-    score: float  # ranking score (length-normalised for beam search)
-    attention: list[list[float]] | None = None  # per word, weights over the h*w feature grid
-    # Calibrated probability that the caption is acceptable (captioner.confidence); None: the model has no
-    # confidence model (see ``captioner calibrate``)
-    confidence: float | None = None
-
-
-@dataclass
-class CaptionResult:
-    captions: list[Caption]  # best first; empty when abstained
-    attention_shape: tuple[int, int] | None = None  # (h, w) of the grid the attention weights cover
-    # Softmax of the encoder's ImageNet-1k head, (1000,) float32, from the same encoder pass as the captions;
-    # None when the encoder has no known head (see ImageEncoder). Left out of ==: an array has no single truth value.
-    class_probabilities: np.ndarray | None = field(default=None, compare=False)
-    tags: list[Tag] = field(default_factory=list)  # what the image shows, strongest first (captioner.tags)
-    # True when every caption's confidence fell below DecodingOptions.min_confidence: no captions, tags kept
-    abstained: bool = False
 
 
 class ConfidenceUnavailableError(ValueError):
