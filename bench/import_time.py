@@ -32,11 +32,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class ImportFailed(Exception):
+    """A statement that did not run: its time would mean nothing."""
+
+
 def time_statement(statement: str) -> float:
-    """Wall seconds of a fresh interpreter running ``statement``; fails loudly if the import fails."""
+    """Wall seconds of a fresh interpreter running ``statement``; :class:`ImportFailed` if it fails."""
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", statement], check=True)
-    return time.perf_counter() - started
+    done = subprocess.run([sys.executable, "-c", statement], capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise ImportFailed(f"{statement!r} failed: {last}")
+    return seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, list[float]] = {name: [] for name in STATEMENTS}
     for round_ in range(args.runs + 1):
         for name, statement in STATEMENTS.items():
-            seconds = time_statement(statement)
+            try:
+                seconds = time_statement(statement)
+            except ImportFailed as exc:
+                print(f"import_time: error: {exc}", file=sys.stderr)
+                return 1
             if round_ > 0:
                 times[name].append(seconds)
     medians = {name: statistics.median(values) for name, values in times.items()}
