@@ -15,18 +15,18 @@ if TYPE_CHECKING:  # for type checkers, the names as plain re-exports (``X as X`
     from captioner.config import DecoderConfig as DecoderConfig
     from captioner.config import EncoderConfig as EncoderConfig
     from captioner.config import ModelConfig as ModelConfig
-    from captioner.decoding import DecodingOptions as DecodingOptions
-    from captioner.model import Caption as Caption
     from captioner.model import Captioner as Captioner
-    from captioner.model import CaptionResult as CaptionResult
+    from captioner.options import DecodingOptions as DecodingOptions
+    from captioner.results import Caption as Caption
+    from captioner.results import CaptionResult as CaptionResult
     from captioner.vocab import Vocabulary as Vocabulary
 
 _HOMES = {
-    "Caption": "captioner.model",
-    "CaptionResult": "captioner.model",
+    "Caption": "captioner.results",
+    "CaptionResult": "captioner.results",
     "Captioner": "captioner.model",
     "DecoderConfig": "captioner.config",
-    "DecodingOptions": "captioner.decoding",
+    "DecodingOptions": "captioner.options",
     "EncoderConfig": "captioner.config",
     "ModelConfig": "captioner.config",
     "Vocabulary": "captioner.vocab",

@@ -16,11 +16,11 @@ from pathlib import Path
 from captioner.bulk import InputError, default_workers
 from captioner.caption_rules import DEFAULT_MAX_RATE
 from captioner.checkpoint import CheckpointError, checkpoint_arg
-from captioner.decoding import VALID_VALUES, DecodingOptions, check_options_apply
 from captioner.encoders import EncoderWeightsError
 from captioner.model import BACKEND_CHOICES, BACKENDS
 from captioner.onnx_backend import BackendUnavailable
 from captioner.onnx_export import QUANTIZE_CHOICES, ExportError
+from captioner.options import VALID_VALUES, DecodingOptions, check_options_apply
 
 
 def get_args_parser() -> argparse.ArgumentParser:

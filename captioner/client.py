@@ -17,7 +17,7 @@
                 print(path, result.captions[0].text)
 
 :class:`AsyncCaptionClient` has the same methods as coroutines (``async with``, ``await client.caption(...)``).
-Options are the library's :class:`~captioner.decoding.DecodingOptions`, passed as an object or as its fields,
+Options are the library's :class:`~captioner.options.DecodingOptions`, passed as an object or as its fields,
 and are checked here first, so a bad option fails at once with the library's own message.
 
 The client retries what may succeed later: 503 and 429 (never sooner than the server's ``Retry-After`` says,
@@ -25,8 +25,12 @@ and at least 1 s) and connection failures or timeouts (with exponential backoff)
 clients refused together do not come back together; a ``Retry-After`` over ``max_retry_wait`` ends the call at
 once, all waits of one call together stay within ``retry_budget``, and a 503/429 that the proxy in front already
 retried (``X-Captioner-Upstream-Status`` lists two tries) is not retried again; the rules are
-:class:`~captioner.client_wire.RetryPolicy`'s. Every other 4xx is the request's own fault and comes back at once
+:class:`~captioner.client_retry.RetryPolicy`'s. Every other 4xx is the request's own fault and comes back at once
 as :class:`ClientRequestError` with the server's code and message.
+
+The parts, one concept each: :mod:`captioner.client_wire` (what a request and its reply look like),
+:mod:`captioner.client_retry` (when to try again), :mod:`captioner.client_uploads` (reading the image) and
+:mod:`captioner.client_errors`; this module does the I/O they describe. None imports torch or numpy.
 
 Needs httpx: ``pip install 'captioner[client]'``.
 """
@@ -36,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -47,27 +52,18 @@ except ImportError as exc:
 
 from PIL import Image
 
-from captioner.client_wire import (
-    IMAGE_FIELD,
+from captioner.client_errors import (
     CaptionError,
-    CaptionResponse,
     ClientRequestError,
     ConnectionFailed,
-    ImageInput,
     ImageReadError,
-    RetryPolicy,
     ServerBusyError,
     ServerError,
-    _async_sleep,
-    _check_image_type,
-    _connection_failed,
-    _query,
-    _read_reply,
-    _resolve_options,
-    _sleep,
-    _upload,
 )
-from captioner.decoding import DecodingOptions
+from captioner.client_retry import RetryPolicy, gave_up
+from captioner.client_uploads import ImageInput, Upload, check_image_type, read_upload
+from captioner.client_wire import IMAGE_FIELD, CaptionResponse, query_params, read_reply, resolve_options
+from captioner.options import DecodingOptions
 
 __all__ = [
     "AsyncCaptionClient",
@@ -125,7 +121,7 @@ class CaptionClient(_ClientBase):
     :class:`ServerBusyError` at once. The waits of one call add up to at most ``retry_budget`` seconds. ``rng`` is
     the random source of the waits' jitter (a seeded ``random.Random`` repeats them). ``transport`` replaces
     httpx's network transport (tests pass an ``httpx.MockTransport``). The rules are
-    :class:`~captioner.client_wire.RetryPolicy`'s.
+    :class:`~captioner.client_retry.RetryPolicy`'s.
     """
 
     def __init__(
@@ -174,8 +170,8 @@ class CaptionClient(_ClientBase):
         ``options`` when both are given. Raises ``ValueError`` for a bad option (before any request) and a
         :class:`CaptionError` subclass when the request fails.
         """
-        decoding = _resolve_options(options, option_fields)  # before reading the image: no I/O for a bad option
-        return self._caption(_upload(image), decoding, attention)
+        decoding = resolve_options(options, option_fields)  # before reading the image: no I/O for a bad option
+        return self._caption(read_upload(image), decoding, attention)
 
     def caption_many(
         self,
@@ -193,12 +189,12 @@ class CaptionClient(_ClientBase):
         raise at once, before any request. Files are read in the worker threads, so at most
         ``concurrency`` of them are in memory at a time.
         """
-        decoding = _resolve_options(options, option_fields)
+        decoding = resolve_options(options, option_fields)
         batch = _checked_batch(images, concurrency)
 
         def caption_one(image: ImageInput) -> CaptionResponse | CaptionError:
             try:
-                return self._caption(_upload(image), decoding, attention)
+                return self._caption(read_upload(image), decoding, attention)
             except CaptionError as exc:
                 return exc
 
@@ -208,8 +204,8 @@ class CaptionClient(_ClientBase):
         finally:
             pool.shutdown(wait=True, cancel_futures=True)  # after an unexpected error, send nothing more
 
-    def _caption(self, upload: tuple[str, bytes, str], options: DecodingOptions, attention: bool) -> CaptionResponse:
-        params = _query(options, attention)
+    def _caption(self, upload: Upload, options: DecodingOptions, attention: bool) -> CaptionResponse:
+        params = query_params(options, attention)
         attempt, waited = 0, 0.0
         while True:
             try:
@@ -221,7 +217,7 @@ class CaptionClient(_ClientBase):
             else:
                 decision = self._retry.decide(attempt, waited, response=response)
                 if decision.wait is None:
-                    return _read_reply(response, attempt + 1, decision.reason)
+                    return read_reply(response, attempt + 1, decision.reason)
             _sleep(decision.wait)
             waited += decision.wait
             attempt += 1
@@ -271,7 +267,7 @@ class AsyncCaptionClient(_ClientBase):
         **option_fields: Any,
     ) -> CaptionResponse:
         """See :meth:`CaptionClient.caption`; reading a file or encoding a PIL image runs on a thread."""
-        decoding = _resolve_options(options, option_fields)
+        decoding = resolve_options(options, option_fields)
         return await self._caption(await _upload_off_loop(image), decoding, attention)
 
     async def caption_many(
@@ -285,7 +281,7 @@ class AsyncCaptionClient(_ClientBase):
     ) -> list[CaptionResponse | CaptionError]:
         """See :meth:`CaptionClient.caption_many`: results in input order, a failed image's slot holds its
         :class:`CaptionError`. At most ``concurrency`` requests (and files in memory) at a time."""
-        decoding = _resolve_options(options, option_fields)
+        decoding = resolve_options(options, option_fields)
         batch = _checked_batch(images, concurrency)
         results: list[CaptionResponse | CaptionError | None] = [None] * len(batch)
         semaphore = asyncio.Semaphore(concurrency)
@@ -307,10 +303,8 @@ class AsyncCaptionClient(_ClientBase):
             raise
         return results  # type: ignore[return-value]  # every slot is filled once gather returns
 
-    async def _caption(
-        self, upload: tuple[str, bytes, str], options: DecodingOptions, attention: bool
-    ) -> CaptionResponse:
-        params = _query(options, attention)
+    async def _caption(self, upload: Upload, options: DecodingOptions, attention: bool) -> CaptionResponse:
+        params = query_params(options, attention)
         attempt, waited = 0, 0.0
         while True:
             try:
@@ -322,17 +316,18 @@ class AsyncCaptionClient(_ClientBase):
             else:
                 decision = self._retry.decide(attempt, waited, response=response)
                 if decision.wait is None:
-                    return _read_reply(response, attempt + 1, decision.reason)
+                    return read_reply(response, attempt + 1, decision.reason)
             await _async_sleep(decision.wait)
             waited += decision.wait
             attempt += 1
 
 
-async def _upload_off_loop(image: ImageInput) -> tuple[str, bytes, str]:
-    """:func:`_upload` on a thread when it does I/O or encodes, so the event loop keeps serving other requests."""
+async def _upload_off_loop(image: ImageInput) -> Upload:
+    """:func:`~captioner.client_uploads.read_upload` on a thread when it reads a file or encodes, so the event loop
+    keeps serving other requests."""
     if isinstance(image, bytes | bytearray | memoryview):
-        return _upload(image)
-    return await asyncio.to_thread(_upload, image)
+        return read_upload(image)
+    return await asyncio.to_thread(read_upload, image)
 
 
 def _checked_batch(images: Iterable[ImageInput], concurrency: int) -> list[ImageInput]:
@@ -343,5 +338,20 @@ def _checked_batch(images: Iterable[ImageInput], concurrency: int) -> list[Image
         raise TypeError("caption_many takes a list of images; use caption() for one")
     batch = list(images)
     for image in batch:
-        _check_image_type(image)
+        check_image_type(image)
     return batch
+
+
+def _connection_failed(base_url: str, exc: httpx.TransportError, attempts: int, reason: str = "") -> ConnectionFailed:
+    code = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection_failed"
+    detail = str(exc) or exc.__class__.__name__
+    return ConnectionFailed(None, code, f"no answer from {base_url}: {detail} ({gave_up(attempts, reason)})")
+
+
+# The clients' only waits, named so tests can see them without waiting.
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+async def _async_sleep(seconds: float) -> None:
+    await asyncio.sleep(seconds)

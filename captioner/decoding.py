@@ -9,8 +9,8 @@ written once against the array API standard (:mod:`captioner.arrays`): on torch 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -31,138 +31,21 @@ from captioner.arrays import (
 from captioner.caption_rules import RuleMasks
 from captioner.config import DecoderConfig
 from captioner.decoder_state import DecoderState
+
+# The options and their ranges live in captioner.options (no torch: the HTTP client checks options with them);
+# they are named here too, for the code that imports them from here.
+from captioner.options import APPLIES_TO as APPLIES_TO
+from captioner.options import BEAM_SIZE_RANGE as BEAM_SIZE_RANGE
+from captioner.options import LENGTH_PENALTY_RANGE as LENGTH_PENALTY_RANGE
+from captioner.options import MAX_LENGTH_RANGE as MAX_LENGTH_RANGE
+from captioner.options import METHODS as METHODS
+from captioner.options import MIN_CONFIDENCE_RANGE as MIN_CONFIDENCE_RANGE
+from captioner.options import NUM_CAPTIONS_RANGE as NUM_CAPTIONS_RANGE
+from captioner.options import TEMPERATURE_MAX as TEMPERATURE_MAX
+from captioner.options import VALID_VALUES as VALID_VALUES
+from captioner.options import DecodingOptions as DecodingOptions
+from captioner.options import check_options_apply as check_options_apply
 from captioner.vocab import Vocabulary
-
-METHODS = ("greedy", "sample", "beam")
-
-# Valid ranges, shared with the CLI and the service so that every front end reports the same limits.
-MAX_LENGTH_RANGE = (1, 100)
-BEAM_SIZE_RANGE = (1, 20)
-NUM_CAPTIONS_RANGE = (1, 20)
-LENGTH_PENALTY_RANGE = (0.0, 5.0)
-TEMPERATURE_MAX = 10.0
-MIN_CONFIDENCE_RANGE = (0.0, 1.0)
-# The same ranges in words, for help texts (DecodingOptions.__post_init__ enforces them); an option without
-# an entry has no range to state (method: its choices; seed: any integer).
-VALID_VALUES = {
-    "max_length": "an integer in [{}, {}]".format(*MAX_LENGTH_RANGE),
-    "beam_size": "an integer in [{}, {}]".format(*BEAM_SIZE_RANGE),
-    "length_penalty": "a number in [{}, {}]".format(*LENGTH_PENALTY_RANGE),
-    "temperature": f"a number in (0, {TEMPERATURE_MAX}]",
-    "top_k": "an integer >= 0, 0 keeps all",
-    "top_p": "a number in (0, 1]",
-    "num_captions": "an integer in [{}, {}]".format(*NUM_CAPTIONS_RANGE),
-    "min_confidence": "a number in [{}, {}], 0 never abstains".format(*MIN_CONFIDENCE_RANGE),
-    "guided_by_tags": "true or false",
-}
-
-
-# The methods each option is for (max_length and method are for all). Set on another method, an option
-# would be silently ignored: it is an error instead (see check_options_apply).
-APPLIES_TO = {
-    "beam_size": ("beam",),
-    "length_penalty": ("beam",),
-    "temperature": ("sample",),
-    "top_k": ("sample",),
-    "top_p": ("sample",),
-    "num_captions": ("sample", "beam"),
-    "seed": ("sample",),
-    "guided_by_tags": ("beam",),
-}
-
-
-def check_options_apply(method: str, given: Iterable[str]) -> None:
-    """Raise ``ValueError`` for any option in ``given`` that ``method`` does not use, whatever its value.
-
-    ``given`` names the options the caller set explicitly (flags, query parameters or form fields, keyword
-    arguments); options every method uses, and names that are not decoding options (the service's
-    ``attention``), pass. Every front end calls this, so ``--method sample --beam-size 3`` is refused
-    although 3 is ``beam_size``'s default. :class:`DecodingOptions` cannot tell a default from a value set
-    to it, so on its own it refuses only values other than the default.
-    """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    names = set(given)
-    unused = [name for name, methods in APPLIES_TO.items() if name in names and method not in methods]
-    if unused:
-        uses = "; ".join(f"{name} is for {' and '.join(APPLIES_TO[name])}" for name in unused)
-        raise ValueError(f"method {method} does not use {', '.join(unused)} ({uses}): leave it out")
-
-
-@dataclass(frozen=True)
-class DecodingOptions:
-    """How to turn image features into words. Invalid values raise ``ValueError`` naming the range.
-
-    Every front end (the ``captioner`` and ``captioner-eval`` flags, the service's ``/caption`` options)
-    is made from these fields: their names, types and defaults, and each field's ``metadata``: ``help``,
-    what it does in a few words (the front end adds the valid values), or ``choices``, its only values.
-    """
-
-    method: str = field(default="beam", metadata={"choices": METHODS})
-    max_length: int = field(default=20, metadata={"help": "most words per caption"})  # the end token not counted
-    beam_size: int = field(default=3, metadata={"help": "beams per image (beam)"})
-    length_penalty: float = field(
-        default=0.0, metadata={"help": "beam ranking by log_prob / (words + 1) ** length_penalty"}
-    )
-    temperature: float = field(default=1.0, metadata={"help": "softmax temperature (sample)"})
-    top_k: int = field(default=0, metadata={"help": "sample from the k likeliest words"})  # 0 keeps all
-    # nucleus: sample from the smallest set of likeliest words holding this much probability
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
-    num_captions: int = field(  # sample: independent draws; beam: the best beams
-        default=1, metadata={"help": "captions returned (sample: draws, beam: best beams, <= beam_size)"}
-    )
-    seed: int | None = field(default=None, metadata={"help": "same seed, same samples (sample)"})
-    # Captions whose calibrated confidence is below this are left out; none left: the result abstains (its tags
-    # stay). 0 never abstains. Needs a model with a confidence model (captioner.confidence).
-    min_confidence: float = field(default=0.0, metadata={"help": "abstain below this caption confidence"})
-    # Make the caption name a confident image tag when the plain caption is unsure (captioner.guidance): constrained
-    # beam search over the tag's caption words. Needs a model with the ImageNet head.
-    guided_by_tags: bool = field(default=False, metadata={"help": "name a confident tag in the caption (beam)"})
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
-        _check_int("max_length", self.max_length, *MAX_LENGTH_RANGE)
-        _check_int("beam_size", self.beam_size, *BEAM_SIZE_RANGE)
-        _check_int("num_captions", self.num_captions, *NUM_CAPTIONS_RANGE)
-        lo, hi = LENGTH_PENALTY_RANGE
-        if not lo <= self.length_penalty <= hi:
-            raise ValueError(f"length_penalty must be in [{lo}, {hi}], got {self.length_penalty}")
-        if not 0.0 < self.temperature <= TEMPERATURE_MAX:
-            raise ValueError(f"temperature must be in (0, {TEMPERATURE_MAX}], got {self.temperature}")
-        lo, hi = MIN_CONFIDENCE_RANGE
-        if isinstance(self.min_confidence, bool) or not lo <= self.min_confidence <= hi:
-            raise ValueError(f"min_confidence must be in [{lo}, {hi}], got {self.min_confidence}")
-        if not isinstance(self.guided_by_tags, bool):
-            raise ValueError(f"guided_by_tags must be true or false, got {self.guided_by_tags!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if self.method == "greedy" and self.num_captions != 1:
-            raise ValueError("greedy decoding gives one caption per image; use method sample or beam for more")
-        if self.method == "beam" and self.num_captions > self.beam_size:
-            raise ValueError(f"num_captions must be <= beam_size ({self.beam_size}) for beam search")
-        # Only a value other than the default is known to be set here; the front ends, which know what the
-        # caller gave, refuse a default value given explicitly too (check_options_apply).
-        changed = [name for name in APPLIES_TO if getattr(self, name) != _FIELD_DEFAULTS[name]]
-        check_options_apply(self.method, changed)
-
-    def applies(self, name: str) -> bool:
-        """Whether option ``name`` does anything for this method."""
-        return self.method in APPLIES_TO.get(name, METHODS)
-
-    def to_dict(self) -> dict:
-        """The options this method uses (what a caption was made with), by name."""
-        return {name: value for name, value in asdict(self).items() if self.applies(name)}
-
-
-_FIELD_DEFAULTS = {f.name: f.default for f in fields(DecodingOptions)}
-
-
-def _check_int(name: str, value: int, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
 
 
 @dataclass

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from captioner.results import Tag as Tag
+
 TAGS_FILE = Path(__file__).parent / "assets" / "imagenet_tags.json"
 NUM_CLASSES = 1000
 # What every caption result carries: the 5 strongest tags of at least 0.02. On Flickr8k dev a tag's name or parent
@@ -30,36 +32,6 @@ DEFAULT_MIN_TAG_CONFIDENCE = 0.02
 
 class TagTableError(ValueError):
     """The tag table is missing or does not have the shape ``captioner.tags`` needs."""
-
-
-@dataclass(frozen=True)
-class Tag:
-    """One thing the image shows: a display name, its merged probability, and its parents, nearest first."""
-
-    name: str
-    confidence: float
-    parents: tuple[str, ...]
-
-    def to_dict(self, *, digits: int | None = None) -> dict[str, object]:
-        """The tag as JSON gives it everywhere (``{"name", "confidence", "parents"}``: the API, the CLI's ``--json``
-        and bulk records); ``digits`` rounds the confidence for files people read."""
-        confidence = self.confidence if digits is None else round(self.confidence, digits)
-        return {"name": self.name, "confidence": confidence, "parents": list(self.parents)}
-
-    @classmethod
-    def from_dict(cls, data: object) -> Tag:
-        """A tag from its JSON (:meth:`to_dict`); ``KeyError``, ``TypeError`` or ``ValueError`` for anything else, so
-        a reader of another program's answer (``captioner.client``) can report it as not a tag."""
-        if not isinstance(data, dict):
-            raise TypeError(f"a tag is a JSON object, got {type(data).__name__}")
-        name, confidence, parents = data["name"], data["confidence"], data.get("parents", [])
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"a tag's name is a non-empty string, got {name!r}")
-        if isinstance(confidence, bool) or not isinstance(confidence, int | float):
-            raise TypeError(f"tag {name!r}: confidence is a number, got {confidence!r}")
-        if not isinstance(parents, list) or not all(isinstance(parent, str) for parent in parents):
-            raise TypeError(f"tag {name!r}: parents are a list of names, got {parents!r}")
-        return cls(name, float(confidence), tuple(parents))
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Request options and response bodies; the option limits are the library's, so both report the same range."""
+"""Request options and response bodies; the options' names, defaults, bounds and valid values in words are the
+library's (:mod:`captioner.options`), so the API states and enforces the same ranges as the library and the CLI."""
 
 from __future__ import annotations
 
@@ -7,75 +8,38 @@ import typing
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, create_model, model_serializer
 
-from captioner.decoding import (
-    APPLIES_TO,
-    BEAM_SIZE_RANGE,
-    LENGTH_PENALTY_RANGE,
-    MAX_LENGTH_RANGE,
-    METHODS,
-    MIN_CONFIDENCE_RANGE,
-    NUM_CAPTIONS_RANGE,
-    TEMPERATURE_MAX,
-    DecodingOptions,
-    check_options_apply,
-)
+from captioner.options import APPLIES_TO, RANGES, VALID_VALUES, DecodingOptions, check_options_apply
 from captioner.tags import DEFAULT_MIN_TAG_CONFIDENCE, DEFAULT_TAG_COUNT
 
-SEED_MAX = 2**63 - 1
-
-# The valid values of each option, as error messages and the OpenAPI descriptions state them.
-_RANGES = {
-    "method": f"one of {', '.join(METHODS)}",
-    "max_length": "an integer in [{}, {}]".format(*MAX_LENGTH_RANGE),
-    "beam_size": "an integer in [{}, {}]".format(*BEAM_SIZE_RANGE),
-    "num_captions": "an integer in [{}, {}]".format(*NUM_CAPTIONS_RANGE),
-    "length_penalty": "a number in [{}, {}]".format(*LENGTH_PENALTY_RANGE),
-    "temperature": f"a number in (0, {TEMPERATURE_MAX}]",
-    "top_k": "an integer >= 0 (0 keeps all words)",
-    "top_p": "a number in (0, 1]",
-    "seed": f"an integer in [0, {SEED_MAX}]",
-    "min_confidence": "a number in [{}, {}] (0 never abstains; above 0 needs a calibrated model)".format(
-        *MIN_CONFIDENCE_RANGE
-    ),
-    "guided_by_tags": "true or false",
-    "attention": "true or false",
-}
-# The same ranges as pydantic's constraints (DecodingOptions checks them too, but pydantic's errors name the field).
-_CONSTRAINTS: dict[str, dict[str, Any]] = {
-    "max_length": {"ge": MAX_LENGTH_RANGE[0], "le": MAX_LENGTH_RANGE[1]},
-    "beam_size": {"ge": BEAM_SIZE_RANGE[0], "le": BEAM_SIZE_RANGE[1]},
-    "length_penalty": {"ge": LENGTH_PENALTY_RANGE[0], "le": LENGTH_PENALTY_RANGE[1]},
-    "temperature": {"gt": 0.0, "le": TEMPERATURE_MAX},
-    "top_k": {"ge": 0},
-    "top_p": {"gt": 0.0, "le": 1.0},
-    "num_captions": {"ge": NUM_CAPTIONS_RANGE[0], "le": NUM_CAPTIONS_RANGE[1]},
-    "seed": {"ge": 0, "le": SEED_MAX},
-    "min_confidence": {"ge": MIN_CONFIDENCE_RANGE[0], "le": MIN_CONFIDENCE_RANGE[1]},
-}
-# The request and response models are made from DecodingOptions' fields (names, types, defaults, help), in
-# its order, then the service's own option, attention: an option or a default is written there only.
+# The service's own option, beside the library's: whether the response carries attention maps.
+_ATTENTION_VALUES = "true or false"
+# The request and response models are made from DecodingOptions' fields (names, types, defaults, help, ranges), in
+# its order, then the service's own option, attention: an option, a default or a range is written there only.
 _OPTIONS = dataclasses.fields(DecodingOptions)
 _TYPES = typing.get_type_hints(DecodingOptions)
-if missing := [o.name for o in _OPTIONS if o.name not in _RANGES]:
-    raise RuntimeError(f"decoding option(s) {', '.join(missing)} have no valid values in words: add them to _RANGES")
 
 
 def option_range(name: str) -> str | None:
-    """The valid values of option ``name`` in words, or None for an unknown name."""
-    return _RANGES.get(name)
+    """The valid values of option ``name`` in words (as 422 messages and the OpenAPI descriptions state them), or
+    None for a name that is no option."""
+    return _ATTENTION_VALUES if name == "attention" else VALID_VALUES.get(name)
 
 
-def _request_field(option: dataclasses.Field) -> tuple[Any, Any]:
-    """A DecodingOptions field as a request option: its type (its choices as a Literal), default and range."""
+def _request_field(option: dataclasses.Field[Any]) -> tuple[Any, Any]:
+    """A DecodingOptions field as a request option: its type (its choices as a Literal), default and range.
+
+    The range is enforced by pydantic too (DecodingOptions checks it again), so a 422 names the field."""
     choices = option.metadata.get("choices")
     kind = Literal[choices] if choices else _TYPES[option.name]
-    described = "; ".join(filter(None, (option.metadata.get("help"), _RANGES[option.name])))
-    return kind, Field(option.default, description=described, **_CONSTRAINTS.get(option.name, {}))
+    described = "; ".join(filter(None, (option.metadata.get("help"), option_range(option.name))))
+    # dict[str, Any]: as keywords, mypy checks its values against every parameter of Field (alias: str, ...)
+    bounds: dict[str, Any] = dict(RANGES[option.name].constraints()) if option.name in RANGES else {}
+    return kind, Field(option.default, description=described, **bounds)
 
 
-def _field_definitions(make: Callable[[dataclasses.Field], tuple[Any, Any]]) -> dict[str, Any]:
+def _field_definitions(make: Callable[[dataclasses.Field[Any]], tuple[Any, Any]]) -> dict[str, Any]:
     # dict[str, Any], not dict[str, tuple[Any, Any]]: mypy checks a **-unpacked dict's values against every
     # keyword parameter of create_model, __config__ and __base__ included, and no overload would match.
     return {option.name: make(option) for option in _OPTIONS}
@@ -109,12 +73,12 @@ OPTION_NAMES = tuple(CaptionOptions.model_fields)
 
 class _AppliedOptions(BaseModel):
     @model_serializer(mode="wrap")
-    def _only_what_applies(self, handler):
+    def _only_what_applies(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # an option another method uses is left out, not shown as null; an unseeded sample has no seed
         return {name: value for name, value in handler(self).items() if value is not None}
 
 
-def _applied_field(option: dataclasses.Field) -> tuple[Any, Any]:
+def _applied_field(option: dataclasses.Field[Any]) -> tuple[Any, Any]:
     """A DecodingOptions field as a response states it: required when every method uses it, else optional."""
     kind = _TYPES[option.name]
     return (kind, ...) if option.name not in APPLIES_TO else (kind | None, None)

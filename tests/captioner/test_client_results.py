@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 from typing import Any
 
 import httpx
@@ -12,6 +13,7 @@ import pytest
 
 from captioner.client import AsyncCaptionClient, CaptionClient, ClientRequestError, ServerError
 from captioner.decoding import DecodingOptions
+from captioner.options import SEED_MAX, VALID_VALUES
 from captioner.tags import Tag
 
 CAPTION = {"text": "a dog", "tokens": ["a", "dog"], "log_prob": -1.5, "score": -1.5, "attention": None}
@@ -125,3 +127,14 @@ def test_the_async_client_reads_the_same_fields() -> None:
         assert (
             reply.abstained is True and reply.captions == [] and reply.tags[0] == Tag("dog", 0.61, ("mammal", "animal"))
         )
+
+
+def test_the_seed_limit_is_checked_here_with_the_librarys_message() -> None:
+    server = FakeServer(BODY)
+    with server.client() as client:
+        for seed in (-1, SEED_MAX + 1):
+            with pytest.raises(ValueError, match=rf"^seed must be {re.escape(VALID_VALUES['seed'])}, got {seed}$"):
+                client.caption(b"image", method="sample", seed=seed)
+        assert server.requests == []  # refused before any request
+        client.caption(b"image", method="sample", seed=SEED_MAX)
+    assert dict(server.requests[0].url.params)["seed"] == str(SEED_MAX)

@@ -163,7 +163,7 @@ def test_attention_weights_come_with_each_word():
         ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
         ({"beam_size": 0}, r"beam_size must be an integer in \[1, 20\]"),
         ({"max_length": 0}, r"max_length must be an integer in \[1, 100\]"),
-        ({"top_k": -1}, "top_k must be >= 0"),
+        ({"top_k": -1}, "top_k must be an integer >= 0"),
         ({"num_captions": 4, "beam_size": 3}, "num_captions must be <= beam_size"),
         ({"method": "greedy", "num_captions": 2}, "greedy decoding gives one caption"),
         ({"length_penalty": -1}, r"length_penalty must be in \[0.0, 5.0\]"),

@@ -258,7 +258,7 @@ def test_the_documented_formats_are_decoded(pillow_format) -> None:
 def test_high_bit_images_convert_in_bands_within_a_byte_per_pixel(mode, dtype, value, expected) -> None:
     import tracemalloc
 
-    from captioner.transforms import _BAND_ROWS, to_rgb
+    from captioner.images import _BAND_ROWS, to_rgb
 
     height, width = 1500, 2000
     image = Image.fromarray(np.full((height, width), value, dtype))

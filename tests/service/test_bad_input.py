@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from captioner.options import SEED_MAX, VALID_VALUES, DecodingOptions
 from service.app import create_app
 from service.settings import Settings
 from tests.service import images
@@ -256,6 +257,17 @@ def test_uploads_are_never_written_to_disk(client: TestClient, monkeypatch: pyte
 def test_out_of_range_options(client: TestClient, params: dict, expected: str) -> None:
     message = _error(_upload(client, images.png(), **params), 422, "invalid_option")
     assert expected in message
+
+
+@pytest.mark.parametrize("seed", [-1, SEED_MAX + 1])
+def test_the_seed_limit_is_the_librarys(client: TestClient, seed: int) -> None:
+    """The API refuses the seeds DecodingOptions refuses, in the library's words; the largest valid seed runs."""
+    message = _error(_upload(client, images.png(), method="sample", seed=seed), 422, "invalid_option")
+    with pytest.raises(ValueError) as library:
+        DecodingOptions(method="sample", seed=seed)
+    stated = f"seed must be {VALID_VALUES['seed']}"
+    assert message.startswith(stated + ", got") and str(library.value).startswith(stated + ", got")
+    assert _upload(client, images.png(), method="sample", seed=SEED_MAX).status_code == 200
 
 
 def test_out_of_range_form_field(client: TestClient) -> None:

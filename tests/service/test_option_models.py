@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from captioner.decoding import APPLIES_TO, DecodingOptions
+from captioner.options import RANGES, VALID_VALUES
 from service.schemas import OPTION_NAMES, AppliedOptions, CaptionOptions, option_range
 
 FIELDS = dataclasses.fields(DecodingOptions)
@@ -53,3 +54,40 @@ def test_an_option_the_request_names_is_refused_when_its_method_does_not_use_it(
     assert beam.decoding_options() == DecodingOptions(method="beam", beam_size=3)
     greedy = CaptionOptions.model_validate({"method": "greedy", "max_length": "20", "attention": "true"})
     assert greedy.decoding_options() == DecodingOptions(method="greedy")
+
+
+_SCHEMA_KEYWORDS = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}
+
+
+def _number_schema(name: str) -> dict:
+    """The JSON Schema of option ``name``'s number (``seed``'s is one branch of an anyOf with null)."""
+    schema = CaptionOptions.model_json_schema()["properties"][name]
+    branches = [branch for branch in schema.get("anyOf", [schema]) if branch.get("type") in ("integer", "number")]
+    assert len(branches) == 1, schema
+    return branches[0]
+
+
+def test_the_schema_bounds_and_words_are_the_librarys() -> None:
+    """Every bound the API documents and enforces is captioner.options' own, for every option with a range."""
+    assert RANGES  # the loop below checks something
+    for option in FIELDS:
+        assert option_range(option.name) == VALID_VALUES[option.name]
+        schema = _number_schema(option.name) if option.name in RANGES else {}
+        bounds = {key: value for key, value in schema.items() if key in _SCHEMA_KEYWORDS.values()}
+        expected = RANGES[option.name].constraints() if option.name in RANGES else {}
+        assert bounds == {_SCHEMA_KEYWORDS[key]: value for key, value in expected.items()}, option.name
+
+
+@pytest.mark.parametrize("name", list(RANGES))
+def test_the_request_accepts_what_the_library_accepts_at_each_bound(name: str) -> None:
+    valid = RANGES[name]
+    step = 1 if valid.integer else 1e-6
+    values = [valid.low - step, valid.low, valid.low + step]
+    if valid.high is not None:
+        values += [valid.high - step, valid.high, valid.high + step]
+    for value in values:
+        if valid.contains(value):
+            assert getattr(CaptionOptions(**{name: value}), name) == value
+        else:
+            with pytest.raises(ValidationError):
+                CaptionOptions(**{name: value})
