@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from captioner.decoding import DecodingOptions
+from captioner.errors import CaptionerError
 from captioner.model import CaptionResult
 from captioner.transforms import IMAGE_EXTENSIONS, ImageError, Preprocess, load_crop, normalize_crops
 
@@ -49,7 +50,7 @@ CSV_FIELDS = (
 _GLOB_CHARS = frozenset("*?[")
 
 
-class InputError(ValueError):
+class InputError(CaptionerError, ValueError):
     """A manifest or an output file that cannot be used; the message is one line."""
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from captioner.config import EncoderConfig
+from captioner.errors import CaptionerError
 from captioner.transforms import Preprocess
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ IMAGENET_CLASSES = 1000  # outputs of the ImageNet-1k classifier (the class head
 CLASSIFIER = "classifier"  # the class head's name in the encoder's state dict ("classifier.weight", ...)
 
 
-class EncoderWeightsError(RuntimeError):
+class EncoderWeightsError(CaptionerError, RuntimeError):
     """The requested encoder weights could not be found, fetched or loaded."""
 
 

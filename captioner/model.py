@@ -21,6 +21,7 @@ from captioner.config import DecoderConfig, EncoderConfig, ModelConfig
 from captioner.decoder import CaptionDecoder
 from captioner.decoding import DecodingOptions, Hypothesis, check_options_apply, constrained_beam_search, decode
 from captioner.encoders import ImageEncoder, build_encoder, default_chunk_size, file_sha256
+from captioner.errors import CaptionerError, one_line
 from captioner.guidance import DEFAULT_POLICY, GuidancePolicy, required_words
 from captioner.tags import Tag, tags_from_probabilities
 from captioner.transforms import DEFAULT_MAX_PIXELS, ImageSource, Preprocess, preprocess_images, to_tensor
@@ -56,11 +57,11 @@ class CaptionResult:
     abstained: bool = False
 
 
-class ConfidenceUnavailableError(ValueError):
+class ConfidenceUnavailableError(CaptionerError, ValueError):
     """``min_confidence`` was asked of a model without a confidence model."""
 
 
-class TagsUnavailableError(ValueError):
+class TagsUnavailableError(CaptionerError, ValueError):
     """``guided_by_tags`` was asked without the encoder's ImageNet logits to take the tags from."""
 
 
@@ -239,8 +240,7 @@ class Captioner(nn.Module):
         except CheckpointError:
             raise
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-            raise CheckpointError(f"{source}: checkpoint does not match this model code: {first}") from exc
+            raise CheckpointError(f"{source}: checkpoint does not match this model code: {one_line(exc)}") from exc
         encoder.preprocess = Preprocess.from_dict(data["preprocess"])  # what the model was trained with
         rules = data.get("caption_rules")
         return cls(

@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from captioner.checkpoint import CheckpointError
 from captioner.config import DecoderConfig, ModelConfig
 from captioner.decoder import DecoderState
 from captioner.encoders import file_sha256
+from captioner.errors import CaptionerError, CheckpointError, one_line
 from captioner.export_integrity import UntrustedExport, VerifiedExport, read_cache_entry, read_export_folder
 from captioner.onnx_export import (
     EXPORT_VERSION,
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 EXTRA_HINT = "pip install 'captioner[onnx]'"
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(CaptionerError, RuntimeError):
     """The requested backend's package is not installed."""
 
 
@@ -219,8 +219,9 @@ def _session(export: VerifiedExport, part: str, threads: int | None):
         options = session_options(threads or torch.get_num_threads())
         return ort.InferenceSession(export.graphs[part], options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own Fail / InvalidGraph types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise CheckpointError(f"{export.folder / GRAPH_FILES[part]}: ONNX Runtime cannot load it: {first}") from exc
+        raise CheckpointError(
+            f"{export.folder / GRAPH_FILES[part]}: ONNX Runtime cannot load it: {one_line(exc)}"
+        ) from exc
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:

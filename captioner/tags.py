@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from captioner.errors import CaptionerError
+
 TAGS_FILE = Path(__file__).parent / "assets" / "imagenet_tags.json"
 NUM_CLASSES = 1000
 # What every caption result carries: the 5 strongest tags of at least 0.02. On Flickr8k dev a tag's name or parent
@@ -28,7 +30,7 @@ DEFAULT_TAG_COUNT = 5
 DEFAULT_MIN_TAG_CONFIDENCE = 0.02
 
 
-class TagTableError(ValueError):
+class TagTableError(CaptionerError, ValueError):
     """The tag table is missing or does not have the shape ``captioner.tags`` needs."""
 
 

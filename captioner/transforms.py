@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
+from captioner.errors import CaptionerError
+
 ImageSource = Image.Image | bytes | bytearray | memoryview | str | os.PathLike
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -54,7 +56,7 @@ class ImageErrorCode(enum.Enum):
     INVALID_IMAGE = "invalid_image"  # truncated, corrupt, unreadable, or no pixels
 
 
-class ImageError(ValueError):
+class ImageError(CaptionerError, ValueError):
     """An input that cannot be turned into an image: ``code`` says why, the message says it in words."""
 
     def __init__(self, message: str, code: ImageErrorCode) -> None:
