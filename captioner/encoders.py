@@ -392,10 +392,6 @@ ENCODERS: dict[str, _Entry] = {
 }
 
 
-def encoder_feature_dim(name: str) -> int:
-    return _entry(name).feature_dim
-
-
 def _entry(name: str) -> _Entry:
     if name not in ENCODERS:
         raise ValueError(f"unknown encoder {name!r}; expected one of {', '.join(ENCODERS)}")
