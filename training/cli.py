@@ -138,9 +138,9 @@ def _interrupted_message(output_dir: str | None) -> str:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    _setup_logging()
     output_dir = None
     try:
+        _setup_logging()  # reads torchrun's variables: values no launch sets are the user's error
         config = parse_train_config(argv)
         output_dir = config.output_dir
         from training.engine import train
@@ -265,9 +265,9 @@ def _coco_id(image_id: str) -> int | str:
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    _setup_logging()
     args = get_eval_args_parser().parse_args(argv)
     try:
+        _setup_logging()  # reads torchrun's variables: values no launch sets are the user's error
         report = evaluate(args)
     except USER_ERRORS as exc:
         print(f"captioner-eval: error: {one_line(exc)}", file=sys.stderr)
