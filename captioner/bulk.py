@@ -28,7 +28,7 @@ import json
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from stat import S_ISDIR
@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 
 from captioner.decoding import DecodingOptions
-from captioner.model import CaptionResult
+from captioner.errors import CaptionerError
+from captioner.model import Captioner, CaptionResult
 from captioner.transforms import IMAGE_EXTENSIONS, ImageError, Preprocess, load_crop, normalize_crops
 
 OUTPUT_FORMATS = (".jsonl", ".csv")
@@ -49,7 +50,7 @@ CSV_FIELDS = (
 _GLOB_CHARS = frozenset("*?[")
 
 
-class InputError(ValueError):
+class InputError(CaptionerError, ValueError):
     """A manifest or an output file that cannot be used; the message is one line."""
 
 
@@ -613,7 +614,7 @@ def decoded_batches(
             yield Batch(chunk, [c for c, _ in read], [e for _, e in read])
         return
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="captioner-decode") as pool:
-        pending: deque = deque()
+        pending: deque[tuple[list[str], list[Future[tuple[np.ndarray | None, str]]]]] = deque()
         for chunk in chunks:
             pending.append((chunk, [pool.submit(_read_crop, p, preprocess, max_pixels) for p in chunk]))
             if len(pending) > prefetch:
@@ -622,15 +623,15 @@ def decoded_batches(
             yield _collect(*pending.popleft())
 
 
-def _collect(chunk: list[str], futures: list) -> Batch:
+def _collect(chunk: list[str], futures: list[Future[tuple[np.ndarray | None, str]]]) -> Batch:
     read = [f.result() for f in futures]
     return Batch(chunk, [c for c, _ in read], [e for _, e in read])
 
 
-def caption_records(model, batch: Batch, options) -> list[dict[str, Any]]:
+def caption_records(model: Captioner, batch: Batch, options: DecodingOptions) -> list[dict[str, Any]]:
     """One record per image of ``batch``: its captions, tags and whether it abstained, or its error."""
     readable = {i: crop for i, crop in enumerate(batch.crops) if crop is not None}
-    results = {}
+    results: dict[int, CaptionResult] = {}
     if readable:
         pixels = normalize_crops(np.stack(list(readable.values())), model.preprocess_config)
         results = dict(zip(readable, model.caption_pixels(pixels, options), strict=True))
@@ -657,9 +658,9 @@ def _record(image: str, result: CaptionResult) -> dict[str, Any]:
 
 
 def caption_stream(
-    model,
+    model: Captioner,
     paths: Sequence[str],
-    options,
+    options: DecodingOptions,
     *,
     batch_size: int = 32,
     workers: int = 2,
@@ -677,15 +678,6 @@ def caption_stream(
         if progress is not None:
             progress(len(records), sum("error" in r for r in records))
         yield records
-
-
-def distributed_rank() -> tuple[int, int]:
-    """(rank, world size) under ``torchrun``; (0, 1) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world < 1 or not 0 <= rank < world:
-        raise InputError(f"RANK={rank} and WORLD_SIZE={world} do not make sense together")
-    return rank, world
 
 
 def default_workers() -> int:

@@ -23,16 +23,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+from captioner.errors import CheckpointError  # both runtimes raise it: it lives below them (still importable here)
+
 FORMAT = "captioner-checkpoint"
 FORMAT_VERSION = 1
 _REQUIRED = ("config", "vocab", "preprocess", "encoder", "decoder_state")
 
 
 DEFAULT_MODEL_NAME = "default"  # what the command lines accept for the bundled default model
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file that is missing, unreadable, of another format, or of another version."""
 
 
 def checkpoint_arg(value: str | os.PathLike | None) -> str | os.PathLike | None:

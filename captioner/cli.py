@@ -1,29 +1,48 @@
-"""``captioner`` command line: caption images with a trained checkpoint."""
+"""``captioner`` command line: caption images with a trained checkpoint.
+
+The library's commands are here. Commands another package adds (``training`` adds ``rules`` and ``calibrate``, which
+learn from a data set) come in as :class:`Command` values to :func:`main`, so this module never imports them: the
+console script runs ``training.data_commands.main``, which passes them.
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
 import sys
-import typing
-from collections.abc import Collection
-from dataclasses import asdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from captioner.bulk import InputError, default_workers
-from captioner.caption_rules import DEFAULT_MAX_RATE
-from captioner.checkpoint import CheckpointError, checkpoint_arg
-from captioner.encoders import EncoderWeightsError
-from captioner.model import BACKEND_CHOICES, BACKENDS
-from captioner.onnx_backend import BackendUnavailable
-from captioner.onnx_export import QUANTIZE_CHOICES, ExportError
-from captioner.options import VALID_VALUES, DecodingOptions, check_options_apply
+from captioner.bulk import InputError, RecordFile, default_workers
+from captioner.checkpoint import checkpoint_arg
+from captioner.cli_args import add_backend_arg, add_decoding_args, add_verbose_arg, decoding_options_from_args
+from captioner.decoding import DecodingOptions
+from captioner.errors import USER_ERRORS, one_line
+from captioner.model import BACKEND_CHOICES, Captioner
+from captioner.onnx_export import QUANTIZE_CHOICES
+from captioner.torchrun import launch_rank
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
-def get_args_parser() -> argparse.ArgumentParser:
+@dataclass(frozen=True)
+class Command:
+    """A subcommand another package adds to ``captioner``."""
+
+    name: str  # what follows ``captioner`` on the command line
+    help: str  # its line in ``captioner --help``
+    description: str  # what ``captioner NAME --help`` says first
+    add_arguments: Callable[[argparse.ArgumentParser], None]  # its arguments, on the subparser made for it
+    run: Callable[[argparse.Namespace], int]  # the exit status; raises USER_ERRORS for the user's mistakes
+
+
+def get_args_parser(commands: Sequence[Command] = ()) -> argparse.ArgumentParser:
+    """The library's commands, then ``commands``."""
     parser = argparse.ArgumentParser(prog="captioner", description="Caption images with a CNN+LSTM model.")
     sub = parser.add_subparsers(dest="command", required=True)
     cap = sub.add_parser(
@@ -73,7 +92,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_backend_arg(cap, default="auto", choices=BACKEND_CHOICES)
     cap.add_argument("--json", action="store_true", help="print one JSON document instead of text lines")
     cap.add_argument("--no-progress", action="store_true", help="no progress bar (there is none when not a terminal)")
-    _add_verbose_arg(cap)
+    add_verbose_arg(cap)
     merge = sub.add_parser("merge", help="merge the part files a torchrun caption run wrote into one output file")
     merge.add_argument("output", help="the run's --output; its parts are OUTPUT-STEM.part-RRRRR-of-WWWWW.EXT beside it")
     info = sub.add_parser("info", help="describe a checkpoint")
@@ -110,22 +129,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         metavar="IMG",
         help="onnx: photos for the export's self-check (default: synthetic pictures)",
     )
-    _add_verbose_arg(export)
-    rules = sub.add_parser(
-        "rules",
-        help="learn where captions may start and end from a data set's training captions, into a checkpoint copy",
-        description="Derive caption rules (captioner.caption_rules: words and word pairs no human caption ends on, "
-        "words none starts with) from the training split of --data and write SOURCE with them to TARGET. Every "
-        "decoding method then follows them. Checkpoints trained by captioner-train already carry them.",
-    )
-    _add_checkpoint_copy_args(rules)
-    rules.add_argument(
-        "--max-rate",
-        type=float,
-        default=DEFAULT_MAX_RATE,
-        help=f"a word is ruled out when (k + 1) / (n + 2) is below this, for k endings (or starts) in n sightings "
-        f"(default: {DEFAULT_MAX_RATE})",
-    )
+    add_verbose_arg(export)
     extend = sub.add_parser(
         "extend-vocabulary",
         help="add words the model never learned (zebra, sink, broccoli...) for tag-guided captions, into a copy",
@@ -143,126 +147,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="a word-transfer table as scripts/make_word_transfers.py writes it (default: the bundled one, "
         "captioner/assets/word_transfers.json)",
     )
-    calibrate = sub.add_parser(
-        "calibrate",
-        help="fit caption confidence on a data set's held-out photos, into a checkpoint copy",
-        description="Fit the confidence every caption gets (captioner.confidence: a calibrated probability that the "
-        "caption reaches per-image CIDEr-D >= --threshold) on the val split of --data, with the train split as the "
-        "reference for what the model's photos look like, and write SOURCE with it to TARGET. Never use the test "
-        "split. Needs the train extra (scikit-learn). captioner-train does this at the end of a run.",
-    )
-    _add_checkpoint_copy_args(calibrate)
-    calibrate.add_argument(
-        "--threshold", type=float, default=0.5, help="per-image CIDEr-D a caption must reach to count as acceptable"
-    )
-    calibrate.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    add_backend_arg(calibrate, default="auto", choices=BACKEND_CHOICES)
-    calibrate.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_verbose_arg(calibrate)
+    for command in commands:
+        command.add_arguments(sub.add_parser(command.name, help=command.help, description=command.description))
     return parser
-
-
-def _add_checkpoint_copy_args(parser: argparse.ArgumentParser) -> None:
-    """SOURCE, TARGET and the data a command learns from: the commands that write a checkpoint's copy with
-    something learned added (``rules``, ``calibrate``)."""
-    parser.add_argument("source", help="checkpoint to read, or 'default'")
-    parser.add_argument("target", help="checkpoint file to write (may be SOURCE itself)")
-    parser.add_argument("--data", required=True, help="Flickr8k folder, COCO captions JSON, or Karpathy split JSON")
-    parser.add_argument("--data-format", default="auto", choices=["auto", "coco", "karpathy", "flickr8k"])
-
-
-def add_backend_arg(
-    parser: argparse.ArgumentParser, default: str = "torch", choices: tuple[str, ...] = BACKENDS
-) -> None:
-    """``--backend``, shared by every command that captions."""
-    parser.add_argument(
-        "--backend",
-        default=default,
-        choices=choices,
-        help="torch, or onnxruntime (CPU; the 'onnx' extra; a .pt checkpoint is exported on first use and "
-        "cached)"
-        + ("; auto: onnxruntime on CPU when installed, else torch" if "auto" in choices else "")
-        + f" (default: {default})",
-    )
-
-
-def add_decoding_args(parser: argparse.ArgumentParser, *, leave_out: Collection[str] = ()) -> None:
-    """The decoding flags, shared by every command that captions (``captioner``, ``captioner-eval``).
-
-    One flag per :class:`DecodingOptions` field (``max_length`` -> ``--max-length``), with its type,
-    default, and help with its valid values (:data:`~captioner.decoding.VALID_VALUES`) or choices. A flag
-    the method does not use (``--beam-size`` with ``--method sample``) is refused by
-    :func:`decoding_options_from_args` even at its default value, as the service refuses the option: each
-    flag records that it was given. An option in ``leave_out`` gets no flag, for a command it would mean nothing
-    to; :func:`decoding_options_from_args` then takes its default.
-    """
-    types = typing.get_type_hints(DecodingOptions)
-    for option in dataclasses.fields(DecodingOptions):
-        if option.name in leave_out:
-            continue
-        hint = types[option.name]
-        kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint)  # int | None -> int
-        described = "; ".join(filter(None, (option.metadata.get("help"), VALID_VALUES.get(option.name))))
-        help_text = described.replace("%", "%%")
-        if option.default is not None:
-            help_text = f"{help_text} (default: %(default)s)".lstrip()
-        flag = "--" + option.name.replace("_", "-")
-        if kind is bool:  # a switch: --flag alone means true, --flag false turns it off
-            parser.add_argument(
-                flag,
-                action=_DecodingFlag,
-                type=_parse_bool,
-                nargs="?",
-                const=True,
-                metavar="BOOL",
-                default=option.default,
-                help=help_text or None,
-            )
-            continue
-        parser.add_argument(
-            flag,
-            action=_DecodingFlag,
-            type=kind,
-            default=option.default,
-            choices=option.metadata.get("choices"),
-            help=help_text or None,
-        )
-
-
-def _parse_bool(text: str) -> bool:
-    """A switch's value (``--guided-by-tags false``); ``bool("false")`` would be True."""
-    value = text.strip().lower()
-    if value not in ("true", "false", "1", "0", "yes", "no"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return value in ("true", "1", "yes")
-
-
-_GIVEN = "decoding_flags_given"  # the Namespace attribute listing the decoding options given as flags
-
-
-class _DecodingFlag(argparse.Action):
-    """Stores a decoding flag's value and records that it was given: a default value alone cannot tell."""
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        setattr(namespace, self.dest, values)
-        setattr(namespace, _GIVEN, (*getattr(namespace, _GIVEN, ()), self.dest))  # a new tuple: never shared
-
-
-def decoding_options_from_args(args: argparse.Namespace) -> DecodingOptions:
-    """Validated :class:`DecodingOptions` from the flags of :func:`add_decoding_args`; ``ValueError`` for a
-    flag given that the method does not use (``--method sample --beam-size 3``), whatever its value."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(DecodingOptions) if hasattr(args, f.name)}
-    options = DecodingOptions(**given)
-    check_options_apply(options.method, getattr(args, _GIVEN, ()))
-    return options
-
-
-def _add_verbose_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--verbose",
-        action="store_true",
-        help="also show the output of the libraries an ONNX export uses (quiet by default) and debug lines",
-    )
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -277,22 +164,20 @@ def _fail(message: str) -> int:
     return 2
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, *, commands: Sequence[Command] = ()) -> int:
+    """Run ``captioner ARGV`` with the library's commands and ``commands``; the exit status."""
+    args = get_args_parser(commands).parse_args(argv)
     _configure_logging(getattr(args, "verbose", False))
-    from captioner.model import Captioner  # imported late so that --help stays fast
-
+    added = {command.name: command for command in commands}
     try:
+        if args.command in added:
+            return added[args.command].run(args)
         if args.command == "info":
             model = Captioner.from_checkpoint(checkpoint_arg(args.checkpoint))
             print(json.dumps(_describe(model), indent=2))
             return 0
         if args.command == "export":
             return _export(args)
-        if args.command == "rules":
-            return _rules(args)
-        if args.command == "calibrate":
-            return _calibrate(args)
         if args.command == "extend-vocabulary":
             return _extend_vocabulary(args)
         if args.command == "merge":
@@ -302,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"merged {count} records into {output}")
             return 0
         return _caption(args)
-    except (ValueError, CheckpointError, EncoderWeightsError, BackendUnavailable, ExportError, InputError) as exc:
-        return _fail(str(exc))
+    except USER_ERRORS as exc:
+        return _fail(one_line(exc))
     except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status for it, never a traceback
         print("captioner: interrupted", file=sys.stderr)
         return 130
@@ -315,7 +200,6 @@ def _caption(args: argparse.Namespace) -> int:
         RecordFile,
         RunSignature,
         caption_stream,
-        distributed_rank,
         expand_inputs,
         output_format,
         part_path,
@@ -336,7 +220,8 @@ def _caption(args: argparse.Namespace) -> int:
     inputs = expand_inputs(args.inputs, from_list=args.from_list, column=args.list_column)
     if not inputs.paths and not inputs.missing:
         raise ValueError("no images given: name files, folders or glob patterns, or --from-list FILE")
-    rank, world = distributed_rank()
+    launch = launch_rank()
+    rank, world = launch.rank, launch.world
     if world > 1 and not args.output:
         raise ValueError("under torchrun each process writes its share to a file: give --output")
     model = Captioner.from_checkpoint(checkpoint_arg(args.checkpoint), device=args.device, backend=args.backend)
@@ -392,7 +277,7 @@ def _caption(args: argparse.Namespace) -> int:
     return 1 if printer.failed else 0
 
 
-def _say_what_the_file_holds(sink) -> None:
+def _say_what_the_file_holds(sink: RecordFile) -> None:
     if sink.retried:
         print(f"captioner: {sink.retried} error records taken out of {sink.path} to caption again", file=sys.stderr)
     if sink.legacy:
@@ -410,14 +295,14 @@ def _missing_reason(item: str) -> str:
 class _Printer:
     """Where records go: the output file, or the terminal (text lines, or one JSON document at the end)."""
 
-    def __init__(self, as_json: bool, sink, options: DecodingOptions) -> None:
+    def __init__(self, as_json: bool, sink: RecordFile | None, options: DecodingOptions) -> None:
         self.as_json = as_json
         self.sink = sink
         self.options = options
-        self.results: list[dict] = []
+        self.results: list[dict[str, Any]] = []
         self.failed = 0
 
-    def emit(self, records: list[dict]) -> None:
+    def emit(self, records: list[dict[str, Any]]) -> None:
         for record in records:
             if "error" in record:
                 self.failed += 1
@@ -432,7 +317,7 @@ class _Printer:
                     print(text_line(record, self.options), flush=True)
 
 
-def text_line(record: dict, options: DecodingOptions) -> str:
+def text_line(record: dict[str, Any], options: DecodingOptions) -> str:
     """An image's record as one line: ``path<TAB>captions``, each with its confidence when the model has a
     confidence model, then ``<TAB>tags: name 0.61, ...`` when the model has a class head. An abstained image says
     so in the captions' place: one line per image, whatever happened, so the output still reads as columns."""
@@ -447,7 +332,7 @@ def text_line(record: dict, options: DecodingOptions) -> str:
     return f"{record['image']}\t{captions}" + (f"\ttags: {tags}" if tags else "")
 
 
-def _join_process_group(world: int):
+def _join_process_group(world: int) -> ProcessGroup | None:
     """Under torchrun, join the gloo group (to wait for every rank before merging); None otherwise."""
     if world == 1:
         return None
@@ -558,7 +443,7 @@ def _merge(base: dict, extra: dict) -> dict:
     return merged
 
 
-def _describe(model) -> dict:
+def _describe(model: Captioner) -> dict[str, Any]:
     """What ``captioner info`` prints: the model's parts, what it was trained with, and what its captions come with
     (tags need the encoder's ImageNet head; confidence and ``--min-confidence`` need a confidence model)."""
     rules = model.caption_rules
@@ -584,34 +469,6 @@ def _describe(model) -> dict:
         "vocabulary_extension": dict(model.vocabulary_extension.sources) if model.vocabulary_extension else None,
         "metadata": model.metadata,
     }
-
-
-def _rules(args: argparse.Namespace) -> int:
-    """``captioner rules``: the checkpoint as it is (weights, dtype, training state), plus caption rules."""
-    from captioner.caption_rules import CaptionRules
-    from captioner.checkpoint import load_checkpoint, save_checkpoint
-    from captioner.model import Captioner, default_checkpoint
-    from training.data import load_corpus
-
-    source = checkpoint_arg(args.source)
-    data = load_checkpoint(default_checkpoint() if source is None else source)
-    Captioner.from_state(data, source=str(args.source))  # the checkpoint is one this code can run
-    corpus = load_corpus(args.data, format=args.data_format)
-    captions = corpus.train_captions()
-    if not captions:
-        raise ValueError(f"{args.data}: no training captions (splits: {corpus.split_sizes()})")
-    rules = CaptionRules.learn(captions, max_rate=args.max_rate)
-    data["caption_rules"] = rules.to_dict()
-    data["metadata"] = {
-        **(data.get("metadata") or {}),
-        "caption_rules_from": {"data": Path(args.data).name, "captions": len(captions)},
-    }
-    save_checkpoint(args.target, data)
-    print(
-        f"{args.target}: captions may not end on {len(rules.no_end)} words or {len(rules.no_end_pairs)} word pairs, "
-        f"nor start with {len(rules.no_start)} words (learned from {len(captions):,} training captions)"
-    )
-    return 0
 
 
 def _extend_vocabulary(args: argparse.Namespace) -> int:
@@ -643,36 +500,6 @@ def _extend_vocabulary(args: argparse.Namespace) -> int:
             "  (its training state was left out: the optimizer's was shaped for the old vocabulary; --resume the "
             "source instead)"
         )
-    return 0
-
-
-def _calibrate(args: argparse.Namespace) -> int:
-    """``captioner calibrate``: the checkpoint as it is, plus a confidence model fitted on --data."""
-    try:
-        from training.calibration import CalibrationSettings, calibrate_checkpoint
-    except ImportError as error:  # the train extra (scikit-learn) is not installed
-        raise ValueError(f"captioner calibrate needs the train extra (pip install 'captioner[train]'): {error}") from (
-            error
-        )
-
-    confidence = calibrate_checkpoint(
-        checkpoint_arg(args.source),
-        args.target,
-        args.data,
-        data_format=args.data_format,
-        settings=CalibrationSettings(threshold=args.threshold),
-        backend=args.backend,
-        device=args.device,
-        progress=not args.no_progress,
-    )
-    fitted = confidence.fitted_on
-    checked = fitted.get("cross_validated", {})
-    print(
-        f"{args.target}: caption confidence fitted on {fitted['held_out_photos']:,} held-out photos "
-        f"({fitted['acceptable_share']:.1%} acceptable: {confidence.target}); "
-        f"{checked.get('folds', 0)}-fold: calibration error {checked.get('calibration_error', float('nan')):.3f}, "
-        f"Spearman with CIDEr-D {checked.get('spearman_with_cider', float('nan')):.2f}"
-    )
     return 0
 
 

@@ -31,11 +31,13 @@ from typing import Any
 
 import numpy as np
 
+from captioner.errors import CaptionerError
+
 SIGNALS = ("mean_log_prob", "words", "feature_distance", "feature_residual", "tag_entropy")
 FORMAT_VERSION = 1
 
 
-class ConfidenceModelError(ValueError):
+class ConfidenceModelError(CaptionerError, ValueError):
     """A stored confidence model is malformed or does not fit this model."""
 
 

@@ -25,4 +25,7 @@ def run(prog: str, target: str) -> int:
 
 
 def captioner() -> int:
-    return run("captioner", "captioner.cli:main")
+    # The library's commands (captioner.cli) and the two that learn from a data set (rules, calibrate), which training
+    # adds: the command line a user knows as ``captioner``. Named, as pyproject.toml names each script's function,
+    # never imported here: no module of the library imports training.
+    return run("captioner", "training.data_commands:main")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from captioner.checkpoint import CheckpointError
 from captioner.digests import file_sha256
+from captioner.errors import CheckpointError
 from captioner.export_format import METADATA_FILE
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "default.pt"

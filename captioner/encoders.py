@@ -13,6 +13,7 @@ from torch import nn
 
 from captioner.config import EncoderConfig
 from captioner.digests import file_sha256
+from captioner.errors import CaptionerError
 from captioner.transforms import Preprocess
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ IMAGENET_CLASSES = 1000  # outputs of the ImageNet-1k classifier (the class head
 CLASSIFIER = "classifier"  # the class head's name in the encoder's state dict ("classifier.weight", ...)
 
 
-class EncoderWeightsError(RuntimeError):
+class EncoderWeightsError(CaptionerError, RuntimeError):
     """The requested encoder weights could not be found, fetched or loaded."""
 
 
@@ -381,10 +382,6 @@ ENCODERS: dict[str, _Entry] = {
     **{name: _Entry(_resnet, dim) for name, (_, dim) in _RESNETS.items()},
     **{name: _Entry(_efficientnet_lite, 1280) for name in _LITES},
 }
-
-
-def encoder_feature_dim(name: str) -> int:
-    return _entry(name).feature_dim
 
 
 def _entry(name: str) -> _Entry:

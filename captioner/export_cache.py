@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from captioner.checkpoint import CheckpointError
 from captioner.digests import file_sha256
+from captioner.errors import CheckpointError
 from captioner.export_format import EXPORT_VERSION
 from captioner.export_integrity import UntrustedExport, VerifiedExport, read_cache_entry
 

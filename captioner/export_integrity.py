@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from captioner.checkpoint import CheckpointError
+from captioner.errors import CheckpointError
 from captioner.export_format import (
     DIGESTED_FILES,
     EXPORT_FORMAT,

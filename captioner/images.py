@@ -17,6 +17,8 @@ from typing import Any, cast
 
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
+from captioner.errors import CaptionerError
+
 ImageSource = Image.Image | bytes | bytearray | memoryview | str | os.PathLike
 
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -47,7 +49,7 @@ class ImageErrorCode(enum.Enum):
     INVALID_IMAGE = "invalid_image"  # truncated, corrupt, unreadable, or no pixels
 
 
-class ImageError(ValueError):
+class ImageError(CaptionerError, ValueError):
     """An input that cannot be turned into an image: ``code`` says why, the message says it in words."""
 
     def __init__(self, message: str, code: ImageErrorCode) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from captioner.backends import resolve_backend, torch_available
-from captioner.checkpoint import CheckpointError
 from captioner.default_model import DEFAULT_MODEL_ENV, default_checkpoint
+from captioner.errors import CheckpointError
 from captioner.export_format import is_export_dir
 from captioner.onnx_backend import BackendUnavailable
 from captioner.onnx_model import load_export

@@ -24,6 +24,7 @@ from captioner.config import DecoderConfig, EncoderConfig, ModelConfig
 from captioner.decoder import CaptionDecoder
 from captioner.default_model import DEFAULT_CHECKPOINT, default_checkpoint, model_id
 from captioner.encoders import ImageEncoder, build_encoder, default_chunk_size
+from captioner.errors import one_line
 from captioner.export_cache import ensure_exported
 from captioner.export_format import is_export_dir
 from captioner.onnx_backend import require_onnxruntime
@@ -195,8 +196,7 @@ class Captioner(nn.Module, CaptionPipeline):
         except CheckpointError:
             raise
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-            raise CheckpointError(f"{source}: checkpoint does not match this model code: {first}") from exc
+            raise CheckpointError(f"{source}: checkpoint does not match this model code: {one_line(exc)}") from exc
         encoder.preprocess = Preprocess.from_dict(data["preprocess"])  # what the model was trained with
         rules = data.get("caption_rules")
         return cls(

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from captioner.arrays import Array, to_numpy
-from captioner.checkpoint import CheckpointError
 from captioner.config import DecoderConfig
 from captioner.decoder_state import DecoderState
+from captioner.errors import CaptionerError, CheckpointError, one_line
 from captioner.export_format import GRAPH_FILES, init_output_names, state_names, step_input_names, step_output_names
 from captioner.export_integrity import VerifiedExport
 from captioner.transforms import Preprocess
@@ -27,7 +27,7 @@ from captioner.transforms import Preprocess
 EXTRA_HINT = "pip install 'captioner[onnx]'"
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(CaptionerError, RuntimeError):
     """The requested backend's package is not installed."""
 
 
@@ -85,8 +85,9 @@ def _session(export: VerifiedExport, part: str, threads: int | None) -> Any:
         options = session_options(threads or default_threads())
         return ort.InferenceSession(export.graphs[part], options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own Fail / InvalidGraph types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise CheckpointError(f"{export.folder / GRAPH_FILES[part]}: ONNX Runtime cannot load it: {first}") from exc
+        raise CheckpointError(
+            f"{export.folder / GRAPH_FILES[part]}: ONNX Runtime cannot load it: {one_line(exc)}"
+        ) from exc
 
 
 def _contiguous(array: Array, dtype: type = np.float32) -> np.ndarray:

@@ -45,6 +45,7 @@ from torch import nn
 from captioner.checkpoint import to_jsonable
 from captioner.decoder import CaptionDecoder, DecoderState
 from captioner.digests import file_sha256
+from captioner.errors import CaptionerError, one_line
 from captioner.export_format import (
     DIGESTED_FILES,
     EXPORT_FORMAT,
@@ -83,7 +84,7 @@ INT8_FEATURE_RTOL = 0.25  # ||int8 - fp32|| / ||fp32|| over the check images
 EXPORTER_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx", "torch.export")
 
 
-class ExportError(RuntimeError):
+class ExportError(CaptionerError, RuntimeError):
     """The export failed or its self-check found the graphs disagreeing with PyTorch."""
 
 
@@ -272,8 +273,7 @@ def _write_export(
         except ExportError:
             raise
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-            raise ExportError(f"torch.onnx.export failed: {exc.__class__.__name__}: {first}") from exc
+            raise ExportError(f"torch.onnx.export failed: {exc.__class__.__name__}: {one_line(exc)}") from exc
     if quantize == "int8":
         from captioner.onnx_quantize import quantize_encoder
 

@@ -11,8 +11,8 @@ import numpy as np
 
 from captioner.arrays import Array, to_numpy
 from captioner.caption_rules import CaptionRules
-from captioner.checkpoint import CheckpointError
 from captioner.config import ModelConfig
+from captioner.errors import CheckpointError
 from captioner.export_format import METADATA_FILE
 from captioner.export_integrity import VerifiedExport, read_export_folder
 from captioner.onnx_backend import OnnxDecoder, OnnxEncoder, require_onnxruntime

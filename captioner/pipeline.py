@@ -19,7 +19,6 @@ from PIL import Image
 
 from captioner.arrays import Array, array_namespace, convert_like, softmax, to_numpy
 from captioner.caption_rules import CaptionRules, RuleMasks
-from captioner.checkpoint import CheckpointError
 from captioner.confidence import ConfidenceModel, ConfidenceModelError, image_statistics
 from captioner.decoding import (
     DecodingOptions,
@@ -28,6 +27,7 @@ from captioner.decoding import (
     constrained_beam_search,
     decode,
 )
+from captioner.errors import CaptionerError, CheckpointError
 from captioner.guidance import DEFAULT_POLICY, GuidancePolicy, required_words
 from captioner.results import Caption, CaptionResult
 from captioner.tags import Tag, tags_from_probabilities
@@ -38,11 +38,11 @@ from captioner.vocabulary_extension import VocabularyExtension, VocabularyExtens
 BACKENDS = ("torch", "onnxruntime")
 
 
-class ConfidenceUnavailableError(ValueError):
+class ConfidenceUnavailableError(CaptionerError, ValueError):
     """``min_confidence`` was asked of a model without a confidence model."""
 
 
-class TagsUnavailableError(ValueError):
+class TagsUnavailableError(CaptionerError, ValueError):
     """``guided_by_tags`` was asked without the encoder's ImageNet logits to take the tags from."""
 
 

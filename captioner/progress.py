@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Any, Protocol
 
-class _Silent:
-    def update(self, n: int) -> None: ...
 
-    def set_postfix(self, **kwargs) -> None: ...
+class ProgressBar(Protocol):
+    """What callers use of a bar: tqdm's methods of these names, or :class:`_Silent`'s."""
+
+    def update(self, n: int) -> object: ...
+
+    def set_postfix(self, **kwargs: Any) -> None: ...
 
     def close(self) -> None: ...
 
 
-def progress_bar(total: int, desc: str | None, enabled: bool, unit: str = "img"):
+class _Silent:
+    def update(self, n: int) -> None: ...
+
+    def set_postfix(self, **kwargs: Any) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def progress_bar(total: int, desc: str | None, enabled: bool, unit: str = "img") -> ProgressBar:
     """A bar over ``total`` units; with ``enabled`` false (or without tqdm) one that shows nothing."""
     if enabled:
         try:
@@ -19,5 +31,6 @@ def progress_bar(total: int, desc: str | None, enabled: bool, unit: str = "img")
         except ImportError:
             pass
         else:
-            return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
+            bar: ProgressBar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
+            return bar
     return _Silent()

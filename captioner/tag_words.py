@@ -12,12 +12,13 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from captioner.errors import CaptionerError
 from captioner.vocab import Vocabulary
 
 TAG_WORDS_FILE = Path(__file__).parent / "assets" / "tag_words.json"
 
 
-class TagWordsError(ValueError):
+class TagWordsError(CaptionerError, ValueError):
     """The tag-word table is missing or malformed."""
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from captioner.errors import CaptionerError
 from captioner.results import Tag as Tag
 
 TAGS_FILE = Path(__file__).parent / "assets" / "imagenet_tags.json"
@@ -30,7 +31,7 @@ DEFAULT_TAG_COUNT = 5
 DEFAULT_MIN_TAG_CONFIDENCE = 0.02
 
 
-class TagTableError(ValueError):
+class TagTableError(CaptionerError, ValueError):
     """The tag table is missing or does not have the shape ``captioner.tags`` needs."""
 
 

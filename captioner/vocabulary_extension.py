@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from captioner.errors import CaptionerError
 from captioner.vocab import SPECIALS, Vocabulary
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 WORD_TRANSFERS_FILE = Path(__file__).parent / "assets" / "word_transfers.json"
 
 
-class VocabularyExtensionError(ValueError):
+class VocabularyExtensionError(CaptionerError, ValueError):
     """A word transfer that cannot be applied (unknown source, a word the model has, a malformed table)."""
 
 

@@ -16,12 +16,12 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
 from captioner import __version__
-from captioner.checkpoint import CheckpointError, checkpoint_arg
+from captioner.checkpoint import checkpoint_arg
 from captioner.decoding import DecodingOptions
-from captioner.encoders import EncoderWeightsError, file_sha256
+from captioner.encoders import file_sha256
+from captioner.errors import USER_ERRORS, CaptionerError
 from captioner.model import DEFAULT_CHECKPOINT, Captioner, model_id
-from captioner.onnx_backend import BackendUnavailable
-from captioner.onnx_export import METADATA_FILE, ExportError
+from captioner.onnx_export import METADATA_FILE
 from captioner.runtime import tune_malloc
 from service.access_log import RequestIdMiddleware
 from service.admission import AdmissionControl, ModelTimeEstimator
@@ -45,7 +45,7 @@ form fields. Errors are always `{"error": {"code": ..., "message": ...}}`.
 """
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(CaptionerError, RuntimeError):
     """The checkpoint could not be loaded; the message is one line saying why."""
 
 
@@ -56,7 +56,7 @@ def load_model(settings: Settings) -> LoadedModel:
     try:
         model = Captioner.from_checkpoint(checkpoint, device=settings.device, backend=settings.backend)
         model = model.optimize_for_inference()
-    except (CheckpointError, EncoderWeightsError, ValueError, BackendUnavailable, ExportError) as exc:
+    except USER_ERRORS as exc:
         hint = "" if settings.checkpoint is not None else " (set CAPTIONER_CHECKPOINT or pass --checkpoint)"
         reason = " ".join(str(exc).split())  # one line, whatever the library's message looks like
         raise ModelLoadError(f"cannot load the model: {reason}{hint}") from exc

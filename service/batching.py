@@ -40,17 +40,18 @@ import asyncio
 import contextlib
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import torch
 from PIL import Image
 
 from captioner.arrays import take_rows
 from captioner.decoding import DecodingOptions
+from captioner.errors import CaptionerError
 from captioner.model import Captioner, CaptionResult
 
 log = logging.getLogger(__name__)
@@ -92,24 +93,35 @@ class _Job:
     started: bool = False  # its batch is running: past the queue deadline, it is still answered
 
 
-class BatcherStopped(RuntimeError):
+class BatcherStopped(CaptionerError, RuntimeError):
     """The batcher shut down, or failed, before the request ran."""
 
 
-class QueueTimeout(RuntimeError):
+class QueueTimeout(CaptionerError, RuntimeError):
     """The request waited longer than the queue deadline; it never reached the model."""
 
 
-class OutOfMemory(RuntimeError):
+class OutOfMemory(CaptionerError, RuntimeError):
     """The model ran out of memory on this request alone (its batch was already split down to it)."""
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA, host (MemoryError) and ONNX Runtime allocation failures."""
-    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
+    """Whether ``exc`` is an allocation failure, by its type (never its message): Python's ``MemoryError`` (also what
+    pybind11 makes of a C++ ``std::bad_alloc``) and torch's ``OutOfMemoryError`` (``torch.cuda.OutOfMemoryError`` is
+    the same class). ONNX Runtime has no type of its own for it: its arena reports a failed allocation as ``Fail``,
+    the type of every other failure too, so an ONNX Runtime allocation failure is not recognised here."""
+    if isinstance(exc, MemoryError):
         return True
-    message = str(exc).lower()
-    return "out of memory" in message or "failed to allocate memory" in message
+    loaded = sys.modules.get("torch")  # only a torch already loaded can have raised its error: no import for the check
+    return loaded is not None and isinstance(exc, loaded.OutOfMemoryError)
+
+
+def _release_cached_gpu_memory() -> None:
+    """Hand torch's cached CUDA blocks back, so the halves of a batch that ran out of memory start from a clean
+    allocator; nothing to do without torch, or without CUDA."""
+    loaded = sys.modules.get("torch")
+    if loaded is not None and loaded.cuda.is_available():
+        loaded.cuda.empty_cache()
 
 
 class MicroBatcher:
@@ -321,8 +333,8 @@ class MicroBatcher:
             return list(self._run(batch))
         except Exception as exc:
             out_of_memory = is_out_of_memory(exc)
-            if out_of_memory and torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            if out_of_memory:
+                _release_cached_gpu_memory()
             if len(batch) == 1:
                 if out_of_memory:
                     log.warning("out of memory on a single request: %s", exc)

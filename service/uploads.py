@@ -16,6 +16,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
+from captioner.errors import one_line
 from service.errors import ApiError
 from service.upload_budget import Upload
 
@@ -151,8 +152,7 @@ async def read_form(request: Request, *, max_file_bytes: int, upload: Upload) ->
             raise ApiError(400, "empty_body", "empty request: send multipart/form-data with the image in field 'image'")
         parser.finalize()
     except MultipartParseError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        raise ApiError(400, "bad_request", f"malformed multipart body: {first}") from None
+        raise ApiError(400, "bad_request", f"malformed multipart body: {one_line(exc)}") from None
     except ClientDisconnect:
         raise ApiError(400, "bad_request", "the client disconnected before the upload finished") from None
 

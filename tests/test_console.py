@@ -14,7 +14,7 @@ from tests.interrupt import WORKING, interrupt, script
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = {  # console script -> (its module, what it runs)
-    "captioner": ("captioner.console", "captioner.cli:main"),
+    "captioner": ("captioner.console", "training.data_commands:main"),
     "captioner-train": ("training.console", "training.cli:train_main"),
     "captioner-eval": ("training.console", "training.cli:eval_main"),
     "captioner-serve": ("service.console", "service.cli:main"),

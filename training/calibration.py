@@ -33,6 +33,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from captioner.checkpoint import load_checkpoint, save_checkpoint
 from captioner.confidence import ConfidenceModel, FeatureReference, image_statistics
 from captioner.decoding import DecodingOptions
+from captioner.errors import CaptionerError
 from captioner.model import Captioner, class_probabilities, default_checkpoint
 from captioner.pipeline import CaptionPipeline, pooled_features
 from captioner.progress import progress_bar
@@ -44,7 +45,7 @@ from training.metrics import compute_cider_d
 __all__ = ["CalibrationError", "CalibrationSettings", "HeldOutCaptions", "calibrate", "expected_calibration_error"]
 
 
-class CalibrationError(ValueError):
+class CalibrationError(CaptionerError, ValueError):
     """The data cannot calibrate this model (too few photos, or every caption on one side of the target)."""
 
 

@@ -7,20 +7,28 @@ import dataclasses
 import inspect
 import json
 import logging
-import os
 import re
 import sys
 import time
 import types
 import typing
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from captioner.checkpoint import CheckpointError, checkpoint_arg
-from captioner.cli import add_backend_arg, add_decoding_args, decoding_options_from_args
-from captioner.encoders import EncoderWeightsError
+from captioner.checkpoint import checkpoint_arg
+from captioner.cli_args import add_backend_arg, add_decoding_args, decoding_options_from_args
+from captioner.errors import USER_ERRORS, one_line
+from captioner.torchrun import launch_rank
+from training.data import FORMATS
+
+if TYPE_CHECKING:
+    import torch
+
+    from training.config import TrainConfig
 
 log = logging.getLogger("training")
+T = TypeVar("T")
 _FIELD_COMMENT = re.compile(r"^\s+(\w+):[^#\n]*#\s*(.+)$", re.MULTILINE)
 
 
@@ -29,8 +37,10 @@ def _field_help(cls: type) -> dict[str, str]:
     return dict(_FIELD_COMMENT.findall(inspect.getsource(cls)))
 
 
-def _optional(parse):
-    def convert(text: str):
+def _optional(parse: Callable[[str], T]) -> Callable[[str], T | None]:
+    """``parse``, or None for ``none``/``null``/nothing: the flag of an optional config field."""
+
+    def convert(text: str) -> T | None:
         return None if text.lower() in ("none", "null", "") else parse(text)
 
     convert.__name__ = parse.__name__
@@ -83,13 +93,13 @@ def _load_config_file(path: str) -> dict[str, Any]:
         else:
             data = json.loads(text)
     except Exception as exc:  # yaml and json raise their own error types
-        raise ValueError(f"{path}: cannot parse config ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from exc
+        raise ValueError(f"{path}: cannot parse config ({exc.__class__.__name__}: {one_line(exc)})") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config file must hold a mapping of TrainConfig fields")
     return data
 
 
-def parse_train_config(argv: list[str] | None = None):
+def parse_train_config(argv: list[str] | None = None) -> TrainConfig:
     from training.config import TrainConfig, flat_fields
 
     parser = get_args_parser()
@@ -108,37 +118,11 @@ def parse_train_config(argv: list[str] | None = None):
     return TrainConfig.from_dict(args)
 
 
-def _main_rank() -> bool:
-    """Whether this is torchrun's rank 0 (or no torchrun): the process with the validation scores."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def _setup_logging() -> None:
     """INFO on the main process; under torchrun the other ranks log warnings and errors only, so the console
     shows each line once, not once per GPU."""
-    level = logging.INFO if _main_rank() else logging.WARNING
+    level = logging.INFO if launch_rank().main else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from captioner.onnx_backend import BackendUnavailable
-    from captioner.onnx_export import ExportError
-    from training.data import DataError
-
-    return (
-        ValueError,
-        DataError,
-        CheckpointError,
-        EncoderWeightsError,
-        FileNotFoundError,
-        BackendUnavailable,
-        ExportError,
-    )
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else exc.__class__.__name__
 
 
 def _interrupted_message(output_dir: str | None) -> str:
@@ -154,21 +138,21 @@ def _interrupted_message(output_dir: str | None) -> str:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    _setup_logging()
     output_dir = None
     try:
+        _setup_logging()  # reads torchrun's variables: values no launch sets are the user's error
         config = parse_train_config(argv)
         output_dir = config.output_dir
         from training.engine import train
 
         summary = train(config)
-    except _user_errors() as exc:
-        print(f"captioner-train: error: {_one_line(exc)}", file=sys.stderr)
+    except USER_ERRORS as exc:
+        print(f"captioner-train: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(_interrupted_message(output_dir), file=sys.stderr)
         return 130
-    if _main_rank():
+    if launch_rank().main:
         log.info("finished: %s", json.dumps(summary))
     return 0
 
@@ -180,7 +164,7 @@ def get_eval_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="captioner-eval", description="Score a checkpoint on a data split.")
     parser.add_argument("--checkpoint", default=None, help="model checkpoint (default: the bundled default model)")
     parser.add_argument("--data", required=True, help="Flickr8k folder, COCO captions JSON, or Karpathy split JSON")
-    parser.add_argument("--format", default="auto", choices=["auto", "coco", "karpathy", "flickr8k"])
+    parser.add_argument("--format", default="auto", choices=FORMATS)
     parser.add_argument("--images-dir", default=None)
     parser.add_argument("--split", default="test", help="train | val | test (a COCO file is its own split)")
     # every image's best caption is scored: an abstention would leave an image out of the metrics unseen (the
@@ -243,7 +227,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     )
     bar = progress_bar(len(records), f"captioning ({args.method})", not args.no_progress)
 
-    def batches():  # the readable images' cached grids, batch by batch
+    def batches() -> Iterator[tuple[list[int], torch.Tensor]]:  # the readable images' cached grids, batch by batch
         for first in range(0, len(records), args.batch_size):
             end = min(first + args.batch_size, len(records))
             rows = [i for i in range(first, end) if str(records[i].path) not in store.failed]
@@ -281,12 +265,12 @@ def _coco_id(image_id: str) -> int | str:
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    _setup_logging()
     args = get_eval_args_parser().parse_args(argv)
     try:
+        _setup_logging()  # reads torchrun's variables: values no launch sets are the user's error
         report = evaluate(args)
-    except _user_errors() as exc:
-        print(f"captioner-eval: error: {_one_line(exc)}", file=sys.stderr)
+    except USER_ERRORS as exc:
+        print(f"captioner-eval: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status for it, never a traceback
         print("captioner-eval: interrupted", file=sys.stderr)

@@ -14,6 +14,8 @@ from typing import Any
 
 from PIL import Image
 
+from captioner.errors import CaptionerError
+
 logger = logging.getLogger("training.data")  # what loading reports, under the loaders' name
 
 
@@ -32,7 +34,7 @@ PROBLEMS = {
 }
 
 
-class DataError(ValueError):
+class DataError(CaptionerError, ValueError):
     """A data file that cannot be used at all: missing, not valid JSON, wrong schema, nothing usable."""
 
 

@@ -102,14 +102,6 @@ def load_coco(
     return _build_coco(json_path, read_json(json_path), images_dir=images_dir, split=split, verify_images=verify_images)
 
 
-def load_karpathy(
-    json_path: str | Path, *, images_dir: str | Path | None = None, verify_images: bool = False
-) -> CaptionCorpus:
-    """Read a Karpathy split file; images are ``images_dir/filepath/filename`` (default: the JSON's dir)."""
-    json_path = Path(json_path)
-    return _build_karpathy(json_path, read_json(json_path), images_dir=images_dir, verify_images=verify_images)
-
-
 def _build_coco(
     json_path: Path, data: Any, *, images_dir: str | Path | None, split: str | None, verify_images: bool
 ) -> CaptionCorpus:

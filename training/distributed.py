@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from captioner.torchrun import launch_rank
 
 
 @dataclass
@@ -45,12 +46,12 @@ class Dist:
 
 def setup_distributed(device: str) -> Dist:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    launch = launch_rank()
+    if launch.world == 1:
         return Dist()
     backend = "nccl" if device != "cpu" and torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend=backend)
-    info = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    info = Dist(dist.get_rank(), dist.get_world_size(), launch.local_rank)
     if backend == "nccl":
         torch.cuda.set_device(info.local_rank)
     else:

@@ -12,10 +12,10 @@ import torch
 
 from captioner import Captioner
 from captioner.caption_rules import CaptionRules
-from captioner.cli import main as captioner_main
 from captioner.decoding import DecodingOptions, beam_search, decode
 from captioner.vocab import Vocabulary
 from tests.helpers import make_flickr_folder, require_data, tiny_captioner
+from training.data_commands import main as captioner_main
 from training.scst import sample_captions
 
 METHODS = ["greedy", "sample", "beam"]

@@ -5,7 +5,8 @@ import dataclasses
 
 import pytest
 
-from captioner.cli import add_decoding_args, decoding_options_from_args, main
+from captioner.cli import main
+from captioner.cli_args import add_decoding_args, decoding_options_from_args
 from captioner.decoding import METHODS, VALID_VALUES, DecodingOptions
 
 

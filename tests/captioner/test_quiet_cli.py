@@ -93,7 +93,8 @@ def test_ctrl_c_while_captioning_to_the_terminal_is_one_line(checkpoint, photos)
 )
 def test_ctrl_c_in_every_subcommand_is_one_line(command, slow_stage, tmp_path) -> None:
     argv = [arg.format(tmp=tmp_path) for arg in command]
-    run = interrupt(stand_in_command(slow_stage, "captioner.cli:main", *argv), lambda o: WORKING + "\n" in o.stdout)
+    console_script = stand_in_command(slow_stage, "training.data_commands:main", *argv)  # what `captioner` runs
+    run = interrupt(console_script, lambda o: WORKING + "\n" in o.stdout)
     assert run.returncode == 130, run.describe()
     assert run.before == [] and run.after == ["captioner: interrupted\n"], run.describe()
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from captioner import Captioner
-from captioner.cli import main as captioner_main
 from captioner.text import tokenize
 from tests.helpers import make_flickr_folder, require_data, tiny_captioner
 from training.calibration import CalibrationError, CalibrationSettings, calibrate, expected_calibration_error
 from training.data import load_corpus
+from training.data_commands import main as captioner_main
 from training.metrics import compute_cider_d
 
 

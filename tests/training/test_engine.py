@@ -353,14 +353,22 @@ def test_under_torchrun_only_rank_0_logs_info():
         "import logging; from training.cli import _setup_logging; _setup_logging(); "
         "logging.getLogger('training.engine').info('an epoch ended'); logging.getLogger('training').warning('careful')"
     )
-    for rank in ("0", "1"):
-        env = {**os.environ, "RANK": rank, "PYTHONPATH": str(REPO)}
+    for rank in ("0", "1"):  # each with the variables torchrun sets
+        env = {**os.environ, "RANK": rank, "WORLD_SIZE": "2", "LOCAL_RANK": rank, "PYTHONPATH": str(REPO)}
         run = subprocess.run(
             [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
         )
         assert run.returncode == 0, run.stderr
         assert ("an epoch ended" in run.stderr) == (rank == "0"), (rank, run.stderr)
         assert "careful" in run.stderr
+
+
+def test_torchrun_variables_no_launch_sets_are_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert train_main(["--data", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err == "captioner-train: error: RANK=1 and WORLD_SIZE=1 do not make sense together (LOCAL_RANK=0)\n"
 
 
 @pytest.mark.parametrize(
