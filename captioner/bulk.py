@@ -38,7 +38,8 @@ import numpy as np
 
 from captioner.decoding import DecodingOptions
 from captioner.errors import CaptionerError
-from captioner.model import Captioner, CaptionResult
+from captioner.pipeline import CaptionPipeline
+from captioner.results import CaptionResult
 from captioner.transforms import IMAGE_EXTENSIONS, ImageError, Preprocess, load_crop, normalize_crops
 
 OUTPUT_FORMATS = (".jsonl", ".csv")
@@ -628,7 +629,7 @@ def _collect(chunk: list[str], futures: list[Future[tuple[np.ndarray | None, str
     return Batch(chunk, [c for c, _ in read], [e for _, e in read])
 
 
-def caption_records(model: Captioner, batch: Batch, options: DecodingOptions) -> list[dict[str, Any]]:
+def caption_records(model: CaptionPipeline, batch: Batch, options: DecodingOptions) -> list[dict[str, Any]]:
     """One record per image of ``batch``: its captions, tags and whether it abstained, or its error."""
     readable = {i: crop for i, crop in enumerate(batch.crops) if crop is not None}
     results: dict[int, CaptionResult] = {}
@@ -658,7 +659,7 @@ def _record(image: str, result: CaptionResult) -> dict[str, Any]:
 
 
 def caption_stream(
-    model: Captioner,
+    model: CaptionPipeline,
     paths: Sequence[str],
     options: DecodingOptions,
     *,

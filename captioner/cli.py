@@ -17,17 +17,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from captioner.backends import BACKEND_CHOICES
 from captioner.bulk import InputError, RecordFile, default_workers
 from captioner.checkpoint import checkpoint_arg
 from captioner.cli_args import add_backend_arg, add_decoding_args, add_verbose_arg, decoding_options_from_args
 from captioner.decoding import DecodingOptions
 from captioner.errors import USER_ERRORS, one_line
-from captioner.model import BACKEND_CHOICES, Captioner
-from captioner.onnx_export import QUANTIZE_CHOICES
+from captioner.export_format import QUANTIZE_CHOICES
 from captioner.torchrun import launch_rank
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
+
+    from captioner.model import Captioner
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,8 @@ def main(argv: Sequence[str] | None = None, *, commands: Sequence[Command] = ())
         if args.command in added:
             return added[args.command].run(args)
         if args.command == "info":
+            from captioner.model import Captioner  # reads the .pt checkpoint: needs torch
+
             model = Captioner.from_checkpoint(checkpoint_arg(args.checkpoint))
             print(json.dumps(_describe(model), indent=2))
             return 0
@@ -205,7 +209,8 @@ def _caption(args: argparse.Namespace) -> int:
         part_path,
         read_records,
     )
-    from captioner.model import Captioner, model_id
+    from captioner.default_model import model_id
+    from captioner.loading import load_captioner
     from captioner.progress import progress_bar
 
     options = decoding_options_from_args(args)
@@ -224,7 +229,7 @@ def _caption(args: argparse.Namespace) -> int:
     rank, world = launch.rank, launch.world
     if world > 1 and not args.output:
         raise ValueError("under torchrun each process writes its share to a file: give --output")
-    model = Captioner.from_checkpoint(checkpoint_arg(args.checkpoint), device=args.device, backend=args.backend)
+    model = load_captioner(checkpoint_arg(args.checkpoint), device=args.device, backend=args.backend)
     model.check_options(options)  # --min-confidence without a confidence model: refused before any output
     model = model.optimize_for_inference()
     group = _join_process_group(world)

@@ -13,8 +13,8 @@ import typing
 from collections.abc import Collection, Sequence
 from typing import Any
 
+from captioner.backends import BACKENDS
 from captioner.decoding import VALID_VALUES, DecodingOptions, check_options_apply
-from captioner.model import BACKENDS
 
 
 def add_backend_arg(

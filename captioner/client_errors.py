@@ -1,14 +1,16 @@
 """The errors of :mod:`captioner.client`: one base, :class:`CaptionError`, and a subclass per kind of failure, so a
 caller catches one type and tells what to do from the class (fix the request, come back later, ...).
 
-Standard library only: the reply's reader (:mod:`captioner.client_wire`), the upload reader
+Standard library only (:mod:`captioner.errors` is too; the client's errors are the library's): the reply's reader (:mod:`captioner.client_wire`), the upload reader
 (:mod:`captioner.client_uploads`) and the clients all raise them.
 """
 
 from __future__ import annotations
 
+from captioner.errors import CaptionerError
 
-class CaptionError(Exception):
+
+class CaptionError(CaptionerError):
     """A request that gave no captions: the HTTP ``status`` (None when no answer came), a stable ``code``
     (the server's, e.g. ``unsupported_image_format``) and a one-line ``message``."""
 

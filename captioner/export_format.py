@@ -22,6 +22,7 @@ GRAPH_FILES = {"encoder": "encoder.onnx", "decoder_init": "decoder_init.onnx", "
 MANIFEST_FILE = "manifest.json"
 DIGESTED_FILES = (METADATA_FILE, *GRAPH_FILES.values())  # what the manifest lists: every other file of an export
 NOT_WRITABLE_BY_OTHERS = ~(stat.S_IWGRP | stat.S_IWOTH)  # mask for an export's modes: only its owner writes
+QUANTIZE_CHOICES = ("int8",)  # what an export's encoder may be quantized to (captioner.onnx_quantize)
 
 
 def state_names(config: DecoderConfig) -> tuple[str, ...]:

@@ -54,6 +54,7 @@ from captioner.export_format import (
     MANIFEST_FILE,
     METADATA_FILE,
     NOT_WRITABLE_BY_OTHERS,
+    QUANTIZE_CHOICES,
     encoder_output_names,
     init_output_names,
     state_names,
@@ -68,7 +69,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OPSET = 18  # the dynamo exporter's lowest; ONNX Runtime 1.16+ runs it
-QUANTIZE_CHOICES = ("int8",)
 
 # What the self-check accepts between the fp32 graphs and PyTorch (measured on the default model:
 # features differ by at most ~3e-5 on values up to 6, step logits by ~4e-6).

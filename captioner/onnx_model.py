@@ -35,12 +35,16 @@ class OnnxCaptioner(CaptionPipeline):
         export: VerifiedExport,
         **described: Any,
     ) -> None:
-        self.config = config  # the model's configuration, as its checkpoint gives it
+        self._config = config  # the model's configuration, as its checkpoint gives it
         self.encoder = encoder
         self.decoder = decoder
         self._init_pipeline(vocab, **described)
         self.export_dir = export.folder
         self.export_parameters = int(export.meta.get("parameters") or 0)  # parameter count recorded by the export
+
+    @property
+    def config(self) -> ModelConfig:
+        return self._config
 
     @property
     def device(self) -> str:

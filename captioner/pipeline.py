@@ -20,6 +20,7 @@ from PIL import Image
 from captioner.arrays import Array, array_namespace, convert_like, softmax, to_numpy
 from captioner.caption_rules import CaptionRules, RuleMasks
 from captioner.confidence import ConfidenceModel, ConfidenceModelError, image_statistics
+from captioner.config import ModelConfig
 from captioner.decoding import (
     DecodingOptions,
     Hypothesis,
@@ -116,6 +117,16 @@ class CaptionPipeline:
         self.export_dir: Path | None = None  # the ONNX export the onnxruntime backend runs
 
     # -- what a backend supplies ---------------------------------------------------------------------
+
+    @property
+    def config(self) -> ModelConfig:
+        """The model's configuration (encoder and decoder)."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> Any:
+        """Where the model runs (``torch.device`` for the torch model, ``"cpu"`` for ONNX Runtime)."""
+        raise NotImplementedError
 
     def encode_with_class_logits(self, pixels: Array) -> tuple[Array, Array | None]:
         """Pixels ``(B, 3, S, S)`` -> feature grids ``(B, C, h, w)`` and the ImageNet-1k logits ``(B, 1000)`` of the

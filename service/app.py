@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
-import torch
+import numpy as np
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
@@ -18,10 +18,12 @@ from PIL import Image
 from captioner import __version__
 from captioner.checkpoint import checkpoint_arg
 from captioner.decoding import DecodingOptions
-from captioner.encoders import file_sha256
+from captioner.default_model import default_checkpoint, model_id
+from captioner.digests import file_sha256
 from captioner.errors import USER_ERRORS, CaptionerError
-from captioner.model import DEFAULT_CHECKPOINT, Captioner, model_id
-from captioner.onnx_export import METADATA_FILE
+from captioner.export_format import METADATA_FILE
+from captioner.loading import load_captioner
+from captioner.pipeline import CaptionPipeline
 from captioner.runtime import tune_malloc
 from service.access_log import RequestIdMiddleware
 from service.admission import AdmissionControl, ModelTimeEstimator
@@ -52,9 +54,9 @@ class ModelLoadError(CaptionerError, RuntimeError):
 def load_model(settings: Settings) -> LoadedModel:
     """Load ``settings.checkpoint`` (unset: the bundled default model); raises :class:`ModelLoadError`."""
     checkpoint = checkpoint_arg(settings.checkpoint)
-    path = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
     try:
-        model = Captioner.from_checkpoint(checkpoint, device=settings.device, backend=settings.backend)
+        path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
+        model = load_captioner(path, device=settings.device, backend=settings.backend)
         model = model.optimize_for_inference()
     except USER_ERRORS as exc:
         hint = "" if settings.checkpoint is not None else " (set CAPTIONER_CHECKPOINT or pass --checkpoint)"
@@ -68,15 +70,12 @@ def load_model(settings: Settings) -> LoadedModel:
 WARM_UP_BATCH = 8
 
 
-def _warm_up(model: Captioner, batch_size: int) -> tuple[int, float]:
+def _warm_up(model: CaptionPipeline, batch_size: int) -> tuple[int, float]:
     """A batch with the default options, so the first real request does not pay for kernel selection and
     allocations; returns its size and seconds, admission control's first estimate of the model's speed."""
     crop = model.preprocess_config.crop
-    noise = torch.Generator().manual_seed(0)
-    crops = [
-        Image.fromarray(torch.randint(0, 256, (crop, crop, 3), generator=noise, dtype=torch.uint8).numpy())
-        for _ in range(batch_size)
-    ]
+    noise = np.random.default_rng(0)
+    crops = [Image.fromarray(noise.integers(0, 256, (crop, crop, 3), dtype=np.uint8)) for _ in range(batch_size)]
     model.caption(crops[:1], DecodingOptions(method="greedy", max_length=2))
     started = time.perf_counter()
     model.caption(crops, DecodingOptions())

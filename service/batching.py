@@ -52,7 +52,8 @@ from PIL import Image
 from captioner.arrays import take_rows
 from captioner.decoding import DecodingOptions
 from captioner.errors import CaptionerError
-from captioner.model import Captioner, CaptionResult
+from captioner.pipeline import CaptionPipeline
+from captioner.results import CaptionResult
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ class MicroBatcher:
 
     def __init__(
         self,
-        model: Captioner,
+        model: CaptionPipeline,
         thread: ModelThread,
         *,
         max_batch_size: int,

@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from captioner.model import Captioner
+from captioner.pipeline import CaptionPipeline
 from service.batching import MicroBatcher
 from service.errors import ApiError
 from service.metrics import ServiceMetrics
@@ -24,7 +24,7 @@ from service.settings import Settings
 class LoadedModel:
     """The model the lifespan hook loaded, with what identifies it."""
 
-    model: Captioner
+    model: CaptionPipeline
     id: str  # "<checkpoint stem>-<first 12 hex of its sha256>"
     checkpoint: str
     checkpoint_sha256: str

@@ -13,7 +13,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from captioner.decoding import DecodingOptions
-from captioner.model import CaptionResult
+from captioner.results import CaptionResult
 from captioner.transforms import ImageError, Preprocess, load_crop
 from service.admission import AdmissionControl
 from service.batching import BatcherStopped, MicroBatcher, OutOfMemory, QueueTimeout

@@ -72,17 +72,8 @@ def test_checkpoint_error_is_one_class_wherever_it_is_imported_from() -> None:
 
 
 # Exceptions defined in the packages that are deliberately not CaptionerError: the HTTP answer itself (its handler
-# turns it into the JSON error body), and the HTTP client's errors (captioner.client_wire, not typed against this
-# base yet).
-NOT_PROJECT_ERRORS = {
-    "service.errors.ApiError",
-    "captioner.client_wire.CaptionError",
-    "captioner.client_wire.ClientRequestError",
-    "captioner.client_wire.ServerBusyError",
-    "captioner.client_wire.ServerError",
-    "captioner.client_wire.ConnectionFailed",
-    "captioner.client_wire.ImageReadError",
-}
+# turns it into the JSON error body).
+NOT_PROJECT_ERRORS = {"service.errors.ApiError"}
 
 
 def _defined_exceptions() -> dict[str, type]:
