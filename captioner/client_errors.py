@@ -1,8 +1,9 @@
 """The errors of :mod:`captioner.client`: one base, :class:`CaptionError`, and a subclass per kind of failure, so a
 caller catches one type and tells what to do from the class (fix the request, come back later, ...).
 
-Standard library only (:mod:`captioner.errors` is too; the client's errors are the library's): the reply's reader (:mod:`captioner.client_wire`), the upload reader
-(:mod:`captioner.client_uploads`) and the clients all raise them.
+Standard library only (so is :mod:`captioner.errors`, whose base they share with the library's errors): the reply's
+reader (:mod:`captioner.client_wire`), the upload reader (:mod:`captioner.client_uploads`) and the clients all raise
+them.
 """
 
 from __future__ import annotations

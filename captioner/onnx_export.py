@@ -45,6 +45,7 @@ from torch import nn
 from captioner.checkpoint import to_jsonable
 from captioner.decoder import CaptionDecoder, DecoderState
 from captioner.digests import file_sha256
+from captioner.encoders import ImageEncoder
 from captioner.errors import CaptionerError, one_line
 from captioner.export_format import (
     DIGESTED_FILES,
@@ -89,7 +90,7 @@ class ExportError(CaptionerError, RuntimeError):
 
 
 class _EncoderGraph(nn.Module):
-    def __init__(self, encoder) -> None:
+    def __init__(self, encoder: ImageEncoder) -> None:
         super().__init__()
         self.encoder = encoder
 

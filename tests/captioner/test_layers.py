@@ -85,3 +85,86 @@ def test_only_the_console_launcher_names_an_app_s_function() -> None:
             if _ENTRY_POINT.match(text) and text.split(":")[0].split(".")[0] in APPS:
                 named.add((str(path.relative_to(ROOT)), text))
     assert named == {("captioner/console.py", "training.data_commands:main")}
+
+
+def _typing_only(tree: ast.AST) -> set[int]:
+    """ids of the import nodes under ``if TYPE_CHECKING:``: names for annotations, never imported when run."""
+    nodes: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING":
+            nodes |= {id(inner) for statement in node.body for inner in ast.walk(statement)}
+    return nodes
+
+
+def _module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def _library_import_graph() -> dict[str, set[str]]:
+    """Module -> the ``captioner`` modules it imports when run, at any depth (``from captioner import x`` counts as
+    the package's ``x`` when it is a module of it, else as the package); imports for type annotations only
+    (``if TYPE_CHECKING:``) do not count."""
+    modules = {_module_name(p) for p in _library_modules()}
+    graph: dict[str, set[str]] = {}
+    for path in _library_modules():
+        name = _module_name(path)
+        targets = set()
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        typing_only = _typing_only(tree)
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module in modules:
+                named = {f"{node.module}.{alias.name}" for alias in node.names}
+                targets |= (named & modules) or {node.module}
+            elif isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names if alias.name in modules}
+        targets.discard(name)
+        if name != "captioner":
+            targets.discard("captioner")  # the package's lazy names (its __init__ imports nothing at the top)
+        graph[name] = targets
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected group of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in graph.get(node, ()):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_cycle_check_finds_a_loop_hidden_in_a_function() -> None:
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle_inside_the_library() -> None:
+    """Function-level imports count: they hid the loops between the model, the ONNX backend and the exporter."""
+    graph = _library_import_graph()
+    assert {"captioner.onnx_export", "captioner.onnx_model"} <= graph["captioner.model"]  # the graph sees them
+    assert _cycles(graph) == []

@@ -537,3 +537,41 @@ def test_without_torch_a_checkpoint_is_a_one_line_error_naming_what_runs(tmp_pat
     for line in lines[:2]:  # auto resolves to onnxruntime without torch
         assert line.startswith("CheckpointError | ") and "needs torch" in line and "--format onnx" in line
     assert lines[2].startswith("BackendUnavailable | ") and "captioner[torch]" in lines[2]
+
+
+APPS_WITHOUT_TORCH = """
+import contextlib, io, json
+from captioner.cli import main
+printed = io.StringIO()
+with contextlib.redirect_stdout(printed):
+    status = main(["caption", *sys.argv[2:], "--checkpoint", sys.argv[1], "--json"])
+cli = [r["captions"][0]["text"] for r in json.loads(printed.getvalue())["results"]]
+
+from fastapi.testclient import TestClient
+from service.app import create_app
+from service.settings import Settings
+api = []
+with TestClient(create_app(Settings(checkpoint=sys.argv[1], require_api_keys=False))) as client:
+    backend = client.get("/model").json()["backend"]
+    for photo in sys.argv[2:]:
+        with open(photo, "rb") as f:
+            api.append(client.post("/caption", files={"image": f}).json()["captions"][0]["text"])
+print(json.dumps({"status": status, "cli": cli, "api": api, "backend": backend,
+                  "torch_loaded": any(m == "torch" or m.startswith("torch.") for m in sys.modules)}))
+"""
+
+
+def test_the_command_line_and_the_service_run_an_export_without_torch(head_export) -> None:
+    """``captioner caption`` and the API on an export with torch unimportable: torch's captions, torch never loaded."""
+    run = subprocess.run(
+        [sys.executable, "-c", NO_TORCH + APPS_WITHOUT_TORCH, str(head_export.folder), *head_export.photos],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    expected = [r.captions[0].text for r in head_export.reference.caption(head_export.photos, DecodingOptions())]
+    assert got["status"] == 0 and got["backend"] == "onnxruntime" and got["torch_loaded"] is False
+    assert got["cli"] == expected and got["api"] == expected
