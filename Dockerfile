@@ -1,8 +1,14 @@
-# CPU image serving the bundled default model:  docker build -t captioner . && docker run -p 8000:8000 captioner
-# Another model: docker run -p 8000:8000 -v /models:/models -e CAPTIONER_CHECKPOINT=/models/best.pt captioner
+# Two images serving the bundled default model on CPU:
+#   full (the default target): torch inside: serves .pt checkpoints (exported for ONNX Runtime on first start), CUDA
+#     docker build -t captioner . && docker run -p 8000:8000 captioner
+#     another model: docker run -p 8000:8000 -v /models:/models -e CAPTIONER_CHECKPOINT=/models/best.pt captioner
+#   slim: no torch, a fraction of the size: serves ONNX export folders (captioner export CKPT DIR --format onnx)
+#     docker build --target slim -t captioner:slim . && docker run -p 8000:8000 captioner:slim
+#     another model: docker run -p 8000:8000 -v /models:/models -e CAPTIONER_CHECKPOINT=/models/best-onnx captioner:slim
 # Offline/air-gapped builds: override BASE_IMAGE (a local Debian + python3 image) and the indexes.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
-FROM ${BASE_IMAGE}
+
+FROM ${BASE_IMAGE} AS full
 
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TORCH_EXTRA_INDEX_URL=""
@@ -53,3 +59,54 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD python3 -c "import urllib.request, sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status != 200)"
 CMD ["captioner-serve", "--host", "0.0.0.0", "--port", "8000"]
+
+
+# The bundled model's export as a folder of its own, for the slim image (made with torch, in the full image).
+FROM full AS export
+RUN captioner export default /tmp/default-onnx --format onnx
+
+FROM ${BASE_IMAGE} AS slim
+
+ARG PIP_INDEX_URL=https://pypi.org/simple
+ARG PIP_CERT_FILE=""
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+# The runtime's dependencies (numpy, ONNX Runtime, the web service; no torch), with stand-ins as in the full image.
+COPY pyproject.toml README.md ./
+COPY captioner/_version.py ./captioner/
+RUN if [ -n "$PIP_CERT_FILE" ]; then export PIP_CERT="$PIP_CERT_FILE"; fi \
+    && mkdir -p training service \
+    && touch captioner/__init__.py training/__init__.py service/__init__.py \
+    && pip install --index-url "$PIP_INDEX_URL" ".[runtime]" \
+    && pip uninstall -y captioner \
+    && rm -rf build captioner.egg-info captioner training service
+
+COPY captioner ./captioner
+COPY training ./training
+COPY service ./service
+COPY --from=export /tmp/default-onnx /opt/captioner-model
+# CAPTIONER_DEFAULT_MODEL: the export stands in for the bundled .pt (which needs torch to read) wherever the default
+# model is meant. Installed, the sources and the package's copy of the .pt go (nothing here can read it); the build
+# then checks that torch is absent and that the model loads.
+ENV CAPTIONER_DEFAULT_MODEL=/opt/captioner-model
+RUN if [ -n "$PIP_CERT_FILE" ]; then export PIP_CERT="$PIP_CERT_FILE"; fi \
+    && pip install --no-deps --index-url "$PIP_INDEX_URL" . \
+    && rm -rf captioner training service /opt/venv/lib/python3*/site-packages/captioner/assets/default.pt \
+    && python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)" \
+    && python3 -c "from captioner.loading import load_captioner; load_captioner()" \
+    && useradd --create-home --uid 10001 captioner
+USER captioner
+
+ENV CAPTIONER_DEVICE=cpu CAPTIONER_BACKEND=auto
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
+    CMD python3 -c "import urllib.request, sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status != 200)"
+CMD ["captioner-serve", "--host", "0.0.0.0", "--port", "8000"]
+
+# The default target: the full image.
+FROM full

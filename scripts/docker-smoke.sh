@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Build the Docker image under the README's tag (captioner), run it, caption a real photo through
 # it, and remove the container; the image stays, so `docker run --rm -p 8000:8000 captioner` serves.
+# Then the same for the slim image (captioner:slim, no torch): its size, the same caption, and its
+# server's memory after 2,000 captions.
 #
 #   scripts/docker-smoke.sh [PHOTO]
 #
@@ -15,7 +17,8 @@
 #   - takes torch from TORCH_INDEX_URL (default: PyTorch's CPU wheel index); when that is unreachable
 #     and this host's pip is configured with local file:// indexes (an offline mirror), serves those
 #     on loopback for the build.
-# Environment: IMAGE (default captioner, i.e. captioner:latest, as in the README), BASE_IMAGE,
+# Environment: IMAGE (default captioner, i.e. captioner:latest, as in the README), SLIM_IMAGE (default
+# IMAGE:slim), SLIM_LIMIT_MB (800), SLIM_RSS_LIMIT_MB (500), SLIM_REQUESTS (2000), BASE_IMAGE,
 # TORCH_INDEX_URL, PIP_INDEX_URL, PORT (default 8000 on the host), KEEP_IMAGE=0 to remove the built
 # image at the end (kept by default), APT_INSTALL=0 to never install packages, BUILD_LOG (default
 # /tmp/captioner-docker-build.log).
@@ -23,6 +26,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 IMAGE="${IMAGE:-captioner}"
+SLIM_IMAGE="${SLIM_IMAGE:-$IMAGE:slim}"
+SLIM_LIMIT_MB="${SLIM_LIMIT_MB:-800}"  # the slim image's size limit, and its server's resident memory after
+SLIM_RSS_LIMIT_MB="${SLIM_RSS_LIMIT_MB:-500}"  # SLIM_REQUESTS captions
+SLIM_REQUESTS="${SLIM_REQUESTS:-2000}"
 BASE_IMAGE="${BASE_IMAGE:-python:3.11-slim-bookworm}"
 LOCAL_BASE="captioner-base:bookworm"
 TORCH_INDEX_URL="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
@@ -184,7 +191,60 @@ code=$(docker inspect -f '{{.State.ExitCode}}' "$CONTAINER")
 echo "exit code after docker stop: $code"
 [[ "$code" == 0 ]] || { docker logs "$CONTAINER" | tail -20; die "the container exited $code on SIGTERM"; }
 
+say "docker build --target slim -t $SLIM_IMAGE (the runtime without torch)"
+started=$SECONDS
+previous=$(docker image inspect -f '{{.Id}}' "$SLIM_IMAGE" 2>/dev/null || true)
+docker build --network host "${build_args[@]}" --target slim -t "$SLIM_IMAGE" . 2>&1 | tee -a "$BUILD_LOG" | sed -u 's/^/    /'
+[[ ${PIPESTATUS[0]} -eq 0 ]] || die "docker build --target slim failed (log: $BUILD_LOG)"
+slim_bytes=$(docker image inspect -f '{{.Size}}' "$SLIM_IMAGE")
+slim_size=$(awk -v b="$slim_bytes" 'BEGIN {printf "%.0f MB", b/1e6}')
+echo "built in $((SECONDS - started)) s; image size $slim_size (limit $SLIM_LIMIT_MB MB)"
+(( slim_bytes <= SLIM_LIMIT_MB * 1000000 )) || die "the slim image is $slim_size, over $SLIM_LIMIT_MB MB"
+if [[ -n "$previous" && "$previous" != "$(docker image inspect -f '{{.Id}}' "$SLIM_IMAGE")" ]]; then
+    if [[ -z "$(docker image inspect -f '{{join .RepoTags ""}}' "$previous" 2>/dev/null)" ]] \
+        && docker rmi "$previous" >/dev/null 2>&1; then
+        echo "removed the image $SLIM_IMAGE named before this build (${previous:7:12})"
+    fi
+fi
+if [[ "${KEEP_IMAGE:-1}" == 0 ]]; then cleanup+=("docker rmi -f '$SLIM_IMAGE' >/dev/null"); fi
+if docker run --rm --entrypoint python3 "$SLIM_IMAGE" -c "import torch" >/dev/null 2>&1; then
+    die "torch imports in the slim image"
+fi
+echo "no torch in the slim image (import torch fails)"
+
+say "docker run $SLIM_IMAGE"
+slim_port=$((PORT + 1))
+docker run -d --name "$CONTAINER-slim" -p "127.0.0.1:$slim_port:8000" "$SLIM_IMAGE" >/dev/null
+cleanup+=("docker rm -f '$CONTAINER-slim' >/dev/null")
+slim_url="http://127.0.0.1:$slim_port"
+for _ in $(seq 120); do
+    curl -fsS -m 2 "$slim_url/ready" >/dev/null 2>&1 && break
+    [[ "$(docker inspect -f '{{.State.Running}}' "$CONTAINER-slim")" == true ]] \
+        || { docker logs "$CONTAINER-slim"; die "the slim container exited"; }
+    sleep 1
+done
+curl -fsS "$slim_url/ready" >/dev/null || { docker logs "$CONTAINER-slim"; die "the slim image was not ready in 120 s"; }
+slim_caption=$(curl -fsS -F "image=@$PHOTO" "$slim_url/caption?method=beam&beam_size=3" \
+    | python3 -c 'import json, sys; print(json.load(sys.stdin)["captions"][0]["text"])')
+echo "caption: $slim_caption"
+[[ "$slim_caption" == "$caption" ]] || die "the slim image captions '$slim_caption', the full one '$caption'"
+echo "the same caption as the full image"
+
+say "$SLIM_REQUESTS requests to the slim image, then its memory"
+codes=$(seq "$SLIM_REQUESTS" | xargs -P 2 -I{} curl -sS -o /dev/null -w '%{http_code}\n' -F "image=@$PHOTO" \
+    "$slim_url/caption" | sort | uniq -c | tr -s ' ' | paste -sd, -)
+echo "HTTP statuses (count status): $codes"
+answered=$(awk -F, -v n="$SLIM_REQUESTS" '{for (i = 1; i <= NF; i++) {split($i, p, " "); if (p[2] == 200) ok = p[1]}} END {print ok + 0}' <<<"$codes")
+(( answered * 10 >= SLIM_REQUESTS * 9 )) || die "only $answered of $SLIM_REQUESTS requests answered 200"
+rss_kb=$(docker exec "$CONTAINER-slim" sh -c 'cat /proc/[0-9]*/status 2>/dev/null' | awk '/^VmRSS:/ {s += $2} END {print s}')
+echo "resident memory of the container's processes: $((rss_kb / 1024)) MB (limit $SLIM_RSS_LIMIT_MB MB)"
+(( rss_kb <= SLIM_RSS_LIMIT_MB * 1024 )) || die "the slim server holds $((rss_kb / 1024)) MB after $SLIM_REQUESTS requests"
+docker stop -t 30 "$CONTAINER-slim" >/dev/null
+code=$(docker inspect -f '{{.State.ExitCode}}' "$CONTAINER-slim")
+[[ "$code" == 0 ]] || { docker logs "$CONTAINER-slim" | tail -20; die "the slim container exited $code on SIGTERM"; }
+
 say "docker-smoke: passed"
 echo "image: $IMAGE, $size"
+echo "slim image: $SLIM_IMAGE, $slim_size, $((rss_kb / 1024)) MB resident after $SLIM_REQUESTS requests"
 echo "caption of $PHOTO: $caption"
-echo "serve it with: docker run --rm -p 8000:8000 $IMAGE"
+echo "serve it with: docker run --rm -p 8000:8000 $IMAGE (or $SLIM_IMAGE)"

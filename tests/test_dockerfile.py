@@ -74,17 +74,29 @@ class DependencyStep:
 
 
 def dependency_step(dockerfile_text: str) -> DependencyStep:
-    """The first ``COPY`` of pyproject.toml, the ``COPY`` lines right after it, and the ``RUN`` that follows."""
+    """The first image's dependency step (:func:`dependency_steps`)."""
+    return dependency_steps(dockerfile_text)[0]
+
+
+def dependency_steps(dockerfile_text: str) -> list[DependencyStep]:
+    """Each image's stand-in install: a ``COPY`` of pyproject.toml, the ``COPY`` lines right after it, and the ``RUN``
+    that follows, in the order the Dockerfile's stages hold them."""
     parser = DockerfileParser(fileobj=io.BytesIO(dockerfile_text.encode()))
     instructions = [i for i in parser.structure if i["instruction"] != "COMMENT"]
     is_pyproject_copy = [
         i["instruction"] == "COPY" and "pyproject.toml" in i["value"].split()[:-1] for i in instructions
     ]
     assert any(is_pyproject_copy), "the Dockerfile never copies pyproject.toml"
-    position = is_pyproject_copy.index(True)
+    positions = [i for i, copy in enumerate(is_pyproject_copy) if copy]
+    return [_dependency_step_at(instructions, position, dict(parser.args)) for position in positions]
+
+
+def _dependency_step_at(instructions: list[dict], position: int, build_args: dict[str, str]) -> DependencyStep:
     workdir = PurePosixPath("/")
     for instruction in instructions[:position]:
-        if instruction["instruction"] == "WORKDIR":
+        if instruction["instruction"] == "FROM":  # a new stage starts from its base's working directory
+            workdir = PurePosixPath("/")
+        elif instruction["instruction"] == "WORKDIR":
             workdir = workdir / instruction["value"]
     copies = []
     for instruction in instructions[position:]:
@@ -94,7 +106,7 @@ def dependency_step(dockerfile_text: str) -> DependencyStep:
         copies.append((words[:-1], words[-1]))
     run = instructions[position + len(copies)]
     assert run["instruction"] == "RUN", f"after the dependency COPY lines comes {run['instruction']}, not RUN"
-    return DependencyStep(workdir, copies, run["value"], dict(parser.args))
+    return DependencyStep(workdir, copies, run["value"], build_args)
 
 
 @dataclass(frozen=True)
@@ -145,7 +157,8 @@ def _requires(wheel: Path) -> tuple[dict[str, str], list[Requirement]]:
     return dict(metadata.items()), [Requirement(r) for r in metadata.get_all("Requires-Dist") or []]
 
 
-def test_the_dependency_step_builds_the_project_from_its_stand_ins(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stage", [0, 1], ids=["full", "slim"])
+def test_the_dependency_step_builds_the_project_from_its_stand_ins(tmp_path: Path, stage: int) -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     build_requires = [Requirement(r) for r in project["build-system"]["requires"]]
     import setuptools
@@ -153,8 +166,9 @@ def test_the_dependency_step_builds_the_project_from_its_stand_ins(tmp_path: Pat
     assert all(r.specifier.contains(setuptools.__version__) for r in build_requires if r.name == "setuptools"), (
         f"the replay builds with this environment's setuptools {setuptools.__version__}, which {build_requires} refuse"
     )
-    step = dependency_step((ROOT / "Dockerfile").read_text())
-    done = replay(step, ROOT, tmp_path)
+    steps = dependency_steps((ROOT / "Dockerfile").read_text())
+    assert len(steps) == 2, "the full and the slim image each install their dependencies"
+    done = replay(steps[stage], ROOT, tmp_path)
     assert done.result.returncode == 0, f"the Dockerfile's dependency step fails:\n{done.result.stderr[-3000:]}"
 
     installs = [call for call in done.pip_calls if call[0] == "install"]
@@ -214,6 +228,9 @@ def test_the_image_builds_and_serves_a_caption() -> None:
     assert smoke.returncode == 0, tail
     assert "docker-smoke: passed" in smoke.stdout, tail
     assert "image: captioner, " in smoke.stdout and " GB" in smoke.stdout, tail
+    # the slim image: no torch, within its size and memory limits (docker-smoke fails beyond them), the same caption
+    assert "no torch in the slim image" in smoke.stdout and "slim image: captioner:slim, " in smoke.stdout, tail
+    assert "the same caption as the full image" in smoke.stdout, tail
     caption = next(line for line in smoke.stdout.splitlines() if line.startswith("caption of "))
     assert "dog" in caption, caption
     # a rebuild leaves no 6 GB untagged copy of the image it replaced behind (it filled CI's disk)

@@ -189,8 +189,9 @@ def dockerfile_uid() -> int:
 
 def dockerfile_port() -> int:
     text = DOCKERFILE.read_text()
-    (expose,) = re.findall(r"^EXPOSE\s+(\d+)\s*$", text, re.M)
-    (cmd,) = re.findall(r"^CMD\s+(\[.*\])\s*$", text, re.M)
+    # one port and one command, whichever image (full or slim) the manifests run
+    (expose,) = set(re.findall(r"^EXPOSE\s+(\d+)\s*$", text, re.M))
+    (cmd,) = set(re.findall(r"^CMD\s+(\[.*\])\s*$", text, re.M))
     args = yaml.safe_load(cmd)
     assert args[args.index("--host") + 1] == "0.0.0.0", "the image's server must listen on all interfaces"
     assert int(args[args.index("--port") + 1]) == int(expose)
