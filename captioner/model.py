@@ -77,6 +77,8 @@ class Captioner(nn.Module, CaptionPipeline):
     """Caption PIL images (or bytes / paths) with greedy, sampled or beam-search decoding; train; save."""
 
     backend = "torch"
+    encoder: ImageEncoder
+    decoder: CaptionDecoder
 
     def __init__(
         self,

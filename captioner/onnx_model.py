@@ -25,6 +25,8 @@ class OnnxCaptioner(CaptionPipeline):
     :class:`~captioner.model.Captioner`, with numpy arrays throughout."""
 
     backend = "onnxruntime"
+    encoder: OnnxEncoder
+    decoder: OnnxDecoder
 
     def __init__(
         self,

@@ -24,6 +24,7 @@ from captioner.config import ModelConfig
 from captioner.decoding import (
     DecodingOptions,
     Hypothesis,
+    StepDecoder,
     check_options_apply,
     constrained_beam_search,
     decode,
@@ -54,8 +55,17 @@ class ImageEncoderLike(Protocol):
     feature_dim: int
     preprocess: Preprocess
 
+    @property
+    def has_class_head(self) -> bool:
+        """Whether it computes the ImageNet-1k logits (what tags and tag guidance read)."""
+        ...
+
     def forward_features_and_logits(self, images: Any, *, chunk_size: int | None = None) -> tuple[Any, Any | None]:
         """Pixels ``(B, 3, S, S)`` -> feature grids ``(B, C, h, w)`` and ImageNet-1k logits (None without a head)."""
+        ...
+
+    def identity(self) -> dict[str, Any]:
+        """Its name and weights, as a checkpoint records them."""
         ...
 
 
@@ -84,8 +94,8 @@ class CaptionPipeline:
     """
 
     backend: str
-    encoder: Any  # ImageEncoderLike
-    decoder: Any  # StepDecoder
+    encoder: ImageEncoderLike
+    decoder: StepDecoder
 
     def _init_pipeline(
         self,
@@ -144,7 +154,7 @@ class CaptionPipeline:
 
     @property
     def preprocess_config(self) -> Preprocess:
-        return cast(Preprocess, self.encoder.preprocess)
+        return self.encoder.preprocess
 
     def preprocess(self, images: Sequence[ImageSource], *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Array:
         """Images -> pixel batch ``(B, 3, S, S)`` exactly as the model was trained on, as this backend's arrays."""
