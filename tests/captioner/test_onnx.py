@@ -541,7 +541,8 @@ def test_without_torch_a_checkpoint_is_a_one_line_error_naming_what_runs(tmp_pat
 
 APPS_WITHOUT_TORCH = """
 import contextlib, io, json
-from captioner.cli import main
+import service.cli  # what captioner-serve runs
+from training.data_commands import main  # what the captioner console script runs
 printed = io.StringIO()
 with contextlib.redirect_stdout(printed):
     status = main(["caption", *sys.argv[2:], "--checkpoint", sys.argv[1], "--json"])
