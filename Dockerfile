@@ -63,6 +63,9 @@ CMD ["captioner-serve", "--host", "0.0.0.0", "--port", "8000"]
 
 # The bundled model's export as a folder of its own, for the slim image (made with torch, in the full image).
 FROM full AS export
+# the label lets scripts/docker-smoke.sh remove this stage's image after a build: left untagged, it would keep a
+# replaced full image's layers (6 GB) alive
+LABEL captioner.stage=export
 RUN captioner export default /tmp/default-onnx --format onnx
 
 FROM ${BASE_IMAGE} AS slim

@@ -207,6 +207,8 @@ if [[ -n "$previous" && "$previous" != "$(docker image inspect -f '{{.Id}}' "$SL
     fi
 fi
 if [[ "${KEEP_IMAGE:-1}" == 0 ]]; then cleanup+=("docker rmi -f '$SLIM_IMAGE' >/dev/null"); fi
+# the export stage's image, untagged: it would keep the full image's layers alive after the next build replaces it
+docker image prune -f --filter "label=captioner.stage=export" >/dev/null
 if docker run --rm --entrypoint python3 "$SLIM_IMAGE" -c "import torch" >/dev/null 2>&1; then
     die "torch imports in the slim image"
 fi

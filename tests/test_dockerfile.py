@@ -237,6 +237,11 @@ def test_the_image_builds_and_serves_a_caption() -> None:
     after = _image_id("captioner")
     if before and after != before:
         assert _image_id(before) == "", f"the replaced image {before[:19]} is still there"
+    # nor the export stage's image, which would keep the replaced full image's layers alive
+    left = subprocess.run(
+        ["docker", "images", "-q", "--filter", "label=captioner.stage=export"], capture_output=True, text=True
+    )
+    assert left.returncode == 0 and left.stdout.strip() == "", left.stdout
 
 
 def _image_id(reference: str) -> str:
