@@ -17,13 +17,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from captioner.backends import BACKEND_CHOICES
+from captioner.backends import BACKEND_CHOICES, torch_available
 from captioner.bulk import InputError, RecordFile, default_workers
 from captioner.checkpoint import checkpoint_arg
 from captioner.cli_args import add_backend_arg, add_decoding_args, add_verbose_arg, decoding_options_from_args
 from captioner.decoding import DecodingOptions
 from captioner.errors import USER_ERRORS, one_line
 from captioner.export_format import QUANTIZE_CHOICES
+from captioner.loading import TORCH_HINT
+from captioner.onnx_backend import BackendUnavailable
 from captioner.torchrun import launch_rank
 
 if TYPE_CHECKING:
@@ -166,12 +168,18 @@ def _fail(message: str) -> int:
     return 2
 
 
+# The commands that read or write a .pt checkpoint's weights (and those training adds): torch's, not the runtime's.
+NEEDS_TORCH = frozenset({"info", "export", "extend-vocabulary"})
+
+
 def main(argv: Sequence[str] | None = None, *, commands: Sequence[Command] = ()) -> int:
     """Run ``captioner ARGV`` with the library's commands and ``commands``; the exit status."""
     args = get_args_parser(commands).parse_args(argv)
     _configure_logging(getattr(args, "verbose", False))
     added = {command.name: command for command in commands}
     try:
+        if (args.command in added or args.command in NEEDS_TORCH) and not torch_available():
+            raise BackendUnavailable(f"captioner {args.command} needs torch, which this install lacks: {TORCH_HINT}")
         if args.command in added:
             return added[args.command].run(args)
         if args.command == "info":

@@ -576,3 +576,23 @@ def test_the_command_line_and_the_service_run_an_export_without_torch(head_expor
     expected = [r.captions[0].text for r in head_export.reference.caption(head_export.photos, DecodingOptions())]
     assert got["status"] == 0 and got["backend"] == "onnxruntime" and got["torch_loaded"] is False
     assert got["cli"] == expected and got["api"] == expected
+
+
+def test_without_torch_the_commands_that_need_it_say_so_in_one_line(tmp_path) -> None:
+    script = NO_TORCH + (
+        "from training.data_commands import main\n"
+        "for command in (['info'], ['export', 'default', sys.argv[1], '--format', 'onnx'],\n"
+        "                ['rules', 'default', sys.argv[1], '--data', sys.argv[1]]):\n"
+        "    print(main(command))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert run.stdout.split() == ["2", "2", "2"], run.stderr[-2000:]
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 3 and all("needs torch" in line and "captioner[torch]" in line for line in lines), lines
+    assert not (tmp_path / "out").exists()
