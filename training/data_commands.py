@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from captioner import cli
+from captioner.backends import BACKEND_CHOICES
 from captioner.caption_rules import DEFAULT_MAX_RATE
 from captioner.checkpoint import checkpoint_arg
 from captioner.cli_args import add_backend_arg, add_verbose_arg
-from captioner.backends import BACKEND_CHOICES
 from training.data import FORMATS
 
 
