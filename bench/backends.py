@@ -26,12 +26,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 # bench/serving.py's server and client (run as a script, this folder is first on sys.path)
 from serving import DEFAULT_IMAGES, Server, _merge, drive, encode_request
 
 from captioner import Captioner, DecodingOptions
+from captioner.arrays import to_numpy
 from captioner.decoding import next_word_logits
 from captioner.model import DEFAULT_CHECKPOINT
 from captioner.runtime import tune_malloc
@@ -65,15 +67,18 @@ def _ms(fn) -> float:
 
 def _step_ms(model: Captioner, grid: torch.Tensor, rows: int, steps: int = 30) -> tuple[float, float]:
     """ms per decoder step at ``rows`` rows: the whole step as decoding calls it, and the ONNX session alone."""
-    tokens = torch.full((rows,), model.vocab.bos_id, dtype=torch.long)
+    # in the model's own kind of array: torch tensors, or numpy for ONNX Runtime
+    tokens = model.on_backend(np.full((rows,), model.vocab.bos_id, dtype=np.int64))
     with torch.inference_mode():
-        state = model.decoder.init_state(grid[:1]).repeat_interleave(rows)
+        state = model.decoder.init_state(model.on_backend(grid[:1])).repeat_interleave(rows)
         whole = statistics.median(_ms(lambda: next_word_logits(model.decoder, tokens, state)) for _ in range(steps))
         session = getattr(model.decoder, "step_session", None)
         if session is None:
             return whole, float("nan")
         parts = [tokens, *state.hidden, *((state.memory, state.keys) if state.memory is not None else ())]
-        feeds = {name: t.numpy() for name, t in zip(model.decoder._step_inputs, parts, strict=True)}
+        feeds = {
+            name: np.ascontiguousarray(to_numpy(t)) for name, t in zip(model.decoder._step_inputs, parts, strict=True)
+        }
         alone = statistics.median(_ms(lambda: session.run(None, feeds)) for _ in range(steps))
     return whole, alone
 

@@ -170,7 +170,7 @@ class Bare:
             pixels = self.pixels[self._next()]
             started = time.perf_counter()
             self.model.caption_pixels(pixels, self.options)
-            if self.model.device.type == "cuda":
+            if str(self.model.device).startswith("cuda"):  # torch.device, or "cpu" for ONNX Runtime
                 torch.cuda.synchronize()
             times.append((time.perf_counter() - started) * 1000.0)
         return times
