@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from typing import Any
 
+from captioner.export_format import is_export_dir
 from captioner.onnx_backend import onnxruntime_available
 
 BACKENDS = ("torch", "onnxruntime")
@@ -36,3 +38,14 @@ def resolve_backend(backend: str, device: Any = "cpu") -> str:
     import torch
 
     return "torch" if torch.cuda.is_available() else "onnxruntime"
+
+
+def backend_for(path: str | os.PathLike, backend: str, device: Any = "cpu") -> str:
+    """The backend that runs the model at ``path``: an export folder runs on onnxruntime under ``auto``, anything
+    else as :func:`resolve_backend` decides; ``ValueError`` for onnxruntime on a device other than the CPU."""
+    if backend == "auto" and is_export_dir(path):
+        backend = "onnxruntime"  # an export folder only runs there
+    backend = resolve_backend(backend, device)
+    if backend == "onnxruntime" and device is not None and str(device) != "auto" and str(device).split(":")[0] != "cpu":
+        raise ValueError("the onnxruntime backend runs on CPU; use backend 'torch' for CUDA")
+    return backend

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from captioner.backends import resolve_backend, torch_available
+from captioner.backends import backend_for, torch_available
 from captioner.default_model import DEFAULT_MODEL_ENV, default_checkpoint
 from captioner.errors import CheckpointError
 from captioner.export_format import is_export_dir
@@ -23,17 +23,13 @@ def load_captioner(
     path: str | os.PathLike | None = None, *, backend: str = "auto", device: Any = "cpu"
 ) -> CaptionPipeline:
     """The model at ``path`` (a ``.pt`` checkpoint or an ONNX export folder; None: the default model) on
-    ``backend`` (``auto``, ``torch`` or ``onnxruntime``: :func:`~captioner.backends.resolve_backend`), in eval mode.
+    ``backend`` (``auto``, ``torch`` or ``onnxruntime``: :func:`~captioner.backends.backend_for`), in eval mode.
 
     An export folder on ONNX Runtime needs no torch; anything else is :meth:`captioner.model.Captioner.from_checkpoint`.
     """
     path = default_checkpoint() if path is None else Path(path)
-    if backend == "auto" and is_export_dir(path):
-        backend = "onnxruntime"  # an export folder only runs there
-    backend = resolve_backend(backend, device)
+    backend = backend_for(path, backend, device)
     if backend == "onnxruntime" and is_export_dir(path):
-        if device is not None and str(device) not in ("auto", "cpu"):
-            raise ValueError("the onnxruntime backend runs on CPU; use backend 'torch' for CUDA")
         return load_export(path)
     if not torch_available():
         if backend == "torch":

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from captioner.arrays import Array, convert_like
-from captioner.backends import BACKEND_CHOICES, BACKENDS, resolve_backend
+from captioner.backends import BACKEND_CHOICES, BACKENDS, backend_for, resolve_backend
 from captioner.caption_rules import CaptionRules
 from captioner.checkpoint import CheckpointError, clean_state_dict, load_checkpoint, save_checkpoint
 from captioner.confidence import ConfidenceModel
@@ -153,15 +153,10 @@ class Captioner(nn.Module, CaptionPipeline):
         extra) gives an :class:`~captioner.onnx_model.OnnxCaptioner` running an ONNX export (``captioner export
         CHECKPOINT DIR --format onnx``): ``path`` may be such a folder, or a ``.pt`` checkpoint, exported on first
         use into a cache keyed by its sha256 (:mod:`captioner.export_cache`). ``backend="auto"``:
-        :func:`~captioner.backends.resolve_backend`.
+        :func:`~captioner.backends.backend_for`.
         """
         path = default_checkpoint() if path is None else Path(path)
-        if backend == "auto" and is_export_dir(path):
-            backend = "onnxruntime"  # an export folder only runs there
-        backend = resolve_backend(backend, device)
-        if backend == "onnxruntime":
-            if device is not None and str(device) != "auto" and torch.device(device).type != "cpu":
-                raise ValueError("the onnxruntime backend runs on CPU; use backend 'torch' for CUDA")
+        if backend_for(path, backend, device) == "onnxruntime":
             return load_export(path) if is_export_dir(path) else load_onnx_checkpoint(path)
         if is_export_dir(path):
             raise CheckpointError(f"{path} is an ONNX export: load it with backend 'onnxruntime'")

@@ -254,11 +254,11 @@ class CaptionPipeline:
         as this backend's arrays on its device (cached), or None when there are neither."""
         if self.caption_rules is None and not self.vocabulary_extension:
             return None
-        probe = self.on_backend(np.zeros(0, dtype=np.float32))  # an array of the backend's kind, on its device
-        key = (self.caption_rules, self.vocabulary_extension, len(self.vocab), str(getattr(probe, "device", "cpu")))
+        key = (self.caption_rules, self.vocabulary_extension, len(self.vocab), str(self.device))
         if getattr(self, "_rule_masks_key", None) != key:
             rules = self.caption_rules if self.caption_rules is not None else CaptionRules.none()
             locked = self.vocabulary_extension.locked_mask(self.vocab) if self.vocabulary_extension else None
+            probe = self.on_backend(np.zeros(0, dtype=np.float32))  # an array of the backend's kind, on its device
             self._rule_masks = rules.compile(self.vocab, locked).like(probe)
             self._rule_masks_key = key
         return self._rule_masks
