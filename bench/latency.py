@@ -1,9 +1,10 @@
 """Latency of one ``caption()`` call, stage by stage: PyTorch against the torch-free ONNX Runtime path.
 
-Both run the same model in one process, interleaved round by round (this VM's speed drifts): the torch model fused
+All run the same model in one process, interleaved round by round (this VM's speed drifts): the torch model fused
 for inference, as served on CUDA-less machines before the runtime existed, and the ONNX Runtime model
-(:class:`captioner.onnx_model.OnnxCaptioner`, numpy throughout) over the model's export. For batch 1 and 8, beam 3
-and greedy, it times (medians over rounds, ms per caption):
+(:class:`captioner.onnx_model.OnnxCaptioner`, numpy throughout) over the model's fp32 export, over its export
+with int8 decoder weights (``captioner export --format onnx --quantize int8-decoder``) and, given one, over its
+``--quantize int8`` export. For batch 1 and 8, beam 3 and greedy, it times (medians over rounds, ms per caption):
 
     load + preprocess   photos from disk to the pixel batch
     encoder             pixels to feature grids and the class head's logits
@@ -13,7 +14,7 @@ and greedy, it times (medians over rounds, ms per caption):
 and the share of ``decode`` spent in the decoder's own ``step`` calls (the rest is the bookkeeping around them).
 Goal (issue 25): caption() batch 1 beam 3 on ONNX Runtime <= 30 ms on this machine, measured in the same run as torch.
 
-    python bench/latency.py [--checkpoint C] [--onnx DIR] [--rounds 7] [--threads N]
+    python bench/latency.py [--checkpoint C] [--onnx DIR] [--onnx-int8-decoder DIR] [--onnx-int8 DIR] [--rounds 7]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +42,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=None, help="default: the bundled model")
     parser.add_argument("--onnx", type=Path, default=None, help="its ONNX export (default: exported/cached on use)")
+    parser.add_argument(
+        "--onnx-int8-decoder",
+        type=Path,
+        default=None,
+        help="its export with --quantize int8-decoder (default: exported to a temporary folder)",
+    )
+    parser.add_argument(
+        "--onnx-int8",
+        type=Path,
+        default=None,
+        help="its export with --quantize int8 (calibrated: made beforehand), measured too when given",
+    )
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of JPEG photos")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds; medians are reported")
     parser.add_argument("--calls", type=int, default=3, help="timed calls per stage per round (their minimum)")
@@ -100,10 +114,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"latency: need 8 photos in {args.images}, found {len(photos)}", file=sys.stderr)
         return 2
     tune_malloc()
-    models = {
-        "torch": Captioner.from_checkpoint(args.checkpoint).optimize_for_inference(),
-        "onnxruntime": load_export(args.onnx) if args.onnx else load_onnx_checkpoint(args.checkpoint or _default()),
-    }
+    with tempfile.TemporaryDirectory() as tmp:
+        models = {
+            "torch": Captioner.from_checkpoint(args.checkpoint).optimize_for_inference(),
+            "onnxruntime": load_export(args.onnx) if args.onnx else load_onnx_checkpoint(args.checkpoint or _default()),
+            "int8 decoder": load_export(args.onnx_int8_decoder or _int8_decoder_export(args.checkpoint, Path(tmp))),
+        }
+        if args.onnx_int8:
+            models["int8"] = load_export(args.onnx_int8)
+    return _report(models, photos, args)
+
+
+def _report(models: dict[str, Any], photos: list[str], args: argparse.Namespace) -> int:
     configs = {
         f"batch {b}, {name}": (photos[:b], options)
         for b in (1, 8)
@@ -122,17 +144,21 @@ def main(argv: list[str] | None = None) -> int:
         return statistics.median(r[stage] for r in rows[(config, backend)])
 
     print(f"\nms per caption, medians of {args.rounds} interleaved rounds (each the fastest of {args.calls} calls)\n")
-    print("| call | stage | torch | onnxruntime | torch / onnxruntime |")
-    print("|---|---|---:|---:|---:|")
+    names = list(models)
+    header = " | ".join(names) + " | " + " | ".join(f"torch / {name}" for name in names[1:])
+    print(f"| call | stage | {header} |")
+    print("|---|---|" + "---:|" * (2 * len(names) - 1))
     for config in configs:
         for stage in STAGES:
-            t, o = median(config, "torch", stage), median(config, "onnxruntime", stage)
-            print(f"| {config} | {stage} | {t:.1f} | {o:.1f} | {t / o:.2f}x |")
-        t, o = median(config, "torch", "step share"), median(config, "onnxruntime", "step share")
-        print(f"| {config} | decoder steps / decode | {t:.0%} | {o:.0%} | |")
-    got = median("batch 1, beam 3", "onnxruntime", "caption()")
-    verdict = "met" if got <= GOAL_MS else "MISSED"
-    print(f"\ngoal: caption() batch 1 beam 3 on onnxruntime <= {GOAL_MS:.0f} ms: {got:.1f} ms ({verdict})")
+            ms = [median(config, backend, stage) for backend in names]
+            cells = " | ".join(f"{m:.1f}" for m in ms) + " | " + " | ".join(f"{ms[0] / m:.2f}x" for m in ms[1:])
+            print(f"| {config} | {stage} | {cells} |")
+        shares = " | ".join(f"{median(config, backend, 'step share'):.0%}" for backend in names)
+        print(f"| {config} | decoder steps / decode | {shares} |" + " |" * (len(names) - 1))
+    for backend in names[1:]:
+        got = median("batch 1, beam 3", backend, "caption()")
+        verdict = "met" if got <= GOAL_MS else "MISSED"
+        print(f"goal: caption() batch 1 beam 3 on {backend} <= {GOAL_MS:.0f} ms: {got:.1f} ms ({verdict})")
     return 0
 
 
@@ -140,6 +166,17 @@ def _default() -> Path:
     from captioner.default_model import default_checkpoint
 
     return default_checkpoint()
+
+
+def _int8_decoder_export(checkpoint: Path | None, tmp: Path) -> Path:
+    from captioner.digests import file_sha256
+    from captioner.onnx_export import export_onnx
+
+    path = checkpoint or _default()
+    print(f"exporting {path} with --quantize int8-decoder ...", file=sys.stderr)
+    model = Captioner.from_checkpoint(checkpoint)
+    export_onnx(model, tmp / "int8-decoder", source=str(path), source_sha256=file_sha256(path), quantize="int8-decoder")
+    return tmp / "int8-decoder"
 
 
 if __name__ == "__main__":

@@ -53,11 +53,27 @@ def without_autograd(decoding: Decoding) -> Decoding:
     return cast(Decoding, run)
 
 
+SMALL_K = 8  # up to this many, numpy's top-k takes one argmax pass per value
+
+
 def topk(x: Array, k: int) -> tuple[Array, Array]:
-    """The ``k`` largest values along the last axis, largest first, and their indices."""
+    """The ``k`` largest values along the last axis of ``x (R, N)``, largest first, and their indices."""
     if is_torch_array(x):
         values, indices = x.topk(k, dim=-1)
         return values, indices
+    if k <= SMALL_K and x.ndim == 2:
+        # Beam search's k (a few) from a few beams x the vocabulary: k passes of argmax are 10-25x faster than a
+        # partition (16 against 157 us for one image's 3 x 2,582 at beam 3). Where -inf is among the k (fewer
+        # finite values than k), the partition below, which never repeats an index, decides instead.
+        rest, rows = x.copy(), np.arange(x.shape[0])
+        best = np.empty((x.shape[0], k), dtype=np.int64)
+        best_values = np.empty((x.shape[0], k), dtype=x.dtype)
+        for j in range(k):
+            best[:, j] = np.argmax(rest, axis=-1)
+            best_values[:, j] = rest[rows, best[:, j]]
+            rest[rows, best[:, j]] = -np.inf
+        if not np.isneginf(best_values).any():
+            return best_values, best
     part = np.argpartition(-x, k - 1, axis=-1)[..., :k]  # the k largest, in no order
     unordered = np.take_along_axis(x, part, axis=-1)
     order = np.argsort(-unordered, axis=-1, kind="stable")

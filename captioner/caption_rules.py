@@ -211,6 +211,10 @@ class RuleMasks:
         """(B,) bool: ``<end>`` may follow ``last`` (preceded by ``before_last``, when given)."""
         xp = array_namespace(last)
         no_end = xp.take(self.no_end, last, axis=0)
-        if before_last is not None and self.no_end_pairs.shape[0]:
-            no_end = no_end | xp.isin(before_last * vocab + last, self.no_end_pairs)
+        pairs = self.no_end_pairs
+        if before_last is not None and pairs.shape[0]:
+            keys = before_last * vocab + last
+            # pairs is sorted: a binary search per row (isin built a table over V * V values on every step)
+            found = xp.take(pairs, xp.minimum(xp.searchsorted(pairs, keys), pairs.shape[0] - 1), axis=0)
+            no_end = no_end | (found == keys)
         return xp.logical_not(no_end)

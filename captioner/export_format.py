@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 from captioner.config import DecoderConfig
 
@@ -22,7 +23,17 @@ GRAPH_FILES = {"encoder": "encoder.onnx", "decoder_init": "decoder_init.onnx", "
 MANIFEST_FILE = "manifest.json"
 DIGESTED_FILES = (METADATA_FILE, *GRAPH_FILES.values())  # what the manifest lists: every other file of an export
 NOT_WRITABLE_BY_OTHERS = ~(stat.S_IWGRP | stat.S_IWOTH)  # mask for an export's modes: only its owner writes
-QUANTIZE_CHOICES = ("int8",)  # what an export's encoder may be quantized to (captioner.onnx_quantize)
+# what ``--quantize`` may ask for, and the parts of the model each stores in int8 (captioner.onnx_quantize)
+QUANTIZE_CHOICES = {"int8-decoder": ("decoder",), "int8": ("encoder", "decoder")}
+
+
+def quantized_parts(quantization: Any) -> frozenset[str]:
+    """The parts (``encoder``, ``decoder``) an export stores in int8, from its metadata's ``quantization``: a list
+    of records, one per part, or None; an export from before the decoder could be quantized has one record."""
+    if quantization is None:
+        return frozenset()
+    records = quantization if isinstance(quantization, list) else [quantization]
+    return frozenset(str(record["part"]) for record in records)
 
 
 def state_names(config: DecoderConfig) -> tuple[str, ...]:

@@ -20,7 +20,14 @@ from captioner.arrays import Array, to_numpy
 from captioner.config import DecoderConfig
 from captioner.decoder_state import DecoderState
 from captioner.errors import CaptionerError, CheckpointError, one_line
-from captioner.export_format import GRAPH_FILES, init_output_names, state_names, step_input_names, step_output_names
+from captioner.export_format import (
+    GRAPH_FILES,
+    init_output_names,
+    quantized_parts,
+    state_names,
+    step_input_names,
+    step_output_names,
+)
 from captioner.export_integrity import VerifiedExport
 from captioner.transforms import Preprocess
 
@@ -94,9 +101,9 @@ def _contiguous(array: Array, dtype: type = np.float32) -> np.ndarray:
     """A C-contiguous numpy array of ``array`` (no copy when it already is one; a torch tensor is accepted, so
     training's feature caches can feed an export).
 
-    The copy a strided array needs (channels-last pixels) is numpy's, on this thread: torch's would wake its
-    OpenMP threads, whose spinning afterwards took a core from ONNX Runtime's pool (the encoder at batch 1 ran
-    16 instead of 13 ms on the 2-core VM).
+    The copy a strided array needs is numpy's, on this thread: torch's would wake its OpenMP threads, whose
+    spinning afterwards took a core from ONNX Runtime's pool (the encoder at batch 1 ran 16 instead of 13 ms on
+    the 2-core VM).
     """
     return np.ascontiguousarray(to_numpy(array), dtype=dtype)
 
@@ -117,7 +124,7 @@ class OnnxEncoder:
         self.weights_sha256 = identity.get("weights_sha256")
         self.preprocess = Preprocess.from_dict(model["preprocess"])
         self.feature_dim: int = model["config"]["decoder"]["feature_dim"]
-        self.quantized = export.meta.get("quantization") is not None
+        self.quantized = "encoder" in quantized_parts(export.meta.get("quantization"))
         self.graph_sha256 = export.sha256[GRAPH_FILES["encoder"]]  # what the feature cache keys these features by
         # The graph itself says whether it computes the class head (never the metadata: see export_integrity).
         self.has_class_head = "class_logits" in {output.name for output in self.session.get_outputs()}
@@ -174,6 +181,7 @@ class OnnxDecoder:
 
     def __init__(self, export: VerifiedExport, config: DecoderConfig, threads: int | None = None) -> None:
         self.config = config
+        self.quantized = "decoder" in quantized_parts(export.meta.get("quantization"))  # int8 weights
         self.init_session = _session(export, "decoder_init", threads)
         self.step_session = _session(export, "decoder_step", threads)
         self._init_outputs = init_output_names(config)  # the names the export gave them (captioner.export_format)

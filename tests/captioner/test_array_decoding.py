@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from captioner.arrays import convert_like, draw, log_softmax, make_generator, softmax, topk
+from captioner.arrays import SMALL_K, convert_like, draw, log_softmax, make_generator, softmax, topk
 from captioner.caption_rules import CaptionRules, RuleMasks
 from captioner.decoder_state import DecoderState
 from captioner.decoding import DecodingOptions, constrained_beam_search, decode
@@ -146,6 +146,18 @@ def test_topk_and_log_softmax_agree_across_kinds() -> None:
     np.testing.assert_array_equal(values, want_values.numpy())
     np.testing.assert_array_equal(indices, want_indices.numpy())
     np.testing.assert_allclose(log_softmax(x), torch.from_numpy(x).log_softmax(-1).numpy(), atol=1e-6)
+    # both ways numpy's top-k takes (argmax passes for a few, a partition for many, or where -inf is among them)
+    for k in (1, 3, SMALL_K, SMALL_K + 3):
+        for rows in (x, x[1:]):
+            values, indices = topk(rows, k)
+            want_values, want_indices = torch.from_numpy(rows).topk(k, dim=-1)
+            np.testing.assert_array_equal(values, want_values.numpy())
+            np.testing.assert_array_equal(indices, want_indices.numpy())
+    few = np.full((2, 6), -np.inf, dtype=np.float32)
+    few[:, :2] = [[1.0, 2.0], [0.5, 0.25]]  # fewer finite values than k: still k distinct indices
+    values, indices = topk(few, 4)
+    assert [len(set(row)) for row in indices.tolist()] == [4, 4]
+    np.testing.assert_array_equal(values[:, :2], [[2.0, 1.0], [0.5, 0.25]])
 
 
 def test_rule_masks_move_to_the_kind_and_device_of_the_arrays(model) -> None:

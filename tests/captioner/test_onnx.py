@@ -400,18 +400,103 @@ def test_int8_export_quantizes_the_encoder_and_still_captions(attention_export, 
     assert main([*argv, "--calibration-images", str(tmp_path), "--check-images", *photos[:2]]) == 0
     capsys.readouterr()
     meta = json.loads((int8 / METADATA_FILE).read_text())
-    assert meta["quantization"] == {
+    assert meta["quantization"][0] == {
         "type": "int8",
         "part": "encoder",
         "method": "static",
         "calibration_images": 6,
         "format": "QDQ",
     }
+    assert [record["part"] for record in meta["quantization"]] == ["encoder", "decoder"]
     assert (int8 / "encoder.onnx").stat().st_size < (fp32 / "encoder.onnx").stat().st_size / 3
     model = Captioner.from_checkpoint(int8, backend="onnxruntime")
-    assert model.encoder.quantized
+    assert model.encoder.quantized and model.decoder.quantized
     result = model.caption(photos[:2], method="beam")
     assert all(r.captions[0].tokens for r in result)
+
+
+def test_gemms_rewritten_as_matmuls_compute_the_same(attention_export) -> None:
+    import onnx
+
+    from captioner.onnx_quantize import gemms_as_matmuls
+
+    path = attention_export.folder / GRAPH_FILES["decoder_step"]
+    graph = onnx.load(str(path))
+    assert any(node.op_type == "Gemm" for node in graph.graph.node)  # what the exporter writes for Linear
+    gemms_as_matmuls(graph.graph)
+    assert not any(node.op_type == "Gemm" for node in graph.graph.node)
+    rng = np.random.default_rng(0)
+    before = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    after = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = {}
+    for graph_input in before.get_inputs():
+        shape = [3 if isinstance(d, str) else d for d in graph_input.shape]
+        feed[graph_input.name] = (
+            rng.integers(4, 10, shape).astype(np.int64)
+            if graph_input.name == "tokens"
+            else rng.standard_normal(shape).astype(np.float32)
+        )
+    for expected, got in zip(before.run(None, feed), after.run(None, feed), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_an_int8_decoder_export_needs_no_calibration_and_captions_with_every_method(
+    attention_export, tmp_path, capsys
+) -> None:
+    import onnx
+
+    checkpoint, fp32 = attention_export.checkpoint, attention_export.folder
+    photos = attention_export.photos
+    out = tmp_path / "int8-decoder"
+    assert main(["export", str(checkpoint), str(out), "--format", "onnx", "--quantize", "int8-decoder"]) == 0
+    capsys.readouterr()
+    meta = json.loads((out / METADATA_FILE).read_text())
+    assert [record["part"] for record in meta["quantization"]] == ["decoder"]
+    assert 0 < meta["check"]["logit_max_relative_diff"] <= meta["check"]["tolerances"]["int8_logit_rtol"]
+    for part in ("decoder_init", "decoder_step"):
+        ops = {node.op_type for node in onnx.load(str(out / GRAPH_FILES[part])).graph.node}
+        assert "MatMulNBits" in ops and "Gemm" not in ops
+    assert (out / GRAPH_FILES["encoder"]).read_bytes() == (fp32 / GRAPH_FILES["encoder"]).read_bytes()
+    model = Captioner.from_checkpoint(out, backend="onnxruntime")
+    assert model.decoder.quantized and not model.encoder.quantized
+    for method, options in (("greedy", {}), ("beam", {}), ("sample", {"seed": 1})):
+        assert all(r.captions[0].tokens for r in model.caption(photos, method=method, **options))
+    # misuse: calibration photos are for the encoder's int8 only
+    argv = ["export", str(checkpoint), str(tmp_path / "x"), "--format", "onnx", "--quantize", "int8-decoder"]
+    assert main([*argv, "--calibration-images", photos[0]]) == 2
+    assert "needs --quantize int8" in capsys.readouterr().err
+
+
+def test_the_self_check_catches_an_int8_decoder_that_disagrees(attention_export, tmp_path) -> None:
+    model = attention_export.reference
+    out = tmp_path / "int8-decoder"
+    export_onnx(model, out, source=str(attention_export.checkpoint), source_sha256="0" * 64, quantize="int8-decoder")
+    _perturb(out / GRAPH_FILES["decoder_step"], "head")  # the output layer's bias: int8 leaves it in fp32
+    with pytest.raises(ExportError, match="int8 decoder logits differ from fp32"):
+        check_export(model, out)
+
+
+def test_importing_the_weight_quantizer_leaves_the_root_logger_as_it_was(tmp_path, monkeypatch) -> None:
+    import logging
+
+    from captioner.onnx_quantize import _import_keeping_root_logger
+
+    # what onnxruntime.quantization.matmul_nbits_quantizer does when imported
+    (tmp_path / "configures_logging.py").write_text("import logging\nlogging.basicConfig(level=logging.INFO)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])  # a program that has not configured logging
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    _import_keeping_root_logger("configures_logging")
+    assert root.handlers == [] and root.level == logging.WARNING
+
+
+def test_quantized_parts_reads_old_and_new_records() -> None:
+    from captioner.export_format import quantized_parts
+
+    assert quantized_parts(None) == frozenset()
+    assert quantized_parts({"type": "int8", "part": "encoder", "method": "static"}) == {"encoder"}  # before 0.x
+    assert quantized_parts([{"part": "encoder"}, {"part": "decoder"}]) == {"encoder", "decoder"}
 
 
 @pytest.mark.slow  # quantization: ~10 s
@@ -429,6 +514,8 @@ def test_an_int8_export_keeps_the_class_head(head_export, tmp_path) -> None:
     meta = json.loads((tmp_path / "int8" / METADATA_FILE).read_text())
     assert meta["io"]["encoder"]["outputs"] == ["grid", "class_logits"]
     assert isinstance(meta["check"]["class_probability_max_abs_diff"], float)  # reported, not enforced, for int8
+    # no check photos given: the check ran on calibration photos, not synthetic colour fields
+    assert meta["check"]["image_source"] == "given images" and meta["check"]["images"] == 4
     model = Captioner.from_checkpoint(tmp_path / "int8", backend="onnxruntime")
     assert model.encoder.quantized and model.encoder.has_class_head
     probabilities = model.caption(photos[:2], method="greedy")[0].class_probabilities
