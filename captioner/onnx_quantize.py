@@ -175,8 +175,10 @@ def gemms_as_matmuls(graph: Any) -> None:
             continue
         weight = numpy_helper.to_array(weights[node.input[1]])
         weight = weight.T if attributes.get("transB", 0) else weight  # MatMul wants (in, out)
-        name = f"{node.input[1]}_in_out"
-        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), name))
+        name = f"{node.input[1]}_{'t' if attributes.get('transB', 0) else 'n'}"
+        if name not in weights:  # a weight two Gemms share is laid out once
+            weights[name] = numpy_helper.from_array(np.ascontiguousarray(weight), name)
+            graph.initializer.append(weights[name])
         has_bias = len(node.input) > 2 and node.input[2] != ""
         product = f"{node.output[0]}_product" if has_bias else node.output[0]
         nodes.append(helper.make_node("MatMul", [node.input[0], name], [product], name=f"{node.name}_matmul"))

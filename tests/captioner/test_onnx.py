@@ -440,6 +440,36 @@ def test_gemms_rewritten_as_matmuls_compute_the_same(attention_export) -> None:
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_gemms_that_share_a_weight_are_rewritten_once() -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from captioner.onnx_quantize import gemms_as_matmuls
+
+    weight = np.arange(12, dtype=np.float32).reshape(3, 4) / 10  # (out, in), as Linear exports it
+    nodes = [
+        helper.make_node("Identity", ["x"], ["x2"]),
+        helper.make_node("Gemm", ["x", "w", "b"], ["y1"], name="first", transB=1),
+        helper.make_node("Gemm", ["x2", "w"], ["y2"], name="second", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "shared",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in ("y1", "y2")],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.ones(3, np.float32), "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    gemms_as_matmuls(model.graph)
+    onnx.checker.check_model(model)
+    assert sorted(init.name for init in model.graph.initializer) == ["b", "w_t"]
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = {"x": np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4)}
+    for expected, got in zip(before.run(None, x), after.run(None, x), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
 def test_an_int8_decoder_export_needs_no_calibration_and_captions_with_every_method(
     attention_export, tmp_path, capsys
 ) -> None:
