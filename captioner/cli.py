@@ -394,9 +394,10 @@ def _export(args: argparse.Namespace) -> int:
         return 0
     if args.half:
         raise ValueError("--half applies to --format pt (use --quantize int8 for a smaller ONNX encoder)")
-    if args.calibration_images and args.quantize != "int8":
+    calibrated = args.quantize is not None and "encoder" in QUANTIZE_CHOICES[args.quantize]  # what calibration is for
+    if args.calibration_images and not calibrated:
         raise ValueError("--calibration-images needs --quantize int8")
-    if args.quantize == "int8" and not args.calibration_images:
+    if calibrated and not args.calibration_images:
         raise ValueError("--quantize int8 needs --calibration-images: a few hundred photos like those you will caption")
     from captioner.onnx_backend import require_onnxruntime
     from captioner.onnx_export import export_onnx

@@ -130,15 +130,12 @@ def narrow_matmuls(graph: Any) -> list[str]:
     """The ``MatMul`` nodes of ``graph`` whose constant weight has fewer than :data:`NARROW_OUTPUTS` output columns
     (attention's score vector, one column): int8 saves nothing there, and ``MatMulNBits`` ran the 512 x 1 product
     over 3 x 81 rows in 225 against fp32's 40 us."""
-    from onnx import numpy_helper
-
-    weights = {init.name: init for init in graph.initializer}
+    shapes = {init.name: list(init.dims) for init in graph.initializer}
     narrow = []
     for node in graph.node:
-        if node.op_type == "MatMul" and node.input[1] in weights:
-            shape = numpy_helper.to_array(weights[node.input[1]]).shape
-            if len(shape) == 2 and shape[1] < NARROW_OUTPUTS:
-                narrow.append(node.name)
+        shape = shapes.get(node.input[1]) if node.op_type == "MatMul" else None
+        if shape is not None and len(shape) == 2 and shape[1] < NARROW_OUTPUTS:
+            narrow.append(node.name)
     return narrow
 
 
@@ -173,12 +170,13 @@ def gemms_as_matmuls(graph: Any) -> None:
         if attributes.get("alpha", 1.0) != 1.0 or attributes.get("beta", 1.0) != 1.0 or attributes.get("transA", 0):
             nodes.append(node)  # not the form Linear exports to: left as it is
             continue
-        weight = numpy_helper.to_array(weights[node.input[1]])
-        weight = weight.T if attributes.get("transB", 0) else weight  # MatMul wants (in, out)
-        name = f"{node.input[1]}_{'t' if attributes.get('transB', 0) else 'n'}"
-        if name not in weights:  # a weight two Gemms share is laid out once
-            weights[name] = numpy_helper.from_array(np.ascontiguousarray(weight), name)
-            graph.initializer.append(weights[name])
+        name = node.input[1]  # MatMul wants (in, out): a transposed (out, in) weight is laid out anew, once
+        if attributes.get("transB", 0):
+            name = f"{name}_t"
+            if name not in weights:  # a weight two Gemms share
+                weight = numpy_helper.to_array(weights[node.input[1]]).T
+                weights[name] = numpy_helper.from_array(np.ascontiguousarray(weight), name)
+                graph.initializer.append(weights[name])
         has_bias = len(node.input) > 2 and node.input[2] != ""
         product = f"{node.output[0]}_product" if has_bias else node.output[0]
         nodes.append(helper.make_node("MatMul", [node.input[0], name], [product], name=f"{node.name}_matmul"))
