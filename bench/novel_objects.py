@@ -12,6 +12,11 @@ prints side by side:
   included, as a caller pays it) and the decoding alone on cached grids, on the first ``--batch`` photos of
   coco-mini (where guidance fires most) and of Flickr8k test.
 
+Two ceilings say how far guidance over these tags can go, whatever its thresholds: a third column, guidance with
+the caption-confidence gate removed (every caption with a tag of at least 0.1 must name one: no gate can guide
+more), and the row "a tag names a reference object": the share of photos one of whose five tags has a caption
+word (``captioner.tag_words``) that a reference names, which no choice among the tags can exceed.
+
 Object words (reproducible, no tagger): the head (last) words of the ImageNet class names, display names and
 parent groups (``captioner/assets/imagenet_tags.json``; the head of a noun phrase is a noun) that occur at least
 ``--min-count`` times in the COCO caption text (``coco-caption-text``). A caption or reference word counts as the
@@ -35,8 +40,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from captioner import Captioner, DecodingOptions
+from captioner.guidance import DEFAULT_POLICY, GuidancePolicy
 from captioner.model import CaptionResult, model_id
 from captioner.runtime import tune_malloc
+from captioner.tag_words import words_for_tags
 from captioner.tags import TAGS_FILE
 from captioner.text import tokenize
 from training.data import ImageRecord, load_corpus
@@ -47,6 +54,8 @@ from training.tagged_features import TaggedFeatures, encode_with_logits
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 PLAIN, GUIDED = DecodingOptions(), DecodingOptions(guided_by_tags=True)
+UNGATED = GuidancePolicy(min_tag_confidence=DEFAULT_POLICY.min_tag_confidence, max_caption_confidence=1.0)
+COLUMNS = ("plain", "guided", "guided, no confidence gate")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -90,12 +99,20 @@ def _objects(words: Sequence[str], vocabulary: set[str]) -> set[str]:
     return found
 
 
-def _caption_all(model: Captioner, features: TaggedFeatures, options: DecodingOptions) -> list[CaptionResult]:
+def _caption_all(
+    model: Captioner, features: TaggedFeatures, options: DecodingOptions, guidance: GuidancePolicy = DEFAULT_POLICY
+) -> list[CaptionResult]:
     results: list[CaptionResult] = []
     for start in range(0, len(features.image_ids), 100):
         part = slice(start, start + 100)
-        results += model.caption_features(features.grids[part].float(), options, class_logits=features.logits[part])
+        grid, logits = features.grids[part].float(), features.logits[part]
+        results += model.caption_features(grid, options, class_logits=logits, guidance=guidance)
     return results
+
+
+def _tag_names_reference(result: CaptionResult, references: set[str], objects: set[str], model: Captioner) -> bool:
+    """Whether a caption word of one of the result's tags (any confidence) is an object word the references name."""
+    return bool(_objects(words_for_tags([tag.name for tag in result.tags], model.vocab), objects) & references)
 
 
 def _median_ms(calls: dict[str, Callable[[], object]], images: int, rounds: int) -> dict[str, float]:
@@ -121,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         "flickr8k-test": flickr.split("test", restval_as_train=False),
     }
     objects = object_words(args.data / "coco-caption-text" / "captions.jsonl.gz", args.min_count)
-    rows: list[tuple[str, str, str, str]] = []
+    rows: list[tuple[str, ...]] = []
     timing_paths: dict[str, list[str]] = {}
     examples: list[str] = []
     for name, records in sets.items():
@@ -131,38 +148,40 @@ def main(argv: list[str] | None = None) -> None:
             cache = cache.with_name(f"{cache.stem}-first{args.limit}.pt")
         features = encode_with_logits(model, [str(r.path) for r in records], [r.image_id for r in records], cache)
         references = {r.image_id: list(r.captions) for r in records}
-        scored = {}
-        for label, options in (("plain", PLAIN), ("guided", GUIDED)):
+        reference_objects = [_objects(tokenize(" ".join(r.captions)), objects) for r in records]
+        runs = []
+        for options, guidance in ((PLAIN, DEFAULT_POLICY), (GUIDED, DEFAULT_POLICY), (GUIDED, UNGATED)):
             started = time.perf_counter()
-            results = _caption_all(model, features, options)
+            results = _caption_all(model, features, options, guidance)
             seconds = time.perf_counter() - started
-            predictions = {r.image_id: res.captions[0].text for r, res in zip(records, results, strict=True)}
-            metrics = compute_metrics(predictions, references, java=args.java)
-            metrics.update(caption_shape_rates(predictions, flickr, model))
+            texts = [res.captions[0].text for res in results]
+            metrics = compute_metrics(dict(zip(references, texts, strict=True)), references, java=args.java)
+            metrics.update(caption_shape_rates(dict(zip(references, texts, strict=True)), flickr, model))
             named = [
-                bool(_objects(res.captions[0].tokens, objects) & _objects(tokenize(" ".join(r.captions)), objects))
-                for r, res in zip(records, results, strict=True)
+                bool(_objects(res.captions[0].tokens, objects) & wanted)
+                for res, wanted in zip(results, reference_objects, strict=True)
             ]
-            scored[label] = (results, predictions, metrics, sum(named) / len(named), seconds)
-        (plain, plain_text, pm, p_named, p_s), (guided, guided_text, gm, g_named, g_s) = (
-            scored["plain"],
-            scored["guided"],
-        )
-        changed = sum(plain_text[i] != guided_text[i] for i in plain_text) / len(plain_text)
-        print(f"{name}: {len(records)} photos, decoded in {p_s:.0f} s plain, {g_s:.0f} s guided", flush=True)
+            runs.append((results, texts, metrics, sum(named) / len(named), seconds))
+        plain, guided = runs[0][0], runs[1][0]
+        print(f"{name}: {len(records)} photos, decoded in " + ", ".join(
+            f"{run[4]:.0f} s {label}" for label, run in zip(COLUMNS, runs, strict=True)), flush=True)  # fmt: skip
         for metric in ("CIDEr", "BLEU-4", "METEOR"):
-            if metric in pm and metric in gm:
-                scale = 100 if metric != "CIDEr" else 1
-                digits = 3 if metric == "CIDEr" else 2
-                rows.append((name, metric if metric != "CIDEr" else "CIDEr-D", f"{scale * pm[metric]:.{digits}f}",
-                             f"{scale * gm[metric]:.{digits}f}"))  # fmt: skip
-        rows.append((name, "names a reference object", f"{p_named:.1%}", f"{g_named:.1%}"))
-        dangling = [f"{m.get('dangling', float('nan')):.1%}" for m in (pm, gm)]
-        rows.append((name, "dangling endings", *dangling))
-        rows.append((name, "captions changed by guidance", "", f"{changed:.1%}"))
+            if all(metric in run[2] for run in runs):
+                scale, digits = (1, 3) if metric == "CIDEr" else (100, 2)
+                label = "CIDEr-D" if metric == "CIDEr" else metric
+                rows.append((name, label, *(f"{scale * run[2][metric]:.{digits}f}" for run in runs)))
+        rows.append((name, "names a reference object", *(f"{run[3]:.1%}" for run in runs)))
+        tagged = [
+            _tag_names_reference(res, wanted, objects, model)
+            for res, wanted in zip(plain, reference_objects, strict=True)
+        ]
+        rows.append((name, "a tag names a reference object", "", "", f"{sum(tagged) / len(tagged):.1%} (ceiling)"))
+        rows.append((name, "dangling endings", *(f"{run[2].get('dangling', float('nan')):.1%}" for run in runs)))
+        changed = [sum(a != b for a, b in zip(runs[0][1], run[1], strict=True)) / len(records) for run in runs[1:]]
+        rows.append((name, "captions changed by guidance", "", *(f"{share:.1%}" for share in changed)))
         timing_paths[name] = [str(r.path) for r in records[: args.batch]]
         if name == "coco-mini":
-            shown = [i for i, r in enumerate(records) if plain_text[r.image_id] != guided_text[r.image_id]]
+            shown = [i for i, (a, b) in enumerate(zip(runs[0][1], runs[1][1], strict=True)) if a != b]
             shown += [i for i in range(len(records)) if i not in shown]
             for i in shown[: args.examples]:
                 tags = ", ".join(f"{t.name} {t.confidence:.2f}" for t in guided[i].tags[:3])
@@ -188,11 +207,12 @@ def main(argv: list[str] | None = None) -> None:
         for what in ("caption()", "decoding"):
             plain_ms, guided_ms = ms[f"plain {what}"], ms[f"guided {what}"]
             rows.append((name, f"ms per photo, {what}, batch {len(paths)}", f"{plain_ms:.1f}",
-                         f"{guided_ms:.1f} ({guided_ms / plain_ms:.2f}x)"))  # fmt: skip
+                         f"{guided_ms:.1f} ({guided_ms / plain_ms:.2f}x)", ""))  # fmt: skip
 
     print(f"\nmodel {model_id(args.checkpoint)}, beam 3; object words: {len(objects)} (min count {args.min_count})\n")
-    widths = [max(len(row[i]) for row in [("set", "measure", "plain", "guided"), *rows]) for i in range(4)]
-    for row in [("set", "measure", "plain", "guided"), tuple("-" * w for w in widths), *rows]:
+    header = ("set", "measure", *COLUMNS)
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, tuple("-" * w for w in widths), *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
     print("\ncoco-mini examples (changed by guidance first):")
     for line in examples:

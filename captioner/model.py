@@ -27,6 +27,7 @@ from captioner.encoders import ImageEncoder, build_encoder, default_chunk_size
 from captioner.errors import one_line
 from captioner.export_cache import ensure_exported
 from captioner.export_format import is_export_dir
+from captioner.guidance import DEFAULT_POLICY, GuidancePolicy
 from captioner.onnx_backend import require_onnxruntime
 from captioner.onnx_model import OnnxCaptioner, load_export, onnx_captioner
 from captioner.pipeline import (
@@ -262,8 +263,10 @@ class Captioner(nn.Module, CaptionPipeline):
         return CaptionPipeline.caption_pixels(self, pixels, options)
 
     @torch.inference_mode()
-    def caption_features(self, grid: Array, options: Any, *, class_logits: Array | None = None) -> list[CaptionResult]:
-        return CaptionPipeline.caption_features(self, grid, options, class_logits=class_logits)
+    def caption_features(
+        self, grid: Array, options: Any, *, class_logits: Array | None = None, guidance: GuidancePolicy = DEFAULT_POLICY
+    ) -> list[CaptionResult]:
+        return CaptionPipeline.caption_features(self, grid, options, class_logits=class_logits, guidance=guidance)
 
 
 def export_checkpoint(checkpoint: Path, sha256: str, folder: Path) -> None:

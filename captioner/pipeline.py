@@ -174,10 +174,17 @@ class CaptionPipeline:
         return self.caption_features(grid, options, class_logits=class_logits)
 
     def caption_features(
-        self, grid: Array, options: DecodingOptions, *, class_logits: Array | None = None
+        self,
+        grid: Array,
+        options: DecodingOptions,
+        *,
+        class_logits: Array | None = None,
+        guidance: GuidancePolicy = DEFAULT_POLICY,
     ) -> list[CaptionResult]:
         """Caption encoder feature grids ``(B, C, h, w)`` (e.g. from a feature cache); ``class_logits`` ``(B, 1000)``
-        from the same pass (:meth:`encode_with_class_logits`) give each result its class probabilities."""
+        from the same pass (:meth:`encode_with_class_logits`) give each result its class probabilities.
+        ``guidance``: when ``options.guided_by_tags`` fires (its thresholds; the default was chosen on Flickr8k dev,
+        other values are for measuring it, as ``bench/novel_objects.py`` does)."""
         self.check_options(options)
         grid = self.on_backend(grid)
         shape = (grid.shape[2], grid.shape[3]) if self.decoder.config.attention else None
@@ -190,7 +197,7 @@ class CaptionPipeline:
                 raise TagsUnavailableError(
                     "guided_by_tags needs the encoder's ImageNet head logits, which this model or call lacks"
                 )
-            if self._guide(grid, options, hypotheses, tags, confidences):
+            if self._guide(grid, options, hypotheses, tags, confidences, guidance):
                 confidences = self._confidences(grid, hypotheses, probabilities)
         results = []
         for hyps, p, image_tags, sure in zip(hypotheses, probabilities, tags, confidences, strict=True):
@@ -206,7 +213,7 @@ class CaptionPipeline:
         hypotheses: list[list[Hypothesis]],
         tags: list[list[Tag]],
         confidences: list[list[float | None]],
-        policy: GuidancePolicy = DEFAULT_POLICY,
+        policy: GuidancePolicy,
     ) -> bool:
         """Replace, in place, the plain beams of the images :mod:`captioner.guidance` picks by constrained beams that
         name a confident tag (where such a complete caption exists); True when any image was re-decoded."""

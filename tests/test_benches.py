@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -49,3 +50,28 @@ def test_latency_bench_needs_eight_photos(tmp_path, capsys) -> None:
     (tmp_path / "one.jpg").write_bytes(b"")
     assert _bench("latency").main(["--images", str(tmp_path)]) == 2
     assert "need 8 photos" in capsys.readouterr().err
+
+
+DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.mark.slow  # the bundled model on 8 photos of each set, three decodings of each: ~20 s
+@pytest.mark.skipif(
+    not all((DATA / name).is_dir() for name in ("flickr8k", "coco-mini", "coco-caption-text")),
+    reason="needs ../shared/data (Flickr8k, coco-mini, coco-caption-text)",
+)
+def test_novel_objects_bench_reports_guidance_beside_its_ceilings(tmp_path, capsys) -> None:
+    argv = ["--limit", "8", "--rounds", "1", "--no-java", "--examples", "2", "--cache", str(tmp_path)]
+    _bench("novel_objects").main(argv)
+    out = capsys.readouterr().out
+    rows = [re.split(r"\s{2,}", line.strip()) for line in out.splitlines()]
+    assert ["set", "measure", "plain", "guided", "guided, no confidence gate"] in rows
+    for name in ("coco-mini", "flickr8k-dev", "flickr8k-test"):
+        measures = {row[1]: row[2:] for row in rows if row[0] == name and len(row) > 2}
+        for measure in ("CIDEr-D", "BLEU-4", "names a reference object", "dangling endings"):
+            assert len(measures[measure]) == 3, (name, measure, measures.get(measure))
+        shares = [float(cell.rstrip("%")) for cell in measures["names a reference object"]]
+        assert all(0.0 <= share <= 100.0 for share in shares)
+        (ceiling,) = measures["a tag names a reference object"]
+        assert ceiling.endswith("% (ceiling)")
+    assert "coco-mini examples" in out
