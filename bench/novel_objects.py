@@ -38,6 +38,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from captioner import Captioner, DecodingOptions
 from captioner.guidance import DEFAULT_POLICY, GuidancePolicy
@@ -110,6 +111,16 @@ def _caption_all(
     return results
 
 
+class Run(NamedTuple):
+    """One decoding of a set: its results, first captions, metrics, naming share and seconds."""
+
+    results: list[CaptionResult]
+    texts: list[str]
+    metrics: dict[str, float]
+    named: float
+    seconds: float
+
+
 def _tag_names_reference(result: CaptionResult, references: set[str], objects: set[str], model: Captioner) -> bool:
     """Whether a caption word of one of the result's tags (any confidence) is an object word the references name."""
     return bool(_objects(words_for_tags([tag.name for tag in result.tags], model.vocab), objects) & references)
@@ -155,33 +166,36 @@ def main(argv: list[str] | None = None) -> None:
             results = _caption_all(model, features, options, guidance)
             seconds = time.perf_counter() - started
             texts = [res.captions[0].text for res in results]
-            metrics = compute_metrics(dict(zip(references, texts, strict=True)), references, java=args.java)
-            metrics.update(caption_shape_rates(dict(zip(references, texts, strict=True)), flickr, model))
+            predictions = dict(zip(references, texts, strict=True))
+            metrics = compute_metrics(predictions, references, java=args.java)
+            metrics.update(caption_shape_rates(predictions, flickr, model))
             named = [
                 bool(_objects(res.captions[0].tokens, objects) & wanted)
                 for res, wanted in zip(results, reference_objects, strict=True)
             ]
-            runs.append((results, texts, metrics, sum(named) / len(named), seconds))
-        plain, guided = runs[0][0], runs[1][0]
+            runs.append(Run(results, texts, metrics, sum(named) / len(named), seconds))
+        plain, guided = runs[0].results, runs[1].results
         print(f"{name}: {len(records)} photos, decoded in " + ", ".join(
-            f"{run[4]:.0f} s {label}" for label, run in zip(COLUMNS, runs, strict=True)), flush=True)  # fmt: skip
+            f"{run.seconds:.0f} s {label}" for label, run in zip(COLUMNS, runs, strict=True)), flush=True)  # fmt: skip
         for metric in ("CIDEr", "BLEU-4", "METEOR"):
-            if all(metric in run[2] for run in runs):
+            if all(metric in run.metrics for run in runs):
                 scale, digits = (1, 3) if metric == "CIDEr" else (100, 2)
                 label = "CIDEr-D" if metric == "CIDEr" else metric
-                rows.append((name, label, *(f"{scale * run[2][metric]:.{digits}f}" for run in runs)))
-        rows.append((name, "names a reference object", *(f"{run[3]:.1%}" for run in runs)))
+                rows.append((name, label, *(f"{scale * run.metrics[metric]:.{digits}f}" for run in runs)))
+        rows.append((name, "names a reference object", *(f"{run.named:.1%}" for run in runs)))
         tagged = [
             _tag_names_reference(res, wanted, objects, model)
             for res, wanted in zip(plain, reference_objects, strict=True)
         ]
         rows.append((name, "a tag names a reference object", "", "", f"{sum(tagged) / len(tagged):.1%} (ceiling)"))
-        rows.append((name, "dangling endings", *(f"{run[2].get('dangling', float('nan')):.1%}" for run in runs)))
-        changed = [sum(a != b for a, b in zip(runs[0][1], run[1], strict=True)) / len(records) for run in runs[1:]]
+        rows.append((name, "dangling endings", *(f"{run.metrics.get('dangling', float('nan')):.1%}" for run in runs)))
+        changed = [
+            sum(a != b for a, b in zip(runs[0].texts, run.texts, strict=True)) / len(records) for run in runs[1:]
+        ]
         rows.append((name, "captions changed by guidance", "", *(f"{share:.1%}" for share in changed)))
         timing_paths[name] = [str(r.path) for r in records[: args.batch]]
         if name == "coco-mini":
-            shown = [i for i, (a, b) in enumerate(zip(runs[0][1], runs[1][1], strict=True)) if a != b]
+            shown = [i for i, (a, b) in enumerate(zip(runs[0].texts, runs[1].texts, strict=True)) if a != b]
             shown += [i for i in range(len(records)) if i not in shown]
             for i in shown[: args.examples]:
                 tags = ", ".join(f"{t.name} {t.confidence:.2f}" for t in guided[i].tags[:3])
